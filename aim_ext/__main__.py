@@ -1,0 +1,43 @@
+"""`python -m aim_ext info`: versions and which compiled kernels are available."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+
+
+def info() -> dict:
+    """Versions of the package, torch and CUDA, and the kernels available."""
+    import aim_ext
+    from aim_ext.ops import kernels_available
+
+    return {
+        "aim_ext": aim_ext.__version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "kernels": kernels_available(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m aim_ext")
+    parser.add_argument("command", choices=["info"], help="info: versions and available kernels")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    report = info()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    width = max(map(len, report))
+    for key, value in report.items():
+        print(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

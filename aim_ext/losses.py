@@ -1,0 +1,86 @@
+"""The AIM training loss (paper Eq. 6-7) and the active-area schedule tau(epoch).
+
+    L = CE(final) + sum_l CE(aux_l) + lambda * sum_l (r_l - tau)^2
+
+r_l is the fraction of ones in the binary mask B_l over the batch; its gradient reaches the mask
+logits through the straight-through estimator of the masked merge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from aim_ext.models.aim import AIMOutput
+
+AREA_WEIGHT = 6.0  # lambda of Eq. 7
+LABEL_SMOOTHING = 0.05
+
+
+@dataclass(frozen=True)
+class AreaSchedule:
+    """tau = 1 before `start`; then it falls linearly each epoch, reaching `final` after `duration`
+    epochs (at epoch start + duration - 1), and holds."""
+
+    final: float
+    start: int = 0
+    duration: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.final <= 1.0:
+            raise ValueError(f"final tau must lie in [0, 1], got {self.final}")
+        if self.start < 0 or self.duration < 0:
+            raise ValueError(f"start and duration must be >= 0, got {self.start}, {self.duration}")
+
+    def __call__(self, epoch: int) -> float:
+        if self.duration == 0:
+            return 1.0 if epoch < self.start else self.final
+        progress = min(max((epoch - self.start + 1) / self.duration, 0.0), 1.0)
+        return 1.0 - (1.0 - self.final) * progress
+
+
+def area_target(schedule: AreaSchedule | None, epoch: int) -> float | None:
+    """tau(epoch), or None when there is no annealing (and so no area loss)."""
+    return None if schedule is None else schedule(epoch)
+
+
+def active_area(mask: Tensor) -> Tensor:
+    """r_l (Eq. 6): the fraction of active positions of a binary mask over the batch."""
+    return mask.float().mean()
+
+
+def area_loss(masks: list[Tensor], tau: float) -> Tensor:
+    """sum_l (r_l - tau)^2 over the stages' masks."""
+    return torch.stack([(active_area(m) - tau) ** 2 for m in masks]).sum()
+
+
+class LossTerms(NamedTuple):
+    total: Tensor
+    final_ce: Tensor
+    aux_ce: Tensor  # summed over stages; 0 for a vanilla model
+    area: Tensor  # sum_l (r_l - tau)^2 before the weight; 0 without annealing
+
+
+def aim_loss(
+    output: AIMOutput | Tensor,
+    target: Tensor,
+    tau: float | None,
+    *,
+    area_weight: float = AREA_WEIGHT,
+    label_smoothing: float = LABEL_SMOOTHING,
+) -> LossTerms:
+    """Eq. 7 for an AIM output; plain (smoothed) cross-entropy for a vanilla model's logits."""
+    if isinstance(output, Tensor):
+        ce = F.cross_entropy(output, target, label_smoothing=label_smoothing)
+        zero = ce.new_zeros(())
+        return LossTerms(ce, ce, zero, zero)
+    final_ce = F.cross_entropy(output.logits, target, label_smoothing=label_smoothing)
+    aux_ce = torch.stack(
+        [F.cross_entropy(a, target, label_smoothing=label_smoothing) for a in output.aux_logits]
+    ).sum()
+    area = area_loss(output.masks, tau) if tau is not None else final_ce.new_zeros(())
+    return LossTerms(final_ce + aux_ce + area_weight * area, final_ce, aux_ce, area)

@@ -1,0 +1,60 @@
+"""A stage of the top-down pathway: feature branch T_l, mask estimator M_l, and the merge.
+
+    A_l = M_l(S_l)                                   (Eq. 1)
+    B_l = G(A_l)                                     (Eq. 2)  binary Gumbel-softmax
+    O_l = T_l(S_l) * B_l                             (Eq. 3)
+    P_l = O_l + nearest_resize(P_{l+1}, size of O_l) (top-down merge; P_L = O_L)
+
+Eq. 2, Eq. 3 and the merge are one op, `aim_ext.ops.masked_merge`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from timm.layers import LayerNorm2d
+from torch import Tensor, nn
+
+from aim_ext.ops import logistic_noise, masked_merge
+from aim_ext.models.mask_estimator import MaskEstimator
+
+TOPDOWN_WIDTH = 256
+
+
+class FeatureBranch(nn.Module):
+    """T_l: Conv1x1(C_l -> 256) -> Conv3x3(256 -> 256) -> LayerNorm over channels -> GELU."""
+
+    def __init__(self, in_channels: int, width: int = TOPDOWN_WIDTH) -> None:
+        super().__init__()
+        self.align = nn.Conv2d(in_channels, width, 1)
+        self.refine = nn.Conv2d(width, width, 3, padding=1)
+        self.norm = LayerNorm2d(width)
+        self.act = nn.GELU()
+
+    def forward(self, s: Tensor) -> Tensor:
+        return self.act(self.norm(self.refine(self.align(s))))
+
+
+class StageOutput(NamedTuple):
+    merged: Tensor  # P_l, (N, 256, h, w)
+    mask: Tensor  # B_l, (N, 1, h, w), binary
+    mask_logits: Tensor  # A_l, (N, 1, h, w)
+    features: Tensor  # T_l(S_l), before masking
+
+
+class TopDownStage(nn.Module):
+    """One top-down stage on backbone stage l."""
+
+    def __init__(self, in_channels: int, width: int = TOPDOWN_WIDTH) -> None:
+        super().__init__()
+        self.features = FeatureBranch(in_channels, width)
+        self.mask_estimator = MaskEstimator(in_channels)
+
+    def forward(self, s: Tensor, coarse: Tensor | None, *, temperature: float, noise: bool) -> StageOutput:
+        feat = self.features(s)
+        logits = self.mask_estimator(s)
+        if coarse is not None and coarse.dtype != feat.dtype:
+            coarse = coarse.to(feat.dtype)  # under autocast the stages can differ in dtype
+        sample = logistic_noise(logits) if noise else None
+        merged, mask = masked_merge(feat, logits, coarse, noise=sample, temperature=temperature)
+        return StageOutput(merged, mask, logits, feat)

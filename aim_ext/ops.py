@@ -1,0 +1,317 @@
+"""The masked merge of a top-down stage: paper Eq. 2-3 and the top-down merge, as one op.
+
+    mask = G(logits)   binary Gumbel-softmax (Eq. 2):
+                       evaluation (noise None):  mask = 1[logits >= 0]
+                       training (logistic noise): soft = sigmoid((logits + noise) / temperature),
+                                                  mask = 1[soft >= 0.5], straight-through
+    out  = feat * mask (Eq. 3) + nearest_resize(coarse, (H, W))   (the top-down merge)
+
+One op, ``torch.ops.aim.masked_merge``, with three implementations: the C++ CPU kernel and the
+CUDA kernel of ``aim_ext._C``, and the pure PyTorch reference below, which also serves any device
+without a compiled kernel. Fake kernels and an autograd formula are registered here, so
+``torch.compile``, ``torch.export`` and AOTInductor see a single op.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+__all__ = [
+    "kernels_available",
+    "logistic_noise",
+    "masked_merge",
+    "masked_merge_reference",
+    "nearest_resize_adjoint",
+]
+
+# The schema as csrc/ops.cpp defines it; used only when the compiled extension is missing.
+FORWARD_SCHEMA = (
+    "masked_merge(Tensor feat, Tensor logits, Tensor? coarse, Tensor? noise, "
+    "float temperature) -> (Tensor, Tensor)"
+)
+BACKWARD_SCHEMA = (
+    "masked_merge_backward(Tensor grad_out, Tensor? grad_mask, Tensor feat, Tensor logits, "
+    "Tensor? noise, float temperature, SymInt[] coarse_size) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def _load_kernels() -> tuple[ModuleType | None, str]:
+    if os.environ.get("AIM_EXT_NO_KERNELS") == "1":
+        return None, "disabled by AIM_EXT_NO_KERNELS=1"
+    try:
+        from aim_ext import _C
+    except ImportError as error:
+        return None, f"aim_ext._C failed to import: {error}"
+    return _C, ""
+
+
+_C, _LOAD_ERROR = _load_kernels()
+_PYTHON_LIBRARIES: list[torch.library.Library] = []  # keeps Python registrations alive
+
+if _C is None:
+    warnings.warn(
+        f"aim_ext: compiled kernels unavailable ({_LOAD_ERROR}); masked_merge runs the pure "
+        "PyTorch reference. Rebuild with `pip install --no-build-isolation .` for the fast kernels.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    _schema_lib = torch.library.Library("aim", "DEF")
+    _schema_lib.define(FORWARD_SCHEMA)
+    _schema_lib.define(BACKWARD_SCHEMA)
+    _PYTHON_LIBRARIES.append(_schema_lib)
+
+
+def kernels_available() -> dict[str, bool]:
+    """Which compiled kernels exist: CPU, CUDA compiled, and CUDA usable right now."""
+    cuda_compiled = bool(getattr(_C, "cuda_compiled", 0))
+    return {
+        "cpu": _C is not None,
+        "cuda_compiled": cuda_compiled,
+        "cuda": cuda_compiled and torch.cuda.is_available(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks: one set of messages for every path (the C++ kernels check the same things).
+
+
+def _check_logits_like(t: Tensor, name: str, feat: Tensor) -> None:
+    if t.dim() != 4:
+        raise ValueError(f"masked_merge: {name} must be 4-D (N, 1, H, W), got shape {tuple(t.shape)}")
+    if t.shape[1] != 1:
+        raise ValueError(
+            f"masked_merge: {name} must have exactly 1 channel (it is broadcast over C), "
+            f"got {t.shape[1]} channels"
+        )
+    if (t.shape[0], t.shape[2], t.shape[3]) != (feat.shape[0], feat.shape[2], feat.shape[3]):
+        raise ValueError(
+            f"masked_merge: {name} shape {tuple(t.shape)} does not match feat (N, H, W) = "
+            f"{(feat.shape[0], feat.shape[2], feat.shape[3])}"
+        )
+    if not t.is_floating_point():
+        raise TypeError(f"masked_merge: {name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != feat.device:
+        raise ValueError(f"masked_merge: {name} is on {t.device} but feat is on {feat.device}")
+
+
+def check_merge_inputs(
+    feat: Tensor, logits: Tensor, coarse: Tensor | None, noise: Tensor | None, temperature: float
+) -> None:
+    """Raise a ValueError/TypeError naming the problem if the arguments do not fit together."""
+    if feat.dim() != 4:
+        raise ValueError(f"masked_merge: feat must be 4-D (N, C, H, W), got shape {tuple(feat.shape)}")
+    if not feat.is_floating_point():
+        raise TypeError(f"masked_merge: feat must be a floating-point tensor, got {feat.dtype}")
+    _check_logits_like(logits, "logits", feat)
+    if noise is not None:
+        if noise.shape != logits.shape:
+            raise ValueError(
+                f"masked_merge: noise shape {tuple(noise.shape)} does not match logits shape "
+                f"{tuple(logits.shape)}"
+            )
+        _check_logits_like(noise, "noise", feat)
+        if not temperature > 0:
+            raise ValueError(f"masked_merge: temperature must be > 0, got {temperature}")
+    if coarse is not None:
+        if coarse.dim() != 4:
+            raise ValueError(
+                f"masked_merge: coarse must be 4-D (N, C, h, w), got shape {tuple(coarse.shape)}"
+            )
+        if coarse.shape[:2] != feat.shape[:2]:
+            raise ValueError(
+                f"masked_merge: coarse (N, C) = {tuple(coarse.shape[:2])} does not match feat "
+                f"(N, C) = {tuple(feat.shape[:2])}"
+            )
+        if coarse.dtype != feat.dtype:
+            raise TypeError(f"masked_merge: coarse dtype {coarse.dtype} does not match feat dtype {feat.dtype}")
+        if coarse.device != feat.device:
+            raise ValueError(f"masked_merge: coarse is on {coarse.device} but feat is on {feat.device}")
+        if feat.numel() > 0 and (coarse.shape[2] == 0 or coarse.shape[3] == 0):
+            raise ValueError(f"masked_merge: coarse must have a non-empty spatial size, got {tuple(coarse.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure PyTorch reference: differentiable by autograd, the independent check of the kernels.
+
+
+def _acc_dtype(feat: Tensor) -> torch.dtype:
+    return torch.float64 if feat.dtype == torch.float64 else torch.float32
+
+
+def _preactivation(logits: Tensor, noise: Tensor | None, temperature: float, dtype: torch.dtype) -> Tensor:
+    z = logits.to(dtype)
+    return z if noise is None else (z + noise.to(dtype)) / temperature
+
+
+def masked_merge_reference(
+    feat: Tensor,
+    logits: Tensor,
+    coarse: Tensor | None = None,
+    *,
+    noise: Tensor | None = None,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Pure PyTorch masked merge; gradients come from autograd (straight-through in training)."""
+    check_merge_inputs(feat, logits, coarse, noise, temperature)
+    z = _preactivation(logits, noise, temperature, _acc_dtype(feat))
+    hard = (z >= 0).to(z.dtype)
+    if noise is None:
+        mask = hard.to(feat.dtype)
+    else:
+        soft = torch.sigmoid(z)
+        # Straight-through: the value is exactly `hard`, the gradient is d soft.
+        mask = (hard + (soft - soft.detach())).to(feat.dtype)
+    out = feat * mask
+    if coarse is not None:
+        out = out + F.interpolate(coarse, size=feat.shape[-2:], mode="nearest")
+    return out, mask
+
+
+def nearest_resize_adjoint(grad: Tensor, size: tuple[int, int] | list[int]) -> Tensor:
+    """Adjoint of nearest_resize(x, grad.shape[-2:]) for x of spatial `size`: sums each footprint."""
+    n, c = grad.shape[:2]
+    return torch.ops.aten.upsample_nearest2d_backward(grad, list(grad.shape[-2:]), [n, c, *size])
+
+
+# ---------------------------------------------------------------------------------------------
+# The op's Python kernels: the fallback for devices without a compiled kernel, and fake kernels.
+
+
+def _memory_format(feat: Tensor) -> torch.memory_format:
+    fmt = suggest_memory_format(feat)
+    return torch.channels_last if fmt == torch.channels_last else torch.contiguous_format
+
+
+def _forward_fallback(
+    feat: Tensor, logits: Tensor, coarse: Tensor | None, noise: Tensor | None, temperature: float
+) -> tuple[Tensor, Tensor]:
+    fmt = _memory_format(feat)
+    with torch.no_grad():
+        out, mask = masked_merge_reference(feat, logits, coarse, noise=noise, temperature=temperature)
+    return out.contiguous(memory_format=fmt), mask.contiguous(memory_format=fmt)
+
+
+def _backward_fallback(
+    grad_out: Tensor,
+    grad_mask: Tensor | None,
+    feat: Tensor,
+    logits: Tensor,
+    noise: Tensor | None,
+    temperature: float,
+    coarse_size: list[int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    fmt = _memory_format(feat)
+    acc = _acc_dtype(feat)
+    z = _preactivation(logits, noise, temperature, acc)
+    grad_out = grad_out.to(feat.dtype)
+    grad_feat = (grad_out * (z >= 0).to(feat.dtype)).contiguous(memory_format=fmt)
+    if noise is None:
+        grad_logits = torch.zeros_like(logits, memory_format=torch.contiguous_format)
+    else:
+        soft = torch.sigmoid(z)
+        dot = (grad_out.to(acc) * feat.to(acc)).sum(1, keepdim=True)
+        if grad_mask is not None:
+            dot = dot + grad_mask.to(acc)
+        grad_logits = (dot * soft * (1 - soft) / temperature).to(logits.dtype).contiguous()
+    if coarse_size:
+        grad_coarse = nearest_resize_adjoint(grad_out, coarse_size).contiguous(memory_format=fmt)
+    else:
+        grad_coarse = feat.new_empty(0)
+    return grad_feat, grad_logits, grad_coarse
+
+
+def _forward_fake(
+    feat: Tensor, logits: Tensor, coarse: Tensor | None, noise: Tensor | None, temperature: float
+) -> tuple[Tensor, Tensor]:
+    check_merge_inputs(feat, logits, coarse, noise, temperature)
+    fmt = _memory_format(feat)
+    n, _, h, w = feat.shape
+    return (
+        torch.empty_like(feat, memory_format=fmt),
+        feat.new_empty((n, 1, h, w)).contiguous(memory_format=fmt),
+    )
+
+
+def _backward_fake(
+    grad_out: Tensor,
+    grad_mask: Tensor | None,
+    feat: Tensor,
+    logits: Tensor,
+    noise: Tensor | None,
+    temperature: float,
+    coarse_size: list[int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    fmt = _memory_format(feat)
+    n, c = feat.shape[:2]
+    grad_coarse = (
+        feat.new_empty((n, c, *coarse_size)).contiguous(memory_format=fmt) if coarse_size else feat.new_empty(0)
+    )
+    return torch.empty_like(feat, memory_format=fmt), torch.empty_like(logits).contiguous(), grad_coarse
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    feat, logits, coarse, noise, temperature = inputs
+    ctx.save_for_backward(feat, logits, noise)
+    ctx.temperature = temperature
+    ctx.coarse_size = [] if coarse is None else list(coarse.shape[-2:])
+
+
+def _backward(ctx, grad_out: Tensor | None, grad_mask: Tensor | None):
+    feat, logits, noise = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(feat)
+    grad_feat, grad_logits, grad_coarse = torch.ops.aim.masked_merge_backward(
+        grad_out, grad_mask, feat, logits, noise, ctx.temperature, ctx.coarse_size
+    )
+    return grad_feat, grad_logits, grad_coarse if ctx.coarse_size else None, None, None
+
+
+def _register() -> None:
+    lib = torch.library.Library("aim", "IMPL")
+    _PYTHON_LIBRARIES.append(lib)
+    # Backend kernels of aim_ext._C (CPU, CUDA) take precedence over this catch-all.
+    lib.impl("masked_merge", _forward_fallback, "CompositeExplicitAutograd")
+    lib.impl("masked_merge_backward", _backward_fallback, "CompositeExplicitAutograd")
+    torch.library.register_fake("aim::masked_merge", _forward_fake, lib=lib)
+    torch.library.register_fake("aim::masked_merge_backward", _backward_fake, lib=lib)
+    torch.library.register_autograd("aim::masked_merge", _backward, setup_context=_setup_context, lib=lib)
+
+
+_register()
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+
+
+def masked_merge(
+    feat: Tensor,
+    logits: Tensor,
+    coarse: Tensor | None = None,
+    *,
+    noise: Tensor | None = None,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Binary Gumbel mask (Eq. 2), masked features (Eq. 3) plus the upsampled coarse map.
+
+    Returns ``(out, mask)``: ``out`` is (N, C, H, W) in feat's dtype and memory format, ``mask``
+    the (N, 1, H, W) binary mask in feat's dtype (straight-through differentiable when ``noise``
+    is given, constant otherwise).
+    """
+    check_merge_inputs(feat, logits, coarse, noise, temperature)
+    if torch.onnx.is_in_onnx_export():
+        return masked_merge_reference(feat, logits, coarse, noise=noise, temperature=temperature)
+    return torch.ops.aim.masked_merge(feat, logits, coarse, noise, float(temperature))
+
+
+def logistic_noise(like: Tensor, eps: float = 1e-6) -> Tensor:
+    """Float32 Logistic(0, 1) noise shaped like `like`: the difference of two Gumbel(0, 1) draws."""
+    u = torch.rand_like(like, dtype=torch.float32).clamp_(eps, 1 - eps)
+    return torch.log(u) - torch.log1p(-u)

@@ -1,0 +1,76 @@
+"""Builds aim_ext._C: the op schema and CPU kernel always, the CUDA kernel when it can.
+
+CUDA is built when torch is a CUDA build and nvcc is found (or FORCE_CUDA=1); set
+AIM_EXT_CPU_ONLY=1 to skip it. Build with `pip install --no-build-isolation .` so the
+extension is compiled against the torch it will run with.
+"""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+# torch.utils.cpp_extension reads CUDA_HOME when imported; /usr/local/cuda is the
+# toolkit's home on these machines, while a guess from `which nvcc` can be wrong.
+if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/bin/nvcc").exists():
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
+
+# Architectures compiled when no GPU is visible: A100, H100/H200, plus PTX for newer cards.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+ROOT = Path(__file__).parent
+CSRC = "csrc"
+
+
+def log(message: str) -> None:
+    print(f"aim_ext build: {message}", file=sys.stderr)
+
+
+def cuda_decision() -> tuple[bool, str]:
+    """Whether to build the CUDA kernels, and why."""
+    if os.environ.get("AIM_EXT_CPU_ONLY") == "1":
+        return False, "AIM_EXT_CPU_ONLY=1"
+    nvcc = CUDA_HOME and shutil.which("nvcc", path=str(Path(CUDA_HOME) / "bin"))
+    if os.environ.get("FORCE_CUDA") == "1":
+        if not nvcc:
+            raise RuntimeError("FORCE_CUDA=1 but nvcc was not found: set CUDA_HOME")
+        return True, "FORCE_CUDA=1"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU build"
+    if not nvcc:
+        return False, "nvcc not found (set CUDA_HOME to the CUDA toolkit)"
+    return True, f"torch {torch.__version__} (CUDA {torch.version.cuda}) and nvcc in {CUDA_HOME}"
+
+
+def extension():
+    sources = [f"{CSRC}/ops.cpp", f"{CSRC}/python_module.cpp", f"{CSRC}/cpu/masked_merge_cpu.cpp"]
+    cxx = ["-O3", "-fdiagnostics-color=always"]  # the C++ standard is torch's choice
+    with_cuda, why = cuda_decision()
+    if not with_cuda:
+        log(f"building the CPU kernels only: {why}")
+        return CppExtension("aim_ext._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=False)
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    log(
+        f"building the CPU and CUDA kernels: {why}; "
+        f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'the visible GPUs')}"
+    )
+    sources += [f"{CSRC}/cuda/masked_merge_cuda.cpp", f"{CSRC}/cuda/masked_merge_kernel.cu"]
+    return CUDAExtension(
+        "aim_ext._C",
+        sources,
+        define_macros=[("AIM_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+    )
+
+
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})
