@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One command for an H100/H200 machine: build the extension there, run the whole test suite
+# (the CUDA cases included), run compute-sanitizer memcheck on a small case, print a summary.
+# Logs go to $OUT (the device tool's output folder) or /tmp/aim-gpu-check.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/aim-gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD MAX_JOBS=${MAX_JOBS:-16}
+PY=${PYTHON:-python3}
+declare -a summary
+
+step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record status and time
+  local name=$1; shift
+  local start=$SECONDS
+  "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  summary+=("| $name | $([ $rc -eq 0 ] && echo ok || echo "FAILED ($rc)") | $((SECONDS - start)) s |")
+  tail -n 15 "$OUT/$name.log"
+  return 0
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+step build "$PY" setup.py build_ext --inplace
+step info "$PY" -m aim_ext info
+step tests "$PY" -m pytest -q -p no:cacheprovider tests --junitxml="$OUT/tests.xml"
+step memcheck timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" benchmarks/memcheck_case.py
+
+echo
+echo "GPU check on $(cut -d, -f1 "$OUT/gpu.txt"), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+echo "| step | result | time |"
+echo "|---|---|---|"
+printf '%s\n' "${summary[@]}"
+grep -E "passed|failed" "$OUT/tests.log" | tail -n 1

@@ -1,0 +1,45 @@
+"""The loss of Eq. 7 and the active-area schedule."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aim_ext.losses import AreaSchedule, active_area, aim_loss, area_loss, area_target
+from aim_ext.models import AIMOutput
+
+
+def test_area_schedule_holds_then_falls_linearly_then_holds():
+    schedule = AreaSchedule(final=0.25, start=2, duration=3)
+    assert [schedule(e) for e in range(7)] == pytest.approx([1.0, 1.0, 0.75, 0.5, 0.25, 0.25, 0.25])
+    assert AreaSchedule(final=0.35, start=1, duration=0)(0) == 1.0
+    assert AreaSchedule(final=0.35, start=1, duration=0)(1) == 0.35
+    assert area_target(None, 5) is None
+    with pytest.raises(ValueError, match="final tau"):
+        AreaSchedule(final=1.5)
+
+
+def test_active_area_and_area_loss():
+    masks = [torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]]), torch.ones(2, 1, 3, 3)]
+    assert active_area(masks[0]).item() == 0.25
+    assert area_loss(masks, 0.25).item() == pytest.approx(0.0 + 0.75**2)
+
+
+def test_aim_loss_is_eq7():
+    logits, aux = torch.randn(4, 3), [torch.randn(4, 3), torch.randn(4, 3)]
+    masks = [torch.ones(4, 1, 2, 2), torch.zeros(4, 1, 4, 4)]
+    target = torch.tensor([0, 2, 1, 0])
+    terms = aim_loss(AIMOutput(logits, aux, masks, [m for m in masks]), target, tau=0.3, area_weight=6.0)
+    ce = lambda x: F.cross_entropy(x, target, label_smoothing=0.05)  # noqa: E731
+    expected_area = (1 - 0.3) ** 2 + (0 - 0.3) ** 2
+    assert terms.area.item() == pytest.approx(expected_area)
+    assert terms.total.item() == pytest.approx((ce(logits) + ce(aux[0]) + ce(aux[1]) + 6.0 * expected_area).item())
+    no_annealing = aim_loss(AIMOutput(logits, aux, masks, masks), target, tau=None)
+    assert no_annealing.area.item() == 0.0
+    assert no_annealing.total.item() == pytest.approx((ce(logits) + ce(aux[0]) + ce(aux[1])).item())
+
+
+def test_vanilla_loss_is_smoothed_cross_entropy():
+    logits, target = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0])
+    terms = aim_loss(logits, target, tau=0.25)
+    assert terms.total.item() == pytest.approx(F.cross_entropy(logits, target, label_smoothing=0.05).item())
+    assert terms.aux_ce.item() == 0.0 and terms.area.item() == 0.0

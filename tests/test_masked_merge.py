@@ -1,0 +1,264 @@
+"""The masked_merge op: compiled kernels against the pure PyTorch reference and float64."""
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import devices
+
+from aim_ext.ops import (
+    kernels_available,
+    logistic_noise,
+    masked_merge,
+    masked_merge_reference,
+    nearest_resize_adjoint,
+)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Gradient tolerance against float64, per dtype: the kernels sum C products in float.
+GRAD_TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def make_case(rng: random.Random, dtype, device, channels_last: bool, training: bool, with_coarse: bool):
+    n, c = rng.randint(1, 3), rng.randint(1, 17)
+    h, w = rng.randint(1, 23), rng.randint(1, 23)
+    feat = torch.randn(n, c, h, w, dtype=dtype, device=device)
+    if channels_last:
+        feat = feat.to(memory_format=torch.channels_last)
+    logits = torch.randn(n, 1, h, w, device=device, dtype=rng.choice([dtype, torch.float32]))
+    coarse = None
+    if with_coarse:
+        # Coarser, finer and equal sizes: upsampling by odd ratios and downsampling both occur.
+        ch, cw = rng.randint(1, 2 * h), rng.randint(1, 2 * w)
+        coarse = torch.randn(n, c, ch, cw, dtype=dtype, device=device)
+        if channels_last:
+            coarse = coarse.to(memory_format=torch.channels_last)
+    noise = logistic_noise(logits) if training else None
+    temperature = rng.choice([1.0, 0.5, 2.3])
+    return feat, logits, coarse, noise, temperature
+
+
+def cases(count: int):
+    params = []
+    for seed in range(count):
+        rng = random.Random(seed)
+        params.append(
+            (seed, rng.choice(DTYPES), rng.random() < 0.5, rng.random() < 0.6, rng.random() < 0.75)
+        )
+    return params
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("seed,dtype,channels_last,training,with_coarse", cases(40))
+def test_forward_matches_reference_exactly(device, seed, dtype, channels_last, training, with_coarse):
+    feat, logits, coarse, noise, t = make_case(random.Random(seed), dtype, device, channels_last, training, with_coarse)
+    out, mask = masked_merge(feat, logits, coarse, noise=noise, temperature=t)
+    ref_out, ref_mask = masked_merge_reference(feat, logits, coarse, noise=noise, temperature=t)
+    assert out.dtype == feat.dtype and mask.dtype == feat.dtype
+    assert mask.shape == logits.shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(mask, ref_mask, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+
+
+def float64_grads(feat, logits, coarse, noise, t, grad_out, grad_mask):
+    """Gradients of the reference computed entirely in float64: the independent check."""
+    leaves = [x.detach().double().requires_grad_() for x in (feat, logits)]
+    c64 = coarse.detach().double().requires_grad_() if coarse is not None else None
+    n64 = noise.double() if noise is not None else None
+    out, mask = masked_merge_reference(*leaves, c64, noise=n64, temperature=t)
+    loss = (out * grad_out.double()).sum() + (mask * grad_mask.double()).sum()
+    inputs = leaves + ([c64] if c64 is not None else [])
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
+    return grads
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("seed,dtype,channels_last,training,with_coarse", cases(40))
+def test_backward_matches_float64_reference(device, seed, dtype, channels_last, training, with_coarse):
+    feat, logits, coarse, noise, t = make_case(random.Random(seed), dtype, device, channels_last, training, with_coarse)
+    leaves = [feat.requires_grad_(), logits.requires_grad_()] + ([coarse.requires_grad_()] if coarse is not None else [])
+    out, mask = masked_merge(feat, logits, coarse, noise=noise, temperature=t)
+    grad_out, grad_mask = torch.randn_like(out), torch.randn_like(mask)
+    grads = torch.autograd.grad((out * grad_out).sum() + (mask * grad_mask).sum(), leaves)
+    expected = float64_grads(feat, logits, coarse, noise, t, grad_out, grad_mask)
+    for name, got, want in zip(["feat", "logits", "coarse"], grads, expected):
+        assert got.dtype == (logits.dtype if name == "logits" else feat.dtype), name
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=GRAD_TOL[got.dtype] * scale, msg=name)
+    if not training:
+        assert grads[1].abs().max() == 0, "evaluation masks pass no gradient to the logits"
+
+
+def test_straight_through_gradient_formula():
+    feat = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    logits = torch.randn(2, 1, 5, 6, dtype=torch.float64, requires_grad=True)
+    noise = logistic_noise(logits).double()
+    t = 0.7
+    out, mask = masked_merge(feat, logits, noise=noise, temperature=t)
+    g = torch.randn_like(out)
+    (grad,) = torch.autograd.grad((out * g).sum(), logits)
+    soft = torch.sigmoid((logits + noise) / t)
+    expected = (g * feat).sum(1, keepdim=True) * soft * (1 - soft) / t
+    torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_non_contiguous_inputs(device):
+    base = torch.randn(2, 12, 20, 30, device=device)
+    feat = base[:, ::2, :, ::2]  # strided in C and W
+    logits = torch.randn(2, 3, 20, 15, device=device)[:, 1:2]
+    coarse = torch.randn(2, 6, 22, 9, device=device).transpose(2, 3)[:, :, :, ::2]  # (2, 6, 9, 11)
+    noise = logistic_noise(torch.empty(2, 1, 15, 20, device=device)).transpose(2, 3)
+    for n in (None, noise):
+        out, mask = masked_merge(feat, logits, coarse, noise=n)
+        ref_out, ref_mask = masked_merge_reference(feat, logits, coarse, noise=n)
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+        torch.testing.assert_close(mask, ref_mask, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("src,dst", [((10, 10), (19, 19)), ((18, 18), (37, 37)), ((7, 5), (14, 11)),
+                                     ((14, 14), (7, 7)), ((3, 2), (100, 61)), ((37, 19), (38, 38))])
+def test_nearest_resize_is_torch_nearest(device, src, dst):
+    coarse = torch.arange(src[0] * src[1], dtype=torch.float32, device=device).reshape(1, 1, *src)
+    feat = torch.zeros(1, 1, *dst, device=device)
+    logits = torch.ones(1, 1, *dst, device=device)
+    out, _ = masked_merge(feat, logits, coarse)
+    assert torch.equal(out, F.interpolate(coarse, size=dst, mode="nearest"))
+    grad = torch.randn(1, 1, *dst, device=device)
+    assert torch.equal(nearest_resize_adjoint(grad, src), torch.ops.aten.upsample_nearest2d_backward(grad, list(dst), [1, 1, *src]))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_backward_is_deterministic(device):
+    feat = torch.randn(3, 16, 19, 19, device=device, requires_grad=True)
+    logits = torch.randn(3, 1, 19, 19, device=device, requires_grad=True)
+    coarse = torch.randn(3, 16, 10, 10, device=device, requires_grad=True)
+    noise = logistic_noise(logits)
+
+    def grads():
+        out, mask = masked_merge(feat, logits, coarse, noise=noise)
+        return torch.autograd.grad(out.square().sum() + mask.sum(), [feat, logits, coarse])
+
+    for a, b in zip(grads(), grads()):
+        assert torch.equal(a, b)
+
+
+def test_training_mask_frequency_matches_sigmoid():
+    logits = torch.linspace(-4, 4, 81).reshape(1, 1, 9, 9)
+    feat = torch.ones(1, 1, 9, 9)
+    draws = torch.stack([masked_merge(feat, logits, noise=logistic_noise(logits))[1] for _ in range(2000)])
+    assert (draws.mean(0) - torch.sigmoid(logits)).abs().max() < 0.03
+
+
+def test_evaluation_mask_is_sign_of_logits():
+    logits = torch.tensor([-1.0, -0.0, 0.0, 1e-30, -1e-30]).reshape(1, 1, 1, 5)
+    _, mask = masked_merge(torch.ones(1, 2, 1, 5), logits)
+    assert mask.flatten().tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_reference_gradcheck_float64():
+    feat = torch.randn(2, 3, 5, 7, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(2, 1, 5, 7, dtype=torch.float64)
+    coarse = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda f, c: masked_merge_reference(f, logits, c)[0], (feat, coarse))
+    # The op's own backward: exact in feat and coarse (the mask is piecewise constant in the logits).
+    assert torch.autograd.gradcheck(lambda f, c: masked_merge(f, logits, c)[0], (feat, coarse))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck(device):
+    samples = [
+        (torch.randn(2, 5, 9, 7, device=device), torch.randn(2, 1, 9, 7, device=device), torch.randn(2, 5, 5, 4, device=device), None, 1.0),
+        (torch.randn(2, 5, 9, 7, device=device).to(memory_format=torch.channels_last), torch.randn(2, 1, 9, 7, device=device),
+         None, torch.randn(2, 1, 9, 7, device=device), 0.5),
+        (torch.randn(1, 3, 6, 6, device=device, dtype=torch.bfloat16), torch.randn(1, 1, 6, 6, device=device),
+         torch.randn(1, 3, 3, 3, device=device, dtype=torch.bfloat16), torch.randn(1, 1, 6, 6, device=device), 2.0),
+    ]
+    for feat, logits, coarse, noise, t in samples:
+        args = [x.requires_grad_() if x is not None and x is not noise else x for x in (feat, logits, coarse)]
+        torch.library.opcheck(torch.ops.aim.masked_merge.default, (*args, noise, t))
+
+
+def test_bad_inputs_name_the_problem():
+    feat, logits = torch.randn(2, 4, 6, 6), torch.randn(2, 1, 6, 6)
+    cases_ = [
+        ((torch.randn(4, 6, 6), logits), {}, ValueError, "feat must be 4-D"),
+        ((feat, torch.randn(2, 6, 6)), {}, ValueError, "logits must be 4-D"),
+        ((feat, torch.randn(2, 2, 6, 6)), {}, ValueError, "exactly 1 channel"),
+        ((feat, torch.randn(3, 1, 6, 6)), {}, ValueError, "logits shape .* does not match feat"),
+        ((feat, torch.randn(2, 1, 5, 6)), {}, ValueError, "does not match feat"),
+        ((feat, logits, torch.randn(3, 4, 3, 3)), {}, ValueError, r"coarse \(N, C\)"),
+        ((feat, logits, torch.randn(2, 5, 3, 3)), {}, ValueError, r"coarse \(N, C\)"),
+        ((feat, logits, torch.randn(2, 4, 3)), {}, ValueError, "coarse must be 4-D"),
+        ((feat.long(), logits), {}, TypeError, "feat must be a floating-point"),
+        ((feat, logits.int()), {}, TypeError, "logits must be a floating-point"),
+        ((feat, logits, torch.randn(2, 4, 3, 3).double()), {}, TypeError, "coarse dtype"),
+        ((feat, logits.to("meta")), {}, ValueError, "logits is on meta but feat is on cpu"),
+        ((feat, logits, torch.randn(2, 4, 3, 3, device="meta")), {}, ValueError, "coarse is on meta"),
+        ((feat, logits), {"noise": torch.randn(2, 1, 6, 5)}, ValueError, "noise shape"),
+        ((feat, logits), {"noise": torch.randn(2, 1, 6, 6), "temperature": 0.0}, ValueError, "temperature must be > 0"),
+    ]
+    for args, kwargs, error, message in cases_:
+        with pytest.raises(error, match=message):
+            masked_merge(*args, **kwargs)
+
+
+@pytest.mark.skipif(not kernels_available()["cpu"], reason="the compiled extension is not built")
+def test_compiled_kernel_checks_inputs_too():
+    with pytest.raises(RuntimeError, match="exactly 1 channel"):
+        torch.ops.aim.masked_merge(torch.randn(2, 4, 6, 6), torch.randn(2, 2, 6, 6), None, None, 1.0)
+
+
+def test_kernels_available_reports_the_build():
+    info = kernels_available()
+    assert set(info) == {"cpu", "cuda_compiled", "cuda"}
+    assert info["cuda"] == (info["cuda_compiled"] and torch.cuda.is_available())
+
+
+@pytest.mark.skipif(not kernels_available()["cpu"], reason="the compiled extension is not built")
+def test_reference_fallback_without_kernels():
+    """With the extension disabled: one warning, the same schema, the same results."""
+    script = """
+import warnings, torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import aim_ext
+    from aim_ext.ops import kernels_available, masked_merge, masked_merge_reference
+print(sum("compiled kernels unavailable" in str(w.message) for w in caught))
+print(kernels_available())
+print(torch.ops.aim.masked_merge.default._schema)
+print(torch.ops.aim.masked_merge_backward.default._schema)
+f = torch.randn(2, 3, 7, 5, requires_grad=True); l = torch.randn(2, 1, 7, 5); c = torch.randn(2, 3, 4, 3)
+out, mask = masked_merge(f, l, c)
+print(torch.equal(out, masked_merge_reference(f, l, c)[0]))
+torch.library.opcheck(torch.ops.aim.masked_merge.default, (f, l.requires_grad_(), c, torch.randn(2, 1, 7, 5), 1.0))
+"""
+    env = {**os.environ, "AIM_EXT_NO_KERNELS": "1"}
+    lines = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert lines[0] == "1"
+    assert lines[1] == str({"cpu": False, "cuda_compiled": False, "cuda": False})
+    assert lines[2] == str(torch.ops.aim.masked_merge.default._schema)
+    assert lines[3] == str(torch.ops.aim.masked_merge_backward.default._schema)
+    assert lines[4] == "True"
+
+
+def test_torch_compile_fullgraph_sees_one_op():
+    def merge(feat, logits, coarse, noise):
+        return masked_merge(feat, logits, coarse, noise=noise, temperature=0.5)
+
+    compiled = torch.compile(merge, fullgraph=True, backend="aot_eager")
+    feat = torch.randn(2, 8, 11, 9, requires_grad=True)
+    logits = torch.randn(2, 1, 11, 9, requires_grad=True)
+    coarse, noise = torch.randn(2, 8, 6, 5), logistic_noise(logits)
+    out, mask = compiled(feat, logits, coarse, noise)
+    ref_out, ref_mask = merge(feat, logits, coarse, noise)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    (out.sum() + mask.sum()).backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0

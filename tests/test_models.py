@@ -1,0 +1,153 @@
+"""AIM models on timm backbones: widths, outputs, masks, and the graph tools that must see them."""
+
+import pytest
+import torch
+from conftest import devices
+
+import aim_ext
+from aim_ext.losses import aim_loss
+from aim_ext.models import AIM, AIMOutput, create_model
+
+
+def millions(model: torch.nn.Module) -> float:
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+@pytest.mark.parametrize(
+    "name,stop_stage,expected",
+    [
+        ("convnext_tiny", None, 28.0),
+        ("convnext_tiny", 2, 29.9),
+        ("convnext_tiny", 1, 30.7),
+        ("resnet50", None, 23.9),
+        ("resnet50", 3, 26.6),
+        ("resnet50", 2, 27.6),
+    ],
+)
+def test_parameter_counts_match_paper_table6(name, stop_stage, expected):
+    model = create_model(name, num_classes=200, stop_stage=stop_stage)
+    assert abs(millions(model) - expected) < 0.1, millions(model)
+
+
+def test_vanilla_is_the_timm_model():
+    model = create_model("resnet18", num_classes=7)
+    assert not isinstance(model, AIM)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+
+
+@pytest.mark.parametrize(
+    "name,stop_stage,size",
+    [("convnext_atto", 1, 64), ("resnet18", 2, 75), ("mobilenetv2_100", 3, 64), ("convnext_atto", 3, 299)],
+)
+def test_training_and_evaluation_outputs(name, stop_stage, size):
+    model = create_model(name, num_classes=5, stop_stage=stop_stage)
+    x = torch.randn(2, 3, size, size)
+    feats = model.backbone(x)
+    expected_sizes = [tuple(feats[i].shape[-2:]) for i in model.stage_indices]
+
+    out = model.train()(x)
+    assert isinstance(out, AIMOutput)
+    assert out.logits.shape == (2, 5)
+    assert len(out.aux_logits) == len(out.masks) == len(out.mask_logits) == len(model.stage_indices)
+    assert [tuple(m.shape) for m in out.masks] == [(2, 1, *s) for s in expected_sizes]
+    assert all(a.shape == (2, 5) for a in out.aux_logits)
+    assert all(set(m.unique().tolist()) <= {0.0, 1.0} for m in out.masks)
+
+    model.eval()
+    logits, masks = model.predict(x)
+    torch.testing.assert_close(model(x), logits)
+    assert [tuple(m.shape) for m in masks] == [(2, 1, *s) for s in expected_sizes]
+    # Evaluation masks are deterministic: the sign of the mask logits.
+    stages = model.forward_topdown(x)
+    for mask, stage in zip(masks, stages):
+        assert torch.equal(mask, (stage.mask_logits >= 0).to(mask.dtype))
+
+
+def test_stop_stage_out_of_range_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"convnext_atto has feature stages 0\.\.3.*stop_stage=4"):
+        create_model("convnext_atto", num_classes=3, stop_stage=4)
+    with pytest.raises(ValueError, match="stop_stage=-1"):
+        create_model("resnet18", num_classes=3, stop_stage=-1)
+
+
+def test_predict_requires_evaluation_mode():
+    model = create_model("resnet18", num_classes=3, stop_stage=3).train()
+    with pytest.raises(RuntimeError, match="model.eval"):
+        model.predict(torch.randn(1, 3, 64, 64))
+
+
+def test_set_gumbel_controls_noise_and_temperature():
+    model = create_model("resnet18", num_classes=3, stop_stage=3).train()
+    x = torch.randn(2, 3, 64, 64)
+    model.set_gumbel(noise=False)
+    a, b = model(x).masks[0], model(x).masks[0]
+    assert torch.equal(a, b), "without noise the training mask is the sign of the logits"
+    model.set_gumbel(noise=True, temperature=0.5)
+    assert model.temperature == 0.5 and model.gumbel_noise
+    with pytest.raises(ValueError, match="temperature"):
+        model.set_gumbel(temperature=0)
+
+
+def test_the_model_merges_through_masked_merge_only(monkeypatch):
+    calls = []
+    original = aim_ext.models.topdown.masked_merge
+
+    def spy(*args, **kwargs):
+        calls.append(args[2] is None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(aim_ext.models.topdown, "masked_merge", spy)
+    model = create_model("convnext_atto", num_classes=3, stop_stage=1).eval()
+    model(torch.randn(1, 3, 64, 64))
+    assert calls == [True, False, False]  # top stage alone, then two merges
+
+
+def test_loss_trains_every_part():
+    model = create_model("resnet18", num_classes=4, stop_stage=2).train()
+    out = model(torch.randn(4, 3, 64, 64))
+    loss = aim_loss(out, torch.tensor([0, 1, 2, 3]), tau=0.25)
+    loss.total.backward()
+    for name in ["stages.0.mask_estimator.to_logits.weight", "stages.2.mask_estimator.stem.weight",
+                 "stages.1.features.refine.weight", "aux_heads.2.fc.weight", "head.fc.weight", "backbone.conv1.weight"]:
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_pretrained_cfg_is_the_backbones():
+    model = create_model("convnext_atto", num_classes=3, stop_stage=2)
+    assert model.pretrained_cfg["mean"] == create_model("convnext_atto").pretrained_cfg["mean"]
+    assert model.default_cfg["input_size"] == (3, 224, 224)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_torch_compile_fullgraph_forward(device):
+    model = create_model("convnext_atto", num_classes=3, stop_stage=1).to(device)
+    x = torch.randn(2, 3, 64, 64, device=device)
+    model.eval()
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    model.train().set_gumbel(noise=True)
+    out = torch.compile(model, fullgraph=True)(x)
+    assert isinstance(out, AIMOutput) and out.logits.shape == (2, 3)
+    aim_loss(out, torch.tensor([0, 1], device=device), tau=0.5).total.backward()
+
+
+class Predict(torch.nn.Module):
+    def __init__(self, model: AIM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.predict(x)
+
+
+def test_torch_export_predict_keeps_one_op():
+    model = create_model("resnet18", num_classes=3, stop_stage=2).eval()
+    x = torch.randn(2, 3, 75, 75)
+    exported = torch.export.export(Predict(model), (x,))
+    targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert targets.count("aim.masked_merge.default") == 3
+    logits, masks = exported.module()(x)
+    ref_logits, ref_masks = model.predict(x)
+    torch.testing.assert_close(logits, ref_logits)
+    assert all(torch.equal(a, b) for a, b in zip(masks, ref_masks))
