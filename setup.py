@@ -53,7 +53,10 @@ def cuda_decision() -> tuple[bool, str]:
 
 def extension():
     sources = [f"{CSRC}/ops.cpp", f"{CSRC}/python_module.cpp", f"{CSRC}/cpu/masked_merge_cpu.cpp"]
-    cxx = ["-O3", "-fdiagnostics-color=always"]  # the C++ standard is torch's choice
+    # The C++ standard is torch's choice. The string ABI must be torch's: newer torch no longer
+    # passes it, and a compiler defaulting to the other ABI breaks c10::Error (a crash on bad input).
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    cxx = ["-O3", "-fdiagnostics-color=always", abi]
     with_cuda, why = cuda_decision()
     if not with_cuda:
         log(f"building the CPU kernels only: {why}")
@@ -69,7 +72,7 @@ def extension():
         "aim_ext._C",
         sources,
         define_macros=[("AIM_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", abi]},
     )
 
 

@@ -16,6 +16,9 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record status and t
   "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   summary+=("| $name | $([ $rc -eq 0 ] && echo ok || echo "FAILED ($rc)") | $((SECONDS - start)) s |")
+  if [ "$name" = tests ]; then  # every failure, with its short traceback
+    sed -n '/^=* FAILURES =*$/,$p' "$OUT/$name.log" | tail -n 150
+  fi
   tail -n 15 "$OUT/$name.log"
   return 0
 }
@@ -23,7 +26,8 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record status and t
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 step build "$PY" setup.py build_ext --inplace
 step info "$PY" -m aim_ext info
-step tests "$PY" -m pytest -q -p no:cacheprovider tests --junitxml="$OUT/tests.xml"
+echo "compiler default string ABI: $(echo '#include <string>' | ${CXX:-c++} -x c++ -E -dM - | grep -o '_GLIBCXX_USE_CXX11_ABI [01]'); torch: $("$PY" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')"
+step tests "$PY" -m pytest -q -p no:cacheprovider --tb=short tests --junitxml="$OUT/tests.xml"
 step memcheck timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" benchmarks/memcheck_case.py
 
 echo
