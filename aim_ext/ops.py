@@ -29,6 +29,7 @@ __all__ = [
     "masked_merge",
     "masked_merge_reference",
     "nearest_resize_adjoint",
+    "nearest_source_indices",
 ]
 
 # The schema as csrc/ops.cpp defines it; used only when the compiled extension is missing.
@@ -174,10 +175,30 @@ def masked_merge_reference(
     return out, mask
 
 
+def nearest_source_indices(in_size: int, out_size: int, device: torch.device | str = "cpu") -> Tensor:
+    """Source index of every output index of the nearest resize, computed as F.interpolate does:
+    min(floor(dst * scale), in - 1) with scale = in / out, all in float32."""
+    scale = torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32)
+    dst = torch.arange(out_size, dtype=torch.float32, device=device)
+    return (dst * scale.to(device)).floor().long().clamp_(max=in_size - 1)
+
+
+def _selection(in_size: int, out_size: int, like: Tensor) -> Tensor:
+    """(out, in) one-hot matrix of the nearest resize along one axis."""
+    src = nearest_source_indices(in_size, out_size, like.device)
+    return F.one_hot(src, in_size).to(like.dtype)
+
+
 def nearest_resize_adjoint(grad: Tensor, size: tuple[int, int] | list[int]) -> Tensor:
-    """Adjoint of nearest_resize(x, grad.shape[-2:]) for x of spatial `size`: sums each footprint."""
-    n, c = grad.shape[:2]
-    return torch.ops.aten.upsample_nearest2d_backward(grad, list(grad.shape[-2:]), [n, c, *size])
+    """Adjoint of nearest_resize(x, grad.shape[-2:]) for x of spatial `size`: sums each footprint.
+
+    The transposed one-hot selection matrices, exact on every device (PyTorch's CUDA
+    upsample_nearest2d_backward inverts the index map in float and misses some footprints).
+    """
+    acc = grad.to(_acc_dtype(grad))
+    rows = _selection(size[0], grad.shape[-2], acc)
+    cols = _selection(size[1], grad.shape[-1], acc)
+    return (rows.transpose(0, 1) @ acc @ cols).to(grad.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from aim_ext.ops import (
     masked_merge,
     masked_merge_reference,
     nearest_resize_adjoint,
+    nearest_source_indices,
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -67,10 +68,15 @@ def test_forward_matches_reference_exactly(device, seed, dtype, channels_last, t
 
 
 def float64_grads(feat, logits, coarse, noise, t, grad_out, grad_mask):
-    """Gradients of the reference computed entirely in float64: the independent check."""
-    leaves = [x.detach().double().requires_grad_() for x in (feat, logits)]
-    c64 = coarse.detach().double().requires_grad_() if coarse is not None else None
-    n64 = noise.double() if noise is not None else None
+    """Gradients of the reference computed entirely in float64 on the CPU: the independent check.
+
+    On the CPU, autograd's nearest-resize backward scatters through the forward's own index map;
+    PyTorch's CUDA backward inverts that map in float and misses some footprints (e.g. 35 -> 21).
+    """
+    leaves = [x.detach().double().cpu().requires_grad_() for x in (feat, logits)]
+    c64 = coarse.detach().double().cpu().requires_grad_() if coarse is not None else None
+    n64 = noise.double().cpu() if noise is not None else None
+    grad_out, grad_mask = grad_out.cpu(), grad_mask.cpu()
     out, mask = masked_merge_reference(*leaves, c64, noise=n64, temperature=t)
     loss = (out * grad_out.double()).sum() + (mask * grad_mask.double()).sum()
     inputs = leaves + ([c64] if c64 is not None else [])
@@ -90,7 +96,7 @@ def test_backward_matches_float64_reference(device, seed, dtype, channels_last, 
     for name, got, want in zip(["feat", "logits", "coarse"], grads, expected):
         assert got.dtype == (logits.dtype if name == "logits" else feat.dtype), name
         scale = max(1.0, want.abs().max().item())
-        torch.testing.assert_close(got.double(), want, rtol=0, atol=GRAD_TOL[got.dtype] * scale, msg=name)
+        torch.testing.assert_close(got.double().cpu(), want, rtol=0, atol=GRAD_TOL[got.dtype] * scale, msg=name)
     if not training:
         assert grads[1].abs().max() == 0, "evaluation masks pass no gradient to the logits"
 
@@ -124,15 +130,31 @@ def test_non_contiguous_inputs(device):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("src,dst", [((10, 10), (19, 19)), ((18, 18), (37, 37)), ((7, 5), (14, 11)),
-                                     ((14, 14), (7, 7)), ((3, 2), (100, 61)), ((37, 19), (38, 38))])
+                                     ((14, 14), (7, 7)), ((3, 2), (100, 61)), ((37, 19), (38, 38)),
+                                     ((26, 35), (14, 21)), ((14, 28), (46, 4))])
 def test_nearest_resize_is_torch_nearest(device, src, dst):
     coarse = torch.arange(src[0] * src[1], dtype=torch.float32, device=device).reshape(1, 1, *src)
     feat = torch.zeros(1, 1, *dst, device=device)
     logits = torch.ones(1, 1, *dst, device=device)
     out, _ = masked_merge(feat, logits, coarse)
     assert torch.equal(out, F.interpolate(coarse, size=dst, mode="nearest"))
-    grad = torch.randn(1, 1, *dst, device=device)
-    assert torch.equal(nearest_resize_adjoint(grad, src), torch.ops.aten.upsample_nearest2d_backward(grad, list(dst), [1, 1, *src]))
+    # The adjoint against autograd of the CPU forward (exact sums of small integers).
+    grad = torch.randint(-8, 8, (1, 1, *dst), dtype=torch.float32)
+    leaf = coarse.cpu().requires_grad_()
+    (expected,) = torch.autograd.grad(F.interpolate(leaf, size=dst, mode="nearest"), leaf, grad)
+    assert torch.equal(nearest_resize_adjoint(grad.to(device), src).cpu(), expected)
+    feat.requires_grad_()
+    leaf = coarse.clone().requires_grad_()
+    (got,) = torch.autograd.grad(masked_merge(feat, logits, leaf)[0], leaf, grad.to(device))
+    assert torch.equal(got.cpu(), expected)
+
+
+def test_nearest_source_indices_match_interpolate_for_all_small_sizes():
+    for in_size in range(1, 48):
+        for out_size in range(1, 48):
+            x = torch.arange(in_size, dtype=torch.float32).reshape(1, 1, 1, in_size)
+            expected = F.interpolate(x, size=(1, out_size), mode="nearest").flatten().long()
+            assert torch.equal(nearest_source_indices(in_size, out_size), expected), (in_size, out_size)
 
 
 @pytest.mark.parametrize("device", devices())
