@@ -8,6 +8,10 @@ OUT=${OUT:-/tmp/aim-gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD MAX_JOBS=${MAX_JOBS:-16}
 PY=${PYTHON:-python3}
+# The GPU image's /opt/gcc/bin/g++ (first on PATH) is a wrapper that links its own libstdc++ into
+# the extension; that copy clashes with torch's and crashes formatting a c10::Error message.
+# The system compiler links libstdc++ dynamically, as torch does.
+if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
 declare -a summary
 
 step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record status and time
@@ -26,7 +30,6 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record status and t
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 step build "$PY" setup.py build_ext --inplace
 step info "$PY" -m aim_ext info
-echo "compiler default string ABI: $(echo '#include <string>' | ${CXX:-c++} -x c++ -E -dM - | grep -o '_GLIBCXX_USE_CXX11_ABI [01]'); torch: $("$PY" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')"
 step tests "$PY" -m pytest -q -p no:cacheprovider --tb=short tests --junitxml="$OUT/tests.xml"
 step memcheck timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" benchmarks/memcheck_case.py
 
