@@ -131,11 +131,15 @@ def check_merge_inputs(
                 f"(N, C) = {tuple(feat.shape[:2])}"
             )
         if coarse.dtype != feat.dtype:
-            raise TypeError(f"masked_merge: coarse dtype {coarse.dtype} does not match feat dtype {feat.dtype}")
+            raise TypeError(
+                f"masked_merge: coarse dtype {coarse.dtype} does not match feat dtype {feat.dtype}"
+            )
         if coarse.device != feat.device:
             raise ValueError(f"masked_merge: coarse is on {coarse.device} but feat is on {feat.device}")
         if feat.numel() > 0 and (coarse.shape[2] == 0 or coarse.shape[3] == 0):
-            raise ValueError(f"masked_merge: coarse must have a non-empty spatial size, got {tuple(coarse.shape)}")
+            raise ValueError(
+                f"masked_merge: coarse must have a non-empty spatial size, got {tuple(coarse.shape)}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +276,9 @@ def _backward_fake(
     fmt = _memory_format(feat)
     n, c = feat.shape[:2]
     grad_coarse = (
-        feat.new_empty((n, c, *coarse_size)).contiguous(memory_format=fmt) if coarse_size else feat.new_empty(0)
+        feat.new_empty((n, c, *coarse_size)).contiguous(memory_format=fmt)
+        if coarse_size
+        else feat.new_empty(0)
     )
     return torch.empty_like(feat, memory_format=fmt), torch.empty_like(logits).contiguous(), grad_coarse
 

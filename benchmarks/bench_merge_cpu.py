@@ -1,6 +1,6 @@
 """CPU kernel of masked_merge against the eager PyTorch reference, from one run, as a ratio.
 
-    python benchmarks/bench_merge_cpu.py [--shape 32 256 28 28] [--coarse 14 14] [--threads N]
+python benchmarks/bench_merge_cpu.py [--shape 32 256 28 28] [--coarse 14 14] [--threads N]
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -45,30 +46,43 @@ def main() -> None:
     logits = torch.randn(n, 1, h, w)
     coarse = torch.randn(n, c, *args.coarse)
     noise = logistic_noise(logits)
-    print(f"masked_merge on CPU, float32, feat {tuple(feat.shape)}, coarse {tuple(coarse.shape)}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"| case | layout | reference ms | kernel ms | speed-up |")
-    print(f"|---|---|---|---|---|")
+    print(
+        f"masked_merge on CPU, float32, feat {tuple(feat.shape)}, coarse {tuple(coarse.shape)}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}"
+    )
+    print("| case | layout | reference ms | kernel ms | speed-up |")
+    print("|---|---|---|---|---|")
     for layout, fmt in [("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)]:
         f, cs = feat.contiguous(memory_format=fmt), coarse.contiguous(memory_format=fmt)
-        for case, kw in [("evaluation", {}), ("training", {"noise": noise})]:
-            ref, ref_iqr = median_ms(lambda: masked_merge_reference(f, logits, cs, **kw), args.repeats)
-            ker, ker_iqr = median_ms(lambda: masked_merge(f, logits, cs, **kw), args.repeats)
-            print(f"| {case} forward | {layout} | {ref:.3f} ± {ref_iqr:.3f} | {ker:.3f} ± {ker_iqr:.3f} | "
-                  f"{ref / ker:.2f}x |")
-        fg = f.clone().requires_grad_()
-        lg = logits.clone().requires_grad_()
-        cg = cs.clone().requires_grad_()
-        grad = torch.randn_like(f)
+        for case, kw in [("evaluation forward", {}), ("training forward", {"noise": noise})]:
+            row(
+                case,
+                layout,
+                args.repeats,
+                partial(masked_merge_reference, f, logits, cs, **kw),
+                partial(masked_merge, f, logits, cs, **kw),
+            )
+        leaves = (f.clone().requires_grad_(), logits.clone().requires_grad_(), cs.clone().requires_grad_())
+        grads = (torch.randn_like(f), torch.ones_like(logits))
+        row(
+            "training forward+backward",
+            layout,
+            args.repeats,
+            partial(forward_backward, masked_merge_reference, leaves, noise, grads),
+            partial(forward_backward, masked_merge, leaves, noise, grads),
+        )
 
-        def step(fn):
-            out, mask = fn(fg, lg, cg, noise=noise)
-            torch.autograd.grad((out, mask), (fg, lg, cg), (grad, torch.ones_like(mask)))
 
-        ref, ref_iqr = median_ms(lambda: step(masked_merge_reference), args.repeats)
-        ker, ker_iqr = median_ms(lambda: step(masked_merge), args.repeats)
-        print(f"| training forward+backward | {layout} | {ref:.3f} ± {ref_iqr:.3f} | {ker:.3f} ± {ker_iqr:.3f} | "
-              f"{ref / ker:.2f}x |")
+def forward_backward(merge, leaves, noise, grads) -> None:
+    """One training step of the merge: forward with noise, then the gradients of all inputs."""
+    torch.autograd.grad(merge(*leaves, noise=noise), leaves, grads)
+
+
+def row(case: str, layout: str, repeats: int, reference, kernel) -> None:
+    """Time the reference and the kernel back to back and print one table row with their ratio."""
+    ref, ref_iqr = median_ms(reference, repeats)
+    ker, ker_iqr = median_ms(kernel, repeats)
+    print(f"| {case} | {layout} | {ref:.3f} ± {ref_iqr:.3f} | {ker:.3f} ± {ker_iqr:.3f} | {ref / ker:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ def test_aim_loss_is_eq7():
     ce = lambda x: F.cross_entropy(x, target, label_smoothing=0.05)  # noqa: E731
     expected_area = (1 - 0.3) ** 2 + (0 - 0.3) ** 2
     assert terms.area.item() == pytest.approx(expected_area)
-    assert terms.total.item() == pytest.approx((ce(logits) + ce(aux[0]) + ce(aux[1]) + 6.0 * expected_area).item())
+    assert terms.total.item() == pytest.approx(
+        (ce(logits) + ce(aux[0]) + ce(aux[1]) + 6.0 * expected_area).item()
+    )
     no_annealing = aim_loss(AIMOutput(logits, aux, masks, masks), target, tau=None)
     assert no_annealing.area.item() == 0.0
     assert no_annealing.total.item() == pytest.approx((ce(logits) + ce(aux[0]) + ce(aux[1])).item())

@@ -4,6 +4,7 @@ import os
 import random
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -24,44 +25,56 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GRAD_TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def make_case(rng: random.Random, dtype, device, channels_last: bool, training: bool, with_coarse: bool):
-    n, c = rng.randint(1, 3), rng.randint(1, 17)
-    h, w = rng.randint(1, 23), rng.randint(1, 23)
-    feat = torch.randn(n, c, h, w, dtype=dtype, device=device)
-    if channels_last:
-        feat = feat.to(memory_format=torch.channels_last)
-    logits = torch.randn(n, 1, h, w, device=device, dtype=rng.choice([dtype, torch.float32]))
-    coarse = None
-    if with_coarse:
-        # Coarser, finer and equal sizes: upsampling by odd ratios and downsampling both occur.
-        ch, cw = rng.randint(1, 2 * h), rng.randint(1, 2 * w)
-        coarse = torch.randn(n, c, ch, cw, dtype=dtype, device=device)
-        if channels_last:
-            coarse = coarse.to(memory_format=torch.channels_last)
-    noise = logistic_noise(logits) if training else None
-    temperature = rng.choice([1.0, 0.5, 2.3])
-    return feat, logits, coarse, noise, temperature
+class Case(NamedTuple):
+    """One fuzzed masked_merge call, derived from its seed alone."""
 
+    dtype: torch.dtype
+    channels_last: bool
+    training: bool
+    with_coarse: bool
 
-def cases(count: int):
-    params = []
-    for seed in range(count):
+    @classmethod
+    def from_seed(cls, seed: int) -> "Case":
         rng = random.Random(seed)
-        params.append(
-            (seed, rng.choice(DTYPES), rng.random() < 0.5, rng.random() < 0.6, rng.random() < 0.75)
-        )
-    return params
+        return cls(rng.choice(DTYPES), rng.random() < 0.5, rng.random() < 0.6, rng.random() < 0.75)
+
+    def make(self, seed: int, device: str):
+        """(feat, logits, coarse, noise, temperature) with random sizes, including odd resize ratios."""
+        rng = random.Random(seed)
+        n, c = rng.randint(1, 3), rng.randint(1, 17)
+        h, w = rng.randint(1, 23), rng.randint(1, 23)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        feat = torch.randn(n, c, h, w, dtype=self.dtype, device=device).contiguous(memory_format=fmt)
+        logits = torch.randn(n, 1, h, w, device=device, dtype=rng.choice([self.dtype, torch.float32]))
+        coarse = None
+        if self.with_coarse:
+            # Coarser, finer and equal sizes: upsampling by odd ratios and downsampling both occur.
+            ch, cw = rng.randint(1, 2 * h), rng.randint(1, 2 * w)
+            coarse = torch.randn(n, c, ch, cw, dtype=self.dtype, device=device).contiguous(memory_format=fmt)
+        noise = logistic_noise(logits) if self.training else None
+        return feat, logits, coarse, noise, rng.choice([1.0, 0.5, 2.3])
+
+
+def _case_id(seed: int) -> str:
+    case = Case.from_seed(seed)
+    layout = "channels_last" if case.channels_last else "nchw"
+    mode = "train" if case.training else "eval"
+    return f"{seed}-{str(case.dtype)[6:]}-{layout}-{mode}-{'coarse' if case.with_coarse else 'top'}"
+
+
+FUZZED = pytest.mark.parametrize("seed", [pytest.param(seed, id=_case_id(seed)) for seed in range(40)])
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("seed,dtype,channels_last,training,with_coarse", cases(40))
-def test_forward_matches_reference_exactly(device, seed, dtype, channels_last, training, with_coarse):
-    feat, logits, coarse, noise, t = make_case(random.Random(seed), dtype, device, channels_last, training, with_coarse)
+@FUZZED
+def test_forward_matches_reference_exactly(device, seed):
+    case = Case.from_seed(seed)
+    feat, logits, coarse, noise, t = case.make(seed, device)
     out, mask = masked_merge(feat, logits, coarse, noise=noise, temperature=t)
     ref_out, ref_mask = masked_merge_reference(feat, logits, coarse, noise=noise, temperature=t)
     assert out.dtype == feat.dtype and mask.dtype == feat.dtype
     assert mask.shape == logits.shape
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = torch.channels_last if case.channels_last else torch.contiguous_format
     assert out.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(mask, ref_mask, rtol=0, atol=0)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
@@ -85,19 +98,24 @@ def float64_grads(feat, logits, coarse, noise, t, grad_out, grad_mask):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("seed,dtype,channels_last,training,with_coarse", cases(40))
-def test_backward_matches_float64_reference(device, seed, dtype, channels_last, training, with_coarse):
-    feat, logits, coarse, noise, t = make_case(random.Random(seed), dtype, device, channels_last, training, with_coarse)
-    leaves = [feat.requires_grad_(), logits.requires_grad_()] + ([coarse.requires_grad_()] if coarse is not None else [])
+@FUZZED
+def test_backward_matches_float64_reference(device, seed):
+    case = Case.from_seed(seed)
+    feat, logits, coarse, noise, t = case.make(seed, device)
+    leaves = [feat.requires_grad_(), logits.requires_grad_()] + (
+        [coarse.requires_grad_()] if coarse is not None else []
+    )
     out, mask = masked_merge(feat, logits, coarse, noise=noise, temperature=t)
     grad_out, grad_mask = torch.randn_like(out), torch.randn_like(mask)
     grads = torch.autograd.grad((out * grad_out).sum() + (mask * grad_mask).sum(), leaves)
     expected = float64_grads(feat, logits, coarse, noise, t, grad_out, grad_mask)
-    for name, got, want in zip(["feat", "logits", "coarse"], grads, expected):
+    for name, got, want in zip(["feat", "logits", "coarse"], grads, expected, strict=False):
         assert got.dtype == (logits.dtype if name == "logits" else feat.dtype), name
         scale = max(1.0, want.abs().max().item())
-        torch.testing.assert_close(got.double().cpu(), want, rtol=0, atol=GRAD_TOL[got.dtype] * scale, msg=name)
-    if not training:
+        torch.testing.assert_close(
+            got.double().cpu(), want, rtol=0, atol=GRAD_TOL[got.dtype] * scale, msg=name
+        )
+    if not case.training:
         assert grads[1].abs().max() == 0, "evaluation masks pass no gradient to the logits"
 
 
@@ -129,9 +147,19 @@ def test_non_contiguous_inputs(device):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("src,dst", [((10, 10), (19, 19)), ((18, 18), (37, 37)), ((7, 5), (14, 11)),
-                                     ((14, 14), (7, 7)), ((3, 2), (100, 61)), ((37, 19), (38, 38)),
-                                     ((26, 35), (14, 21)), ((14, 28), (46, 4))])
+@pytest.mark.parametrize(
+    "src,dst",
+    [
+        ((10, 10), (19, 19)),
+        ((18, 18), (37, 37)),
+        ((7, 5), (14, 11)),
+        ((14, 14), (7, 7)),
+        ((3, 2), (100, 61)),
+        ((37, 19), (38, 38)),
+        ((26, 35), (14, 21)),
+        ((14, 28), (46, 4)),
+    ],
+)
 def test_nearest_resize_is_torch_nearest(device, src, dst):
     coarse = torch.arange(src[0] * src[1], dtype=torch.float32, device=device).reshape(1, 1, *src)
     feat = torch.zeros(1, 1, *dst, device=device)
@@ -168,7 +196,7 @@ def test_backward_is_deterministic(device):
         out, mask = masked_merge(feat, logits, coarse, noise=noise)
         return torch.autograd.grad(out.square().sum() + mask.sum(), [feat, logits, coarse])
 
-    for a, b in zip(grads(), grads()):
+    for a, b in zip(grads(), grads(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -197,11 +225,27 @@ def test_reference_gradcheck_float64():
 @pytest.mark.parametrize("device", devices())
 def test_opcheck(device):
     samples = [
-        (torch.randn(2, 5, 9, 7, device=device), torch.randn(2, 1, 9, 7, device=device), torch.randn(2, 5, 5, 4, device=device), None, 1.0),
-        (torch.randn(2, 5, 9, 7, device=device).to(memory_format=torch.channels_last), torch.randn(2, 1, 9, 7, device=device),
-         None, torch.randn(2, 1, 9, 7, device=device), 0.5),
-        (torch.randn(1, 3, 6, 6, device=device, dtype=torch.bfloat16), torch.randn(1, 1, 6, 6, device=device),
-         torch.randn(1, 3, 3, 3, device=device, dtype=torch.bfloat16), torch.randn(1, 1, 6, 6, device=device), 2.0),
+        (
+            torch.randn(2, 5, 9, 7, device=device),
+            torch.randn(2, 1, 9, 7, device=device),
+            torch.randn(2, 5, 5, 4, device=device),
+            None,
+            1.0,
+        ),
+        (
+            torch.randn(2, 5, 9, 7, device=device).to(memory_format=torch.channels_last),
+            torch.randn(2, 1, 9, 7, device=device),
+            None,
+            torch.randn(2, 1, 9, 7, device=device),
+            0.5,
+        ),
+        (
+            torch.randn(1, 3, 6, 6, device=device, dtype=torch.bfloat16),
+            torch.randn(1, 1, 6, 6, device=device),
+            torch.randn(1, 3, 3, 3, device=device, dtype=torch.bfloat16),
+            torch.randn(1, 1, 6, 6, device=device),
+            2.0,
+        ),
     ]
     for feat, logits, coarse, noise, t in samples:
         args = [x.requires_grad_() if x is not None and x is not noise else x for x in (feat, logits, coarse)]
@@ -225,7 +269,12 @@ def test_bad_inputs_name_the_problem():
         ((feat, logits.to("meta")), {}, ValueError, "logits is on meta but feat is on cpu"),
         ((feat, logits, torch.randn(2, 4, 3, 3, device="meta")), {}, ValueError, "coarse is on meta"),
         ((feat, logits), {"noise": torch.randn(2, 1, 6, 5)}, ValueError, "noise shape"),
-        ((feat, logits), {"noise": torch.randn(2, 1, 6, 6), "temperature": 0.0}, ValueError, "temperature must be > 0"),
+        (
+            (feat, logits),
+            {"noise": torch.randn(2, 1, 6, 6), "temperature": 0.0},
+            ValueError,
+            "temperature must be > 0",
+        ),
     ]
     for args, kwargs, error, message in cases_:
         with pytest.raises(error, match=message):
@@ -260,10 +309,13 @@ print(torch.ops.aim.masked_merge_backward.default._schema)
 f = torch.randn(2, 3, 7, 5, requires_grad=True); l = torch.randn(2, 1, 7, 5); c = torch.randn(2, 3, 4, 3)
 out, mask = masked_merge(f, l, c)
 print(torch.equal(out, masked_merge_reference(f, l, c)[0]))
-torch.library.opcheck(torch.ops.aim.masked_merge.default, (f, l.requires_grad_(), c, torch.randn(2, 1, 7, 5), 1.0))
+noise = torch.randn(2, 1, 7, 5)
+torch.library.opcheck(torch.ops.aim.masked_merge.default, (f, l.requires_grad_(), c, noise, 1.0))
 """
     env = {**os.environ, "AIM_EXT_NO_KERNELS": "1"}
-    lines = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+    lines = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     assert lines[0] == "1"
     assert lines[1] == str({"cpu": False, "cuda_compiled": False, "cuda": False})
     assert lines[2] == str(torch.ops.aim.masked_merge.default._schema)

@@ -59,7 +59,7 @@ def test_training_and_evaluation_outputs(name, stop_stage, size):
     assert [tuple(m.shape) for m in masks] == [(2, 1, *s) for s in expected_sizes]
     # Evaluation masks are deterministic: the sign of the mask logits.
     stages = model.forward_topdown(x)
-    for mask, stage in zip(masks, stages):
+    for mask, stage in zip(masks, stages, strict=True):
         assert torch.equal(mask, (stage.mask_logits >= 0).to(mask.dtype))
 
 
@@ -107,8 +107,14 @@ def test_loss_trains_every_part():
     out = model(torch.randn(4, 3, 64, 64))
     loss = aim_loss(out, torch.tensor([0, 1, 2, 3]), tau=0.25)
     loss.total.backward()
-    for name in ["stages.0.mask_estimator.to_logits.weight", "stages.2.mask_estimator.stem.weight",
-                 "stages.1.features.refine.weight", "aux_heads.2.fc.weight", "head.fc.weight", "backbone.conv1.weight"]:
+    for name in [
+        "stages.0.mask_estimator.to_logits.weight",
+        "stages.2.mask_estimator.stem.weight",
+        "stages.1.features.refine.weight",
+        "aux_heads.2.fc.weight",
+        "head.fc.weight",
+        "backbone.conv1.weight",
+    ]:
         grad = model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
 
@@ -150,4 +156,4 @@ def test_torch_export_predict_keeps_one_op():
     logits, masks = exported.module()(x)
     ref_logits, ref_masks = model.predict(x)
     torch.testing.assert_close(logits, ref_logits)
-    assert all(torch.equal(a, b) for a, b in zip(masks, ref_masks))
+    assert all(torch.equal(a, b) for a, b in zip(masks, ref_masks, strict=True))

@@ -46,7 +46,9 @@ class AIM(nn.Module):
         super().__init__()
         if drop_path_rate is not None:
             backbone_kwargs["drop_path_rate"] = drop_path_rate
-        self.backbone = timm.create_model(backbone, pretrained=pretrained, features_only=True, **backbone_kwargs)
+        self.backbone = timm.create_model(
+            backbone, pretrained=pretrained, features_only=True, **backbone_kwargs
+        )
         channels = self.backbone.feature_info.channels()
         top = len(channels) - 1
         if isinstance(stop_stage, bool) or not isinstance(stop_stage, int) or not 0 <= stop_stage <= top:
@@ -59,7 +61,9 @@ class AIM(nn.Module):
         self.num_classes = num_classes
         self.stage_indices = list(range(top, stop_stage - 1, -1))  # top stage first
         self.stages = nn.ModuleList(TopDownStage(channels[i], width) for i in self.stage_indices)
-        self.aux_heads = nn.ModuleList(ClassifierHead(width, num_classes, drop_rate) for _ in self.stage_indices)
+        self.aux_heads = nn.ModuleList(
+            ClassifierHead(width, num_classes, drop_rate) for _ in self.stage_indices
+        )
         self.head = ClassifierHead(width, num_classes, drop_rate)
         self.temperature = temperature
         self.gumbel_noise = gumbel_noise
@@ -81,7 +85,7 @@ class AIM(nn.Module):
         noise = self.training and self.gumbel_noise
         outputs: list[StageOutput] = []
         coarse = None
-        for index, stage in zip(self.stage_indices, self.stages):
+        for index, stage in zip(self.stage_indices, self.stages, strict=True):
             out = stage(feats[index], coarse, temperature=self.temperature, noise=noise)
             outputs.append(out)
             coarse = out.merged
@@ -96,7 +100,9 @@ class AIM(nn.Module):
         logits = self.forward_head(stages[-1].merged)
         if not self.training:
             return logits
-        aux = [head(masked_avg_pool(s.features, s.mask)) for head, s in zip(self.aux_heads, stages)]
+        aux = [
+            head(masked_avg_pool(s.features, s.mask)) for head, s in zip(self.aux_heads, stages, strict=True)
+        ]
         return AIMOutput(logits, aux, [s.mask for s in stages], [s.mask_logits for s in stages])
 
     def predict(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:

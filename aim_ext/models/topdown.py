@@ -15,8 +15,8 @@ from typing import NamedTuple
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
-from aim_ext.ops import logistic_noise, masked_merge
 from aim_ext.models.mask_estimator import MaskEstimator
+from aim_ext.ops import logistic_noise, masked_merge
 
 TOPDOWN_WIDTH = 256
 
