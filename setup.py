@@ -5,6 +5,7 @@ AIM_EXT_CPU_ONLY=1 to skip it. Build with `pip install --no-build-isolation .` s
 extension is compiled against the torch it will run with.
 """
 
+import json
 import os
 import shutil
 import sys
@@ -32,7 +33,10 @@ CSRC = "csrc"
 
 
 def log(message: str) -> None:
+    """Print the build decision and keep it for `python -m aim_ext info` (pip hides build output)."""
     print(f"aim_ext build: {message}", file=sys.stderr)
+    info = {"decision": message, "torch": torch.__version__, "cuda_home": CUDA_HOME}
+    (ROOT / "aim_ext" / "_build_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 def cuda_decision() -> tuple[bool, str]:

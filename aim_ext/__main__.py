@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+from pathlib import Path
 
 import torch
 
@@ -22,7 +23,16 @@ def info() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "kernels": kernels_available(),
+        "build": build_decision(),
     }
+
+
+def build_decision() -> str:
+    """What setup.py decided to compile, and why (recorded at build time)."""
+    path = Path(__file__).with_name("_build_info.json")
+    if not path.exists():
+        return "unknown (no build record: the package was not built by setup.py)"
+    return json.loads(path.read_text())["decision"]
 
 
 def main(argv: list[str] | None = None) -> None:

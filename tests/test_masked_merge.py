@@ -336,3 +336,19 @@ def test_torch_compile_fullgraph_sees_one_op():
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
     (out.sum() + mask.sum()).backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+class _Merge(torch.nn.Module):
+    def forward(self, feat, logits, coarse):
+        return masked_merge(feat, logits, coarse)
+
+
+def test_aot_inductor_package_runs_the_op(tmp_path):
+    args = (torch.randn(2, 8, 19, 13), torch.randn(2, 1, 19, 13), torch.randn(2, 8, 10, 7))
+    exported = torch.export.export(_Merge(), args)
+    targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert targets == ["aim.masked_merge.default"] + ["<built-in function getitem>"] * 2
+    path = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "merge.pt2"))
+    out, mask = torch._inductor.aoti_load_package(path)(*args)
+    ref_out, ref_mask = masked_merge(*args)
+    assert torch.equal(out, ref_out) and torch.equal(mask, ref_mask)

@@ -157,3 +157,36 @@ def test_torch_export_predict_keeps_one_op():
     ref_logits, ref_masks = model.predict(x)
     torch.testing.assert_close(logits, ref_logits)
     assert all(torch.equal(a, b) for a, b in zip(masks, ref_masks, strict=True))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "convnext_atto",
+        "convnext_small",
+        "convnext_base",
+        "resnet34",
+        "resnet101",
+        "resnet152",
+        "mobilenetv2_100",
+        "efficientnet_b0",
+        "regnety_002",
+    ],
+)
+def test_any_timm_cnn_with_features_only(name):
+    """Every stop stage of each backbone builds and runs (on the meta device: shapes only)."""
+    with torch.device("meta"):
+        stages = len(create_model(name, num_classes=3, stop_stage=0).stage_indices)
+        for stop_stage in range(stages):
+            model = create_model(name, num_classes=3, stop_stage=stop_stage).eval()
+            logits, masks = model.predict(torch.empty(2, 3, 96, 96))
+            assert logits.shape == (2, 3) and len(masks) == stages - stop_stage
+            sizes = [m.shape[-1] for m in masks]
+            assert sizes == sorted(sizes), "top stage first: masks grow finer"
+
+
+def test_drop_path_reaches_the_backbone():
+    model = create_model("convnext_atto", num_classes=3, stop_stage=2, drop_path_rate=0.2)
+    rates = [m.drop_prob for m in model.backbone.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.2)
+    assert all(head.drop.p == 0.3 for head in [model.head, *model.aux_heads])
