@@ -60,11 +60,14 @@ def extension():
     # The C++ standard is torch's choice. The string ABI must be torch's: newer torch no longer
     # passes it, and a compiler defaulting to the other ABI breaks c10::Error (a crash on bad input).
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    cxx = ["-O3", "-fdiagnostics-color=always", abi]
+    # at::parallel_for is a header template: without OpenMP in our own compile it runs serially.
+    cxx = ["-O3", "-fdiagnostics-color=always", "-fopenmp", abi]
     with_cuda, why = cuda_decision()
     if not with_cuda:
         log(f"building the CPU kernels only: {why}")
-        return CppExtension("aim_ext._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=False)
+        return CppExtension(
+            "aim_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+        )
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     log(
@@ -77,6 +80,7 @@ def extension():
         sources,
         define_macros=[("AIM_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", abi]},
+        extra_link_args=["-fopenmp"],
     )
 
 
