@@ -7,7 +7,9 @@ extension is compiled against the torch it will run with.
 
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,20 +41,39 @@ def log(message: str) -> None:
     (ROOT / "aim_ext" / "_build_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+def nvcc_version(nvcc: str) -> str | None:
+    """The toolkit's release ("13.0"), from `nvcc --version`."""
+    try:
+        output = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    match = re.search(r"release (\d+\.\d+)", output)
+    return match.group(1) if match else None
+
+
 def cuda_decision() -> tuple[bool, str]:
     """Whether to build the CUDA kernels, and why."""
     if os.environ.get("AIM_EXT_CPU_ONLY") == "1":
         return False, "AIM_EXT_CPU_ONLY=1"
+    forced = os.environ.get("FORCE_CUDA") == "1"
     nvcc = CUDA_HOME and shutil.which("nvcc", path=str(Path(CUDA_HOME) / "bin"))
-    if os.environ.get("FORCE_CUDA") == "1":
-        if not nvcc:
-            raise RuntimeError("FORCE_CUDA=1 but nvcc was not found: set CUDA_HOME")
-        return True, "FORCE_CUDA=1"
     if torch.version.cuda is None:
+        if forced:
+            raise RuntimeError(f"FORCE_CUDA=1 but torch {torch.__version__} is a CPU build")
         return False, f"torch {torch.__version__} is a CPU build"
     if not nvcc:
+        if forced:
+            raise RuntimeError("FORCE_CUDA=1 but nvcc was not found: set CUDA_HOME")
         return False, "nvcc not found (set CUDA_HOME to the CUDA toolkit)"
-    return True, f"torch {torch.__version__} (CUDA {torch.version.cuda}) and nvcc in {CUDA_HOME}"
+    toolkit = nvcc_version(nvcc)
+    # torch refuses to compile with a toolkit of another major version than its own.
+    if toolkit is None or toolkit.split(".")[0] != torch.version.cuda.split(".")[0]:
+        reason = f"nvcc in {CUDA_HOME} is CUDA {toolkit}, torch was built with CUDA {torch.version.cuda}"
+        if forced:
+            raise RuntimeError(f"FORCE_CUDA=1 but {reason}")
+        return False, reason
+    why = "FORCE_CUDA=1" if forced else f"torch {torch.__version__} (CUDA {torch.version.cuda})"
+    return True, f"{why} and nvcc {toolkit} in {CUDA_HOME}"
 
 
 def extension():

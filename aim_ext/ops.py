@@ -110,6 +110,8 @@ def check_merge_inputs(
         raise ValueError(f"masked_merge: feat must be 4-D (N, C, H, W), got shape {tuple(feat.shape)}")
     if not feat.is_floating_point():
         raise TypeError(f"masked_merge: feat must be a floating-point tensor, got {feat.dtype}")
+    if feat.shape[1] == 0:
+        raise ValueError(f"masked_merge: feat must have at least one channel, got shape {tuple(feat.shape)}")
     _check_logits_like(logits, "logits", feat)
     if noise is not None:
         if noise.shape != logits.shape:
@@ -136,7 +138,7 @@ def check_merge_inputs(
             )
         if coarse.device != feat.device:
             raise ValueError(f"masked_merge: coarse is on {coarse.device} but feat is on {feat.device}")
-        if feat.numel() > 0 and (coarse.shape[2] == 0 or coarse.shape[3] == 0):
+        if coarse.shape[2] == 0 or coarse.shape[3] == 0:
             raise ValueError(
                 f"masked_merge: coarse must have a non-empty spatial size, got {tuple(coarse.shape)}"
             )
@@ -196,10 +198,11 @@ def _selection(in_size: int, out_size: int, like: Tensor) -> Tensor:
 def nearest_resize_adjoint(grad: Tensor, size: tuple[int, int] | list[int]) -> Tensor:
     """Adjoint of nearest_resize(x, grad.shape[-2:]) for x of spatial `size`: sums each footprint.
 
-    The transposed one-hot selection matrices, exact on every device (PyTorch's CUDA
-    upsample_nearest2d_backward inverts the index map in float and misses some footprints).
+    The transposed one-hot selection matrices in float64 (no TF32 rounding), exact on every device;
+    PyTorch's CUDA upsample_nearest2d_backward inverts the index map in float and misses some
+    footprints.
     """
-    acc = grad.to(_acc_dtype(grad))
+    acc = grad.to(torch.float64)
     rows = _selection(size[0], grad.shape[-2], acc)
     cols = _selection(size[1], grad.shape[-1], acc)
     return (rows.transpose(0, 1) @ acc @ cols).to(grad.dtype)
@@ -238,13 +241,14 @@ def _backward_fallback(
     grad_out = grad_out.to(feat.dtype)
     grad_feat = (grad_out * (z >= 0).to(feat.dtype)).contiguous(memory_format=fmt)
     if noise is None:
-        grad_logits = torch.zeros_like(logits, memory_format=torch.contiguous_format)
+        grad_logits = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
     else:
         soft = torch.sigmoid(z)
         dot = (grad_out.to(acc) * feat.to(acc)).sum(1, keepdim=True)
         if grad_mask is not None:
             dot = dot + grad_mask.to(acc)
-        grad_logits = (dot * soft * (1 - soft) / temperature).to(logits.dtype).contiguous()
+        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad_logits.copy_(dot * soft * (1 - soft) / temperature)
     if coarse_size:
         grad_coarse = nearest_resize_adjoint(grad_out, coarse_size).contiguous(memory_format=fmt)
     else:
@@ -260,7 +264,7 @@ def _forward_fake(
     n, _, h, w = feat.shape
     return (
         torch.empty_like(feat, memory_format=fmt),
-        feat.new_empty((n, 1, h, w)).contiguous(memory_format=fmt),
+        torch.empty((n, 1, h, w), dtype=feat.dtype, device=feat.device, memory_format=fmt),
     )
 
 
@@ -275,12 +279,12 @@ def _backward_fake(
 ) -> tuple[Tensor, Tensor, Tensor]:
     fmt = _memory_format(feat)
     n, c = feat.shape[:2]
+    like = {"dtype": feat.dtype, "device": feat.device}
     grad_coarse = (
-        feat.new_empty((n, c, *coarse_size)).contiguous(memory_format=fmt)
-        if coarse_size
-        else feat.new_empty(0)
+        torch.empty((n, c, *coarse_size), **like, memory_format=fmt) if coarse_size else feat.new_empty(0)
     )
-    return torch.empty_like(feat, memory_format=fmt), torch.empty_like(logits).contiguous(), grad_coarse
+    grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return torch.empty_like(feat, memory_format=fmt), grad_logits, grad_coarse
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -309,6 +313,17 @@ def _register() -> None:
     torch.library.register_fake("aim::masked_merge", _forward_fake, lib=lib)
     torch.library.register_fake("aim::masked_merge_backward", _backward_fake, lib=lib)
     torch.library.register_autograd("aim::masked_merge", _backward, setup_context=_setup_context, lib=lib)
+    torch.library.register_autograd(
+        "aim::masked_merge_backward", _no_double_backward, setup_context=_no_context, lib=lib
+    )
+
+
+def _no_context(ctx, inputs, output) -> None:
+    pass
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("masked_merge: double backward (create_graph=True) is not supported")
 
 
 _register()
@@ -329,8 +344,9 @@ def masked_merge(
     """Binary Gumbel mask (Eq. 2), masked features (Eq. 3) plus the upsampled coarse map.
 
     Returns ``(out, mask)``: ``out`` is (N, C, H, W) in feat's dtype and memory format, ``mask``
-    the (N, 1, H, W) binary mask in feat's dtype (straight-through differentiable when ``noise``
-    is given, constant otherwise).
+    the (N, 1, H, W) binary mask in feat's dtype. ``noise=None`` gives the evaluation mask (no
+    gradient to the logits); training passes noise, or zeros to train without noise (the
+    straight-through gradient of sigmoid(logits / temperature) remains).
     """
     check_merge_inputs(feat, logits, coarse, noise, temperature)
     if torch.onnx.is_in_onnx_export():

@@ -39,3 +39,5 @@ echo "| step | result | time |"
 echo "|---|---|---|"
 printf '%s\n' "${summary[@]}"
 grep -E "passed|failed" "$OUT/tests.log" | tail -n 1
+# Fail the command when any step failed.
+! printf '%s\n' "${summary[@]}" | grep -q FAILED

@@ -36,8 +36,8 @@ at::ScalarType acc_dtype(const Tensor& feat);
 
 // Checked, laid-out inputs and allocated outputs of the forward. All of feat, coarse,
 // out and mask share feat's memory format. z = (logits + noise) / temperature (z = logits
-// in evaluation) is (N, H*W) in the accumulation type; mask = 1[z >= 0], which equals
-// 1[sigmoid(z) >= 0.5].
+// in evaluation) is (N, H*W) in the accumulation type; mask = 1[z >= 0], the exact form of
+// 1[sigmoid(z) >= 0.5] (a rounded sigmoid would flip the few z in (-6e-8, 0)).
 struct ForwardBuffers {
   Tensor feat, coarse, z, out, mask;  // coarse undefined when absent
 };

@@ -25,4 +25,15 @@ AIM_HOST_DEVICE int64_t nearest_source_index(int64_t dst, float scale, int64_t i
   return src < in_size - 1 ? src : in_size - 1;
 }
 
+// First output index whose nearest source is >= src: output indices [start(s), start(s + 1))
+// form the footprint of source index s (empty when downsampling skips it). The source index is
+// monotone in the output index, so a guess from the exact ratio needs only a few corrections.
+AIM_HOST_DEVICE int64_t footprint_start(int64_t src, int64_t in_size, int64_t out_size, float scale) {
+  int64_t d = (src * out_size + in_size - 1) / in_size;
+  d = d < out_size ? d : out_size;
+  while (d > 0 && nearest_source_index(d - 1, scale, in_size) >= src) --d;
+  while (d < out_size && nearest_source_index(d, scale, in_size) < src) ++d;
+  return d;
+}
+
 }  // namespace aim

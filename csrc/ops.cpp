@@ -33,6 +33,8 @@ void check_merge_inputs(const Tensor& feat, const Tensor& logits,
               "-D with shape ", feat.sizes());
   TORCH_CHECK(at::isFloatingType(feat.scalar_type()),
               "masked_merge: feat must be a floating-point tensor, got ", feat.scalar_type());
+  TORCH_CHECK(feat.size(1) > 0, "masked_merge: feat must have at least one channel, got shape ",
+              feat.sizes());
   check_logits_like(logits, "logits", feat);
   if (noise.has_value()) {
     TORCH_CHECK(noise->sizes() == logits.sizes(), "masked_merge: noise shape ", noise->sizes(),
@@ -50,7 +52,7 @@ void check_merge_inputs(const Tensor& feat, const Tensor& logits,
                 coarse->scalar_type(), " does not match feat dtype ", feat.scalar_type());
     TORCH_CHECK(coarse->device() == feat.device(), "masked_merge: coarse is on ",
                 coarse->device(), " but feat is on ", feat.device());
-    TORCH_CHECK(feat.numel() == 0 || (coarse->size(2) > 0 && coarse->size(3) > 0),
+    TORCH_CHECK(coarse->size(2) > 0 && coarse->size(3) > 0,
                 "masked_merge: coarse must have a non-empty spatial size, got ", coarse->sizes());
   }
 }

@@ -1,9 +1,11 @@
 """The masked_merge op: compiled kernels against the pure PyTorch reference and float64."""
 
+import json
 import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import devices
 
+import aim_ext
 from aim_ext.ops import (
     kernels_available,
     logistic_noise,
@@ -247,6 +250,22 @@ def test_opcheck(device):
             2.0,
         ),
     ]
+    samples += [
+        (
+            torch.randn(2, 4, 7, 9, device=device, dtype=torch.float16).to(memory_format=torch.channels_last),
+            torch.randn(2, 1, 7, 9, device=device, dtype=torch.float16),
+            torch.randn(2, 4, 4, 5, device=device, dtype=torch.float16).to(memory_format=torch.channels_last),
+            torch.randn(2, 1, 7, 9, device=device),
+            1.0,
+        ),
+        (
+            torch.randn(0, 3, 5, 5, device=device),
+            torch.randn(0, 1, 5, 5, device=device),
+            torch.randn(0, 3, 2, 2, device=device),
+            None,
+            1.0,
+        ),
+    ]
     for feat, logits, coarse, noise, t in samples:
         args = [x.requires_grad_() if x is not None and x is not noise else x for x in (feat, logits, coarse)]
         torch.library.opcheck(torch.ops.aim.masked_merge.default, (*args, noise, t))
@@ -269,6 +288,8 @@ def test_bad_inputs_name_the_problem():
         ((feat, logits.to("meta")), {}, ValueError, "logits is on meta but feat is on cpu"),
         ((feat, logits, torch.randn(2, 4, 3, 3, device="meta")), {}, ValueError, "coarse is on meta"),
         ((feat, logits), {"noise": torch.randn(2, 1, 6, 5)}, ValueError, "noise shape"),
+        ((torch.randn(2, 0, 6, 6), logits), {}, ValueError, "at least one channel"),
+        ((feat, logits, torch.randn(2, 4, 0, 3)), {}, ValueError, "non-empty spatial size"),
         (
             (feat, logits),
             {"noise": torch.randn(2, 1, 6, 6), "temperature": 0.0},
@@ -291,6 +312,26 @@ def test_kernels_available_reports_the_build():
     info = kernels_available()
     assert set(info) == {"cpu", "cuda_compiled", "cuda"}
     assert info["cuda"] == (info["cuda_compiled"] and torch.cuda.is_available())
+
+
+def test_the_kernels_that_were_built_are_loaded():
+    """A package built by setup.py must run its compiled kernels: a broken build fails here."""
+    record = Path(aim_ext.__file__).with_name("_build_info.json")
+    if not record.exists():
+        pytest.skip("no build record: the package was not built by setup.py")
+    decision = json.loads(record.read_text())["decision"]
+    info = kernels_available()
+    assert info["cpu"], f"setup.py built the extension ({decision}) but aim_ext._C does not load"
+    assert info["cuda_compiled"] == ("CUDA kernels" in decision), decision
+
+
+def test_info_command_prints_versions_and_kernels():
+    result = subprocess.run(
+        [sys.executable, "-m", "aim_ext", "info", "--json"], capture_output=True, text=True, check=True
+    )
+    report = json.loads(result.stdout)
+    assert report["torch"] == torch.__version__
+    assert report["kernels"] == kernels_available()
 
 
 @pytest.mark.skipif(not kernels_available()["cpu"], reason="the compiled extension is not built")
@@ -352,3 +393,77 @@ def test_aot_inductor_package_runs_the_op(tmp_path):
     out, mask = torch._inductor.aoti_load_package(path)(*args)
     ref_out, ref_mask = masked_merge(*args)
     assert torch.equal(out, ref_out) and torch.equal(mask, ref_mask)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_backward_with_non_contiguous_inputs(device):
+    feat = torch.randn(2, 12, 20, 30, device=device)[:, ::2, :, ::2].requires_grad_()
+    logits = torch.randn(2, 3, 20, 15, device=device)[:, 1:2].requires_grad_()
+    coarse = torch.randn(2, 6, 22, 9, device=device).transpose(2, 3)[:, :, :, ::2].requires_grad_()
+    noise = logistic_noise(torch.empty(2, 1, 15, 20, device=device)).transpose(2, 3)
+    out, mask = masked_merge(feat, logits, coarse, noise=noise)
+    grad_out, grad_mask = torch.randn_like(out), torch.randn_like(mask)
+    grads = torch.autograd.grad((out * grad_out).sum() + (mask * grad_mask).sum(), [feat, logits, coarse])
+    expected = float64_grads(feat, logits, coarse, noise, 1.0, grad_out, grad_mask)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(
+            got.double().cpu(), want, rtol=0, atol=1e-5 * max(1.0, want.abs().max().item())
+        )
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_maps_split_across_threads(device, channels_last):
+    """Sizes well above the kernels' grain, so the work is divided between threads."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    feat = torch.randn(4, 40, 61, 59, device=device).contiguous(memory_format=fmt).requires_grad_()
+    logits = torch.randn(4, 1, 61, 59, device=device, requires_grad=True)
+    coarse = torch.randn(4, 40, 31, 30, device=device).contiguous(memory_format=fmt).requires_grad_()
+    noise = logistic_noise(logits)
+    out, mask = masked_merge(feat, logits, coarse, noise=noise)
+    ref_out, ref_mask = masked_merge_reference(feat, logits, coarse, noise=noise)
+    assert torch.equal(out, ref_out) and torch.equal(mask, ref_mask)
+    grad_out, grad_mask = torch.randn_like(out), torch.randn_like(mask)
+    grads = torch.autograd.grad((out * grad_out).sum() + (mask * grad_mask).sum(), [feat, logits, coarse])
+    expected = float64_grads(feat, logits, coarse, noise, 1.0, grad_out, grad_mask)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(
+            got.double().cpu(), want, rtol=0, atol=1e-5 * max(1.0, want.abs().max().item())
+        )
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("shape", [(0, 3, 5, 4), (2, 3, 0, 4), (2, 3, 5, 0)])
+def test_empty_maps(device, shape):
+    n, c, h, w = shape
+    feat = torch.randn(shape, device=device, requires_grad=True)
+    logits = torch.randn(n, 1, h, w, device=device, requires_grad=True)
+    coarse = torch.randn(n, c, 3, 2, device=device, requires_grad=True)
+    out, mask = masked_merge(feat, logits, coarse, noise=torch.zeros(n, 1, h, w, device=device))
+    assert out.shape == shape and mask.shape == (n, 1, h, w)
+    grads = torch.autograd.grad((out.sum() + mask.sum()), [feat, logits, coarse])
+    assert [g.shape for g in grads] == [feat.shape, logits.shape, coarse.shape]
+    assert all(g.abs().sum() == 0 for g in grads)
+
+
+def test_double_backward_is_refused():
+    feat = torch.randn(1, 2, 4, 4, requires_grad=True)
+    out, _ = masked_merge(feat, torch.randn(1, 1, 4, 4), noise=torch.zeros(1, 1, 4, 4))
+    (grad,) = torch.autograd.grad(out.square().sum(), feat, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        grad.sum().backward()
+
+
+def test_dynamo_graph_holds_the_op_once():
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    merge = torch.compile(lambda f, lg, c: masked_merge(f, lg, c), fullgraph=True, backend=record)
+    merge(torch.randn(1, 3, 9, 7), torch.randn(1, 1, 9, 7), torch.randn(1, 3, 5, 4))
+    (graph,) = graphs
+    calls = [n.target for n in graph.graph.nodes if n.op == "call_function"]
+    assert calls.count(torch.ops.aim.masked_merge) == 1
+    assert all(str(c).startswith(("aim.masked_merge", "<built-in function getitem>")) for c in calls)

@@ -1,5 +1,7 @@
 """AIM models on timm backbones: widths, outputs, masks, and the graph tools that must see them."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import devices
@@ -82,6 +84,10 @@ def test_set_gumbel_controls_noise_and_temperature():
     model.set_gumbel(noise=False)
     a, b = model(x).masks[0], model(x).masks[0]
     assert torch.equal(a, b), "without noise the training mask is the sign of the logits"
+    # Without noise the estimators still learn, through the straight-through gradient.
+    aim_loss(model(x), torch.tensor([0, 1]), tau=0.2).total.backward()
+    grad = model.stages[0].mask_estimator.to_logits.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
     model.set_gumbel(noise=True, temperature=0.5)
     assert model.temperature == 0.5 and model.gumbel_noise
     with pytest.raises(ValueError, match="temperature"):
@@ -190,3 +196,11 @@ def test_drop_path_reaches_the_backbone():
     rates = [m.drop_prob for m in model.backbone.modules() if type(m).__name__ == "DropPath"]
     assert rates and max(rates) == pytest.approx(0.2)
     assert all(head.drop.p == 0.3 for head in [model.head, *model.aux_heads])
+
+
+def test_readme_usage_snippet_runs():
+    """The README's Use section, with a small backbone and image so that it runs quickly."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    snippet = readme.split("## Use\n\n```python\n", 1)[1].split("```", 1)[0]
+    small = snippet.replace("convnext_tiny", "convnext_atto").replace("224, 224", "64, 64")
+    exec(compile(small, "README.md", "exec"), {})

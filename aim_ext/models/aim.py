@@ -82,11 +82,10 @@ class AIM(nn.Module):
     def forward_topdown(self, x: Tensor) -> list[StageOutput]:
         """Run the backbone and the top-down pathway; the last stage's `merged` is P_T."""
         feats = self.backbone(x)
-        noise = self.training and self.gumbel_noise
         outputs: list[StageOutput] = []
         coarse = None
         for index, stage in zip(self.stage_indices, self.stages, strict=True):
-            out = stage(feats[index], coarse, temperature=self.temperature, noise=noise)
+            out = stage(feats[index], coarse, temperature=self.temperature, noise=self.gumbel_noise)
             outputs.append(out)
             coarse = out.merged
         return outputs

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
@@ -55,6 +56,8 @@ class TopDownStage(nn.Module):
         logits = self.mask_estimator(s)
         if coarse is not None and coarse.dtype != feat.dtype:
             coarse = coarse.to(feat.dtype)  # under autocast the stages can differ in dtype
-        sample = logistic_noise(logits) if noise else None
+        sample = None  # evaluation: the deterministic mask 1[A >= 0]
+        if self.training:  # noise off still trains the estimator through the straight-through gradient
+            sample = logistic_noise(logits) if noise else torch.zeros_like(logits, dtype=torch.float32)
         merged, mask = masked_merge(feat, logits, coarse, noise=sample, temperature=temperature)
         return StageOutput(merged, mask, logits, feat)

@@ -12,7 +12,9 @@
 #include <cmath>
 #include <vector>
 
+#include "../gumbel.h"
 #include "../masked_merge.h"
+#include "../nearest.h"
 
 namespace aim {
 namespace {
@@ -38,14 +40,12 @@ struct Geometry {
   int64_t grain(int64_t per_item) const { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, per_item)); }
 };
 
-// [lo, hi) of the output rows whose nearest source is row i (empty when none).
-std::vector<std::pair<int64_t, int64_t>> footprints(const std::vector<int64_t>& src, int64_t in_size) {
-  std::vector<std::pair<int64_t, int64_t>> fp(in_size, {0, 0});
-  for (int64_t d = static_cast<int64_t>(src.size()) - 1; d >= 0; --d) {
-    auto& r = fp[src[d]];
-    if (r.second == 0) r.second = d + 1;
-    r.first = d;
-  }
+// [lo, hi) of the output rows whose nearest source is row i, for every coarse row i.
+std::vector<std::pair<int64_t, int64_t>> footprints(int64_t in_size, int64_t out_size) {
+  const float scale = nearest_scale(in_size, out_size);
+  std::vector<std::pair<int64_t, int64_t>> fp(in_size);
+  for (int64_t i = 0; i < in_size; ++i)
+    fp[i] = {footprint_start(i, in_size, out_size, scale), footprint_start(i + 1, in_size, out_size, scale)};
   return fp;
 }
 
@@ -100,14 +100,6 @@ void forward_kernel(const Geometry& g, const scalar_t* feat, const typename at::
   });
 }
 
-// d logits = (sum_c grad_out * feat + grad_mask) * s * (1 - s) / temperature, s = sigmoid(z):
-// the straight-through gradient of the binary Gumbel mask (training only).
-template <typename acc_t>
-acc_t straight_through(acc_t dot, acc_t z, double temperature) {
-  const acc_t s = acc_t(1) / (acc_t(1) + std::exp(-z));
-  return dot * s * (acc_t(1) - s) / static_cast<acc_t>(temperature);
-}
-
 template <typename scalar_t>
 void backward_kernel(const Geometry& g, const scalar_t* grad_out, const typename at::opmath_type<scalar_t>* grad_mask,
                      const scalar_t* feat, const typename at::opmath_type<scalar_t>* z, bool training,
@@ -128,11 +120,11 @@ void backward_kernel(const Geometry& g, const scalar_t* grad_out, const typename
           gf[c] = static_cast<scalar_t>(static_cast<acc_t>(go[c]) * m);
           dot += static_cast<acc_t>(go[c]) * static_cast<acc_t>(f[c]);
         }
-        grad_z[p] = training ? straight_through(dot + grad_mask[p], z[p], temperature) : acc_t(0);
+        grad_z[p] = training ? straight_through_grad<acc_t>(dot + grad_mask[p], z[p], temperature) : acc_t(0);
       }
     });
     if (!g.has_coarse()) return;
-    const auto rows = footprints(g.src_h, g.h);
+    const auto rows = footprints(g.h, g.H);
     at::parallel_for(0, g.N * g.h, g.grain(g.w * C), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(g.w * C);
       for (int64_t ni = begin; ni < end; ++ni) {
@@ -177,7 +169,7 @@ void backward_kernel(const Geometry& g, const scalar_t* grad_out, const typename
         }
         for (int64_t i = 0; i < len; ++i) {
           const int64_t p = n * HW + lo + i;
-          grad_z[p] = straight_through(dot[i] + grad_mask[p], z[p], temperature);
+          grad_z[p] = straight_through_grad<acc_t>(dot[i] + grad_mask[p], z[p], temperature);
         }
       }
     });
@@ -185,7 +177,7 @@ void backward_kernel(const Geometry& g, const scalar_t* grad_out, const typename
     std::fill(grad_z, grad_z + g.N * HW, acc_t(0));
   }
   if (!g.has_coarse()) return;
-  const auto rows = footprints(g.src_h, g.h);
+  const auto rows = footprints(g.h, g.H);
   at::parallel_for(0, g.N * C, g.grain(HW), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(g.w);
     for (int64_t nc = begin; nc < end; ++nc) {

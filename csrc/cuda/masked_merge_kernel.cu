@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "../gumbel.h"
 #include "../nearest.h"
 #include "masked_merge_launch.h"
 
@@ -124,18 +125,8 @@ __global__ void grad_logits_kernel(MergeShape s, const T* grad_out, const acc_ty
     acc_t dot = 0;
     for (int64_t c = 0; c < s.C; ++c)
       dot += to_acc(grad_out[base + c * stride]) * to_acc(feat[base + c * stride]);
-    const acc_t sig = acc_t(1) / (acc_t(1) + exp(-z[p]));
-    grad_z[p] = (dot + grad_mask[p]) * sig * (acc_t(1) - sig) / static_cast<acc_t>(temperature);
+    grad_z[p] = straight_through_grad<acc_t>(dot + grad_mask[p], z[p], static_cast<acc_t>(temperature));
   }
-}
-
-// First output index whose nearest source is >= src (the footprint's start).
-__device__ __forceinline__ int64_t footprint_start(int64_t src, int64_t in, int64_t out, float scale) {
-  int64_t d = (src * out + in - 1) / in;
-  d = d < out ? d : out;
-  while (d > 0 && nearest_source_index(d - 1, scale, in) >= src) --d;
-  while (d < out && nearest_source_index(d, scale, in) < src) ++d;
-  return d;
 }
 
 // The adjoint of the nearest resize: each coarse pixel sums its own footprint.
