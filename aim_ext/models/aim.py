@@ -65,6 +65,9 @@ class AIM(nn.Module):
             ClassifierHead(width, num_classes, drop_rate) for _ in self.stage_indices
         )
         self.head = ClassifierHead(width, num_classes, drop_rate)
+        # P_T as a module output, so that layer attributions (GradCAM) can hook the map the
+        # classifier sees.
+        self.merged_map = nn.Identity()
         self.temperature = temperature
         self.gumbel_noise = gumbel_noise
         self.pretrained_cfg = dict(self.backbone.pretrained_cfg)
@@ -92,7 +95,7 @@ class AIM(nn.Module):
 
     def forward_head(self, merged: Tensor) -> Tensor:
         """The final classifier f_final on the merged top-down map P_T (Eq. 5)."""
-        return self.head(merged.mean(dim=(2, 3)))
+        return self.head(self.merged_map(merged).mean(dim=(2, 3)))
 
     def forward(self, x: Tensor) -> AIMOutput | Tensor:
         stages = self.forward_topdown(x)
