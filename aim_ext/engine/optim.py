@@ -1,0 +1,66 @@
+"""AdamW with separate parameter groups and a cosine schedule with linear warm-up."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from aim_ext.engine.config import TrainConfig
+from aim_ext.models import AIM
+
+
+def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Backbone, top-down pathway (feature branches and heads) and mask estimators, each with its
+    own learning rate and weight decay; a vanilla model is backbone plus head."""
+    if isinstance(model, AIM):
+        mask = [p for n, p in model.named_parameters() if ".mask_estimator." in n]
+        backbone = list(model.backbone.parameters())
+        seen = {id(p) for p in mask + backbone}
+        topdown = [p for p in model.parameters() if id(p) not in seen]
+        groups = [
+            {"name": "backbone", "params": backbone, "lr": cfg.lr_backbone, "weight_decay": cfg.weight_decay},
+            {"name": "topdown", "params": topdown, "lr": cfg.lr_topdown, "weight_decay": cfg.weight_decay},
+            {"name": "mask", "params": mask, "lr": cfg.lr_mask, "weight_decay": cfg.weight_decay_mask},
+        ]
+    else:
+        head = set(id(p) for p in model.get_classifier().parameters())
+        groups = [
+            {
+                "name": "backbone",
+                "params": [p for p in model.parameters() if id(p) not in head],
+                "lr": cfg.lr_backbone,
+                "weight_decay": cfg.weight_decay,
+            },
+            {
+                "name": "head",
+                "params": [p for p in model.parameters() if id(p) in head],
+                "lr": cfg.lr_topdown,
+                "weight_decay": cfg.weight_decay,
+            },
+        ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(parameter_groups(model, cfg))
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """Multiplier of the base learning rate at a step: linear warm-up, then cosine to zero."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """A per-step LambdaLR over all groups."""
+    total = cfg.epochs * steps_per_epoch
+    factor = warmup_cosine(total, cfg.warmup_epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

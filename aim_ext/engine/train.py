@@ -1,0 +1,341 @@
+"""The training loop: one epoch, evaluation on a split, and `fit` with checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from aim_ext.engine.checkpoint import (
+    architecture,
+    load_checkpoint,
+    load_model_state,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
+from aim_ext.engine.config import TrainConfig
+from aim_ext.engine.optim import build_optimizer, build_scheduler
+from aim_ext.losses import AreaSchedule, LossTerms, active_area, aim_loss, area_target
+from aim_ext.models import AIM, AIMOutput
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is untouched."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    """Mixed precision on CUDA when asked for; full precision otherwise."""
+    if cfg.amp == "none" or device.type != "cuda":
+        return nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def area_schedule(cfg: TrainConfig) -> AreaSchedule | None:
+    if cfg.area_final is None:
+        return None
+    return AreaSchedule(final=cfg.area_final, start=cfg.area_start, duration=cfg.area_schedule_duration())
+
+
+def set_gumbel_for_epoch(model: nn.Module, cfg: TrainConfig, epoch: int) -> None:
+    """The Gumbel temperature, and noise until `noise_off_epoch`."""
+    if isinstance(model, AIM):
+        noise = cfg.noise_off_epoch is None or epoch < cfg.noise_off_epoch
+        model.set_gumbel(temperature=cfg.temperature, noise=noise)
+
+
+def loader(dataset: Dataset, cfg: TrainConfig, *, shuffle: bool, epoch: int = 0, sampler=None) -> DataLoader:
+    """A DataLoader whose order and worker seeds depend only on (seed, epoch): resume replays them."""
+    generator = torch.Generator()
+    generator.manual_seed(cfg.seed * 1_000_003 + epoch)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        drop_last=shuffle and len(dataset) > cfg.batch_size,
+        num_workers=cfg.num_workers,
+        generator=generator,
+        persistent_workers=False,
+    )
+
+
+def _steps(loader_: DataLoader, cfg: TrainConfig) -> int:
+    steps = len(loader_)
+    return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
+
+
+def train_one_epoch(
+    model: nn.Module,
+    data: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    cfg: TrainConfig,
+    epoch: int,
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, Any]:
+    """One pass over the training data; returns the mean loss terms, accuracy and mask areas."""
+    model.train()
+    set_gumbel_for_epoch(model, cfg, epoch)
+    tau = area_target(area_schedule(cfg), epoch)
+    sums: dict[str, float] = defaultdict(float)
+    areas: dict[int, float] = defaultdict(float)
+    seen = correct = 0
+    steps = _steps(data, cfg)
+    optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(data, total=steps, desc=f"epoch {epoch}", leave=False, disable=None)
+    for step, batch in enumerate(bar):
+        if step >= steps:
+            break
+        images, labels = _inputs(batch, cfg, device)
+        with autocast(cfg, device):
+            output = model(images)
+            terms = aim_loss(
+                output, labels, tau, area_weight=cfg.area_weight, label_smoothing=cfg.label_smoothing
+            )
+        if not torch.isfinite(terms.total):
+            raise TrainingError(
+                f"non-finite loss ({terms.total.item()}) at epoch {epoch}, step {step}: stopping; "
+                "the last checkpoint is the last good state"
+            )
+        loss = terms.total / cfg.accum_steps
+        (scaler.scale(loss) if scaler else loss).backward()
+        if (step + 1) % cfg.accum_steps == 0 or step + 1 == steps:
+            _optimizer_step(model, optimizer, cfg, scaler)
+        scheduler.step()
+        _accumulate(sums, areas, terms, output, len(labels))
+        logits = output.logits if isinstance(output, AIMOutput) else output
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+        bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", acc=f"{correct / seen:.3f}")
+    stats = {key: value / max(seen, 1) for key, value in sums.items()}
+    stats["train_acc"] = correct / max(seen, 1)
+    stats["mask_area"] = [areas[i] / max(seen, 1) for i in sorted(areas)]
+    stats["tau"] = tau
+    stats["lr"] = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+    return stats
+
+
+def _inputs(batch: dict, cfg: TrainConfig, device: torch.device) -> tuple[Tensor, Tensor]:
+    images = batch["image"].to(device, non_blocking=True)
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, batch["label"].to(device, non_blocking=True)
+
+
+def _optimizer_step(model: nn.Module, optimizer, cfg: TrainConfig, scaler) -> None:
+    if scaler:
+        scaler.unscale_(optimizer)
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _accumulate(sums: dict, areas: dict, terms: LossTerms, output, batch: int) -> None:
+    sums["loss"] += terms.total.item() * batch
+    sums["final_ce"] += terms.final_ce.item() * batch
+    sums["aux_ce"] += terms.aux_ce.item() * batch
+    sums["area_loss"] += terms.area.item() * batch
+    if isinstance(output, AIMOutput):
+        for i, mask in enumerate(output.masks):
+            areas[i] += active_area(mask.detach()).item() * batch
+
+
+@torch.no_grad()
+def predict_split(
+    model: nn.Module, data: Iterable, cfg: TrainConfig, device: torch.device
+) -> dict[str, Tensor]:
+    """Labels, predictions, groups and per-stage mask areas of every sample of a split."""
+    model.eval()
+    labels, preds, groups, areas = [], [], [], []
+    for batch in tqdm(data, desc="evaluate", leave=False, disable=None):
+        images, target = _inputs(batch, cfg, device)
+        with autocast(cfg, device):
+            if isinstance(model, AIM):
+                logits, masks = model.predict(images)
+                areas.append(torch.stack([m.float().mean(dim=(1, 2, 3)) for m in masks], 1).cpu())
+            else:
+                logits = model(images)
+        labels.append(target.cpu())
+        preds.append(logits.argmax(1).cpu())
+        if "group" in batch:
+            groups.append(batch["group"])
+    result = {"label": torch.cat(labels), "pred": torch.cat(preds)}
+    if groups:
+        result["group"] = torch.cat(groups)
+    if areas:
+        result["mask_area"] = torch.cat(areas)
+    return result
+
+
+def split_metrics(pred: dict[str, Tensor], prefix: str) -> dict[str, Any]:
+    """Accuracy, and per-group and worst-group accuracy where the split has groups."""
+    correct = (pred["label"] == pred["pred"]).float()
+    metrics: dict[str, Any] = {f"{prefix}_acc": correct.mean().item()}
+    if "group" in pred:
+        group_acc = {int(g): correct[pred["group"] == g].mean().item() for g in pred["group"].unique()}
+        metrics[f"{prefix}_group_acc"] = group_acc
+        metrics[f"{prefix}_worst_group_acc"] = min(group_acc.values())
+    if "mask_area" in pred:
+        metrics[f"{prefix}_mask_area"] = pred["mask_area"].mean(0).tolist()
+    return metrics
+
+
+def collapsed_class(pred: dict[str, Tensor]) -> int | None:
+    """The single class every prediction falls into, when the classifier has collapsed."""
+    classes = pred["pred"].unique()
+    return int(classes[0]) if len(classes) == 1 and len(pred["label"].unique()) > 1 else None
+
+
+def selection_key(metrics: dict[str, Any]) -> float:
+    """Model selection on validation: worst-group accuracy where there are groups, else accuracy."""
+    return metrics.get("val_worst_group_acc", metrics["val_acc"])
+
+
+def fit(
+    cfg: TrainConfig,
+    train_set: Dataset,
+    val_set: Dataset,
+    model: nn.Module,
+    *,
+    resume: bool = False,
+    log: callable = print,
+) -> dict[str, Any]:
+    """Train with the recipe of `cfg`, select on validation, write the run folder; returns the best
+    validation metrics. With `resume`, continue exactly where `out/last.pt` stopped."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    steps_per_epoch = _steps(loader(train_set, cfg, shuffle=True), cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" and device.type == "cuda" else None
+    start, best = 0, {"key": -math.inf, "metrics": None}
+    if resume and (out / "last.pt").exists():
+        start, best = _restore(out / "last.pt", model, optimizer, scheduler, scaler, cfg)
+        log(f"resumed from {out / 'last.pt'} at epoch {start}")
+    elif not resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+    val_loader = loader(val_set, cfg, shuffle=False)
+    fixed = _fixed_batch(val_set, cfg)
+    for epoch in range(start, cfg.epochs):
+        stats = train_one_epoch(
+            model,
+            loader(train_set, cfg, shuffle=True, epoch=epoch),
+            optimizer,
+            scheduler,
+            cfg,
+            epoch,
+            device,
+            scaler,
+        )
+        val = predict_split(model, val_loader, cfg, device)
+        metrics = {"epoch": epoch, **stats, **split_metrics(val, "val")}
+        collapsed = collapsed_class(val)
+        if collapsed is not None:
+            metrics["collapsed_to_class"] = collapsed
+            log(
+                f"warning: epoch {epoch}: every validation prediction is class {collapsed} "
+                "(the classifier collapsed; a lower learning rate usually helps)"
+            )
+        key = selection_key(metrics)
+        is_best = key > best["key"]
+        if is_best:
+            best = {"key": key, "metrics": metrics}
+        _log_masks(model, fixed, cfg, epoch, device, out)
+        with (out / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(_plain(metrics)) + "\n")
+        state = {
+            "architecture": architecture(model),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler else None,
+            "epoch": epoch,
+            "best": _plain(best),
+            "rng": rng_state(),
+            "config": _plain(cfg.to_dict()),
+        }
+        if is_best:
+            save_atomic({k: state[k] for k in ("architecture", "model", "epoch", "config")}, out / "best.pt")
+        save_atomic(state, out / "last.pt")
+        log(
+            f"epoch {epoch}: loss {stats['loss']:.4f} train acc {stats['train_acc']:.3f} "
+            f"val acc {metrics['val_acc']:.3f}"
+            + (
+                f" val worst-group {metrics['val_worst_group_acc']:.3f}"
+                if "val_worst_group_acc" in metrics
+                else ""
+            )
+            + (" (best)" if is_best else "")
+        )
+    return best["metrics"] or {}
+
+
+def _restore(path: Path, model, optimizer, scheduler, scaler, cfg: TrainConfig) -> tuple[int, dict]:
+    state = load_checkpoint(path)
+    load_model_state(model, state, source=str(path))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return state["epoch"] + 1, state["best"]
+
+
+def _fixed_batch(val_set: Dataset, cfg: TrainConfig) -> Tensor | None:
+    """The same few validation images every time, for the mask-evolution figure."""
+    count = min(cfg.mask_log_images, len(val_set))
+    return torch.stack([val_set[i]["image"] for i in range(count)]) if count else None
+
+
+@torch.no_grad()
+def _log_masks(model: nn.Module, fixed: Tensor | None, cfg, epoch: int, device, out: Path) -> None:
+    last = epoch == cfg.epochs - 1
+    if not isinstance(model, AIM) or fixed is None or (epoch % cfg.mask_log_every and not last):
+        return
+    # predict() must not disturb the training RNG: evaluation masks draw no noise.
+    model.eval()
+    _, masks = model.predict(fixed.to(device))
+    save_atomic({"epoch": epoch, "masks": [m.cpu() for m in masks]}, out / "masks" / f"epoch_{epoch:04d}.pt")
+
+
+def _plain(value: Any) -> Any:
+    """JSON/YAML-friendly copy: tuples to lists, tensors to numbers, non-finite floats kept as strings."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value

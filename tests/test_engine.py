@@ -1,0 +1,207 @@
+"""The training engine: recipe groups, exact resume, atomic and safe checkpoints, failures."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+import aim_ext.engine.train as train_module
+from aim_ext import create_model
+from aim_ext.engine import TrainConfig, TrainingError, fit, load_checkpoint, load_config, load_model_state
+from aim_ext.engine.optim import parameter_groups
+
+
+class Blobs(Dataset):
+    """Two classes: a bright square on the left (0) or right (1); groups = 2 y + a random place."""
+
+    def __init__(self, count: int, seed: int, size: int = 32) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(count, 3, size, size, generator=g) * 0.3
+        self.labels = torch.randint(0, 2, (count,), generator=g)
+        for i, y in enumerate(self.labels):
+            x0 = 2 if y == 0 else size // 2 + 2
+            self.images[i, :, 8:20, x0 : x0 + 10] += 2.0
+        self.place = torch.randint(0, 2, (count,), generator=g)
+        self.poison = False
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        image = self.images[i] * (float("nan") if self.poison else 1.0)
+        return {
+            "image": image,
+            "label": int(self.labels[i]),
+            "group": int(2 * self.labels[i] + self.place[i]),
+        }
+
+
+def tiny_config(tmp_path, **kw) -> TrainConfig:
+    values = dict(
+        model="resnet18",
+        stop_stage=3,
+        epochs=3,
+        batch_size=8,
+        num_workers=0,
+        image_size=32,
+        lr_backbone=1e-3,
+        lr_topdown=1e-3,
+        lr_mask=1e-3,
+        warmup_epochs=1,
+        drop_path_rate=0.0,
+        area_final=0.5,
+        area_duration=2,
+        out=str(tmp_path / "run"),
+        device="cpu",
+        mask_log_every=1,
+        mask_log_images=4,
+    )
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def make_model(cfg: TrainConfig):
+    torch.manual_seed(cfg.seed)
+    return create_model(
+        cfg.model,
+        num_classes=2,
+        stop_stage=cfg.stop_stage,
+        drop_rate=cfg.drop_rate,
+        drop_path_rate=cfg.drop_path_rate,
+    )
+
+
+def test_parameter_groups_follow_the_recipe(tmp_path):
+    cfg = tiny_config(tmp_path, lr_backbone=1e-5, lr_topdown=1e-2, lr_mask=1e-3, weight_decay_mask=0.0)
+    model = make_model(cfg)
+    groups = {g["name"]: g for g in parameter_groups(model, cfg)}
+    assert (groups["backbone"]["lr"], groups["topdown"]["lr"], groups["mask"]["lr"]) == (1e-5, 1e-2, 1e-3)
+    assert groups["mask"]["weight_decay"] == 0.0
+    count = sum(len(g["params"]) for g in groups.values())
+    assert count == len(list(model.parameters()))
+    mask_ids = {id(p) for p in groups["mask"]["params"]}
+    assert all((id(p) in mask_ids) == (".mask_estimator." in n) for n, p in model.named_parameters())
+
+
+def test_training_writes_the_run_folder(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=2)
+    best = fit(cfg, Blobs(32, 0), Blobs(16, 1), make_model(cfg), log=lambda *_: None)
+    run = tmp_path / "run"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [0, 1]
+    for key in [
+        "loss",
+        "final_ce",
+        "aux_ce",
+        "area_loss",
+        "train_acc",
+        "val_acc",
+        "val_worst_group_acc",
+        "mask_area",
+        "tau",
+        "lr",
+    ]:
+        assert key in lines[0], key
+    assert lines[0]["tau"] == 0.75 and lines[1]["tau"] == 0.5
+    assert len(lines[0]["mask_area"]) == 2 and set(lines[0]["lr"]) == {"backbone", "topdown", "mask"}
+    assert best["val_worst_group_acc"] == max(m["val_worst_group_acc"] for m in lines)
+    assert sorted(p.name for p in (run / "masks").iterdir()) == ["epoch_0000.pt", "epoch_0001.pt"]
+    assert {"best.pt", "last.pt", "config.yaml"} <= {p.name for p in run.iterdir()}
+    assert load_config(run / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("stop_stage", [None, 3])
+def test_resume_ends_with_the_same_weights(tmp_path, monkeypatch, stop_stage):
+    train, val = Blobs(32, 0), Blobs(16, 1)
+    whole = tiny_config(tmp_path / "whole", stop_stage=stop_stage)
+    reference = make_model(whole)
+    fit(whole, train, val, reference, log=lambda *_: None)
+
+    cut = tiny_config(tmp_path / "cut", stop_stage=stop_stage)
+    original = train_module.train_one_epoch
+
+    def interrupted(*args, **kwargs):
+        if args[5] == 2:  # the epoch argument
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cut, train, val, make_model(cut), log=lambda *_: None)
+    monkeypatch.setattr(train_module, "train_one_epoch", original)
+    resumed = make_model(cut)
+    torch.manual_seed(1234)  # a fresh process would not share the interrupted run's RNG
+    fit(cut, train, val, resumed, resume=True, log=lambda *_: None)
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    epochs = [
+        json.loads(x)["epoch"] for x in (tmp_path / "cut" / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert epochs == [0, 1, 2]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=1)
+    train = Blobs(32, 0)
+    fit(cfg, train, Blobs(16, 1), make_model(cfg), log=lambda *_: None)
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    train.poison = True
+    cfg.epochs = 2
+    with pytest.raises(TrainingError, match="epoch 1, step 0"):
+        fit(cfg, train, Blobs(16, 1), make_model(cfg), resume=True, log=lambda *_: None)
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+
+
+def test_collapse_is_reported(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=1, stop_stage=None, lr_backbone=0.0, lr_topdown=0.0)
+    model = make_model(cfg)
+    with torch.no_grad():
+        model.get_classifier().bias.copy_(torch.tensor([1e4, 0.0]))
+    messages = []
+    fit(cfg, Blobs(32, 0), Blobs(16, 1), model, log=messages.append)
+    assert any("every validation prediction is class 0" in m for m in messages)
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert line["collapsed_to_class"] == 0
+
+
+def test_checkpoints_load_safely_and_strictly(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=1)
+    model = make_model(cfg)
+    fit(cfg, Blobs(16, 0), Blobs(8, 1), model, log=lambda *_: None)
+    state = load_checkpoint(tmp_path / "run" / "best.pt")
+    load_model_state(make_model(cfg), state)
+    with pytest.raises(ValueError, match=r"holds a resnet18\+AIM\[3\] model, not resnet18\+AIM\[2\]"):
+        load_model_state(create_model("resnet18", num_classes=2, stop_stage=2), state)
+    weights = dict(state["model"])
+    weights.pop("head.fc.weight")
+    weights["extra.weight"] = torch.zeros(1)
+    with pytest.raises(
+        ValueError, match=r"missing keys \['head.fc.weight'\].*unexpected keys \['extra.weight'\]"
+    ):
+        load_model_state(make_model(cfg), weights, source="plain.pt")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("code ran while loading",))
+
+
+def test_untrusted_checkpoints_do_not_run_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"model": Payload()}))
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(path)
+
+
+def test_config_from_yaml_with_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: resnet50\nstop_stage: 3\nepochs: 10\n")
+    cfg = load_config(path, {"epochs": 2, "seed": None})
+    assert (cfg.model, cfg.stop_stage, cfg.epochs, cfg.seed) == ("resnet50", 3, 2, 0)
+    path.write_text("modle: resnet50\n")
+    with pytest.raises(ValueError, match="unknown training config keys: modle"):
+        load_config(path)
