@@ -26,6 +26,7 @@ from aim_ext.engine.checkpoint import (
 )
 from aim_ext.engine.config import TrainConfig
 from aim_ext.engine.optim import build_optimizer, build_scheduler
+from aim_ext.explain.metrics import classification_metrics
 from aim_ext.losses import AreaSchedule, LossTerms, active_area, aim_loss, area_target
 from aim_ext.models import AIM, AIMOutput
 
@@ -192,13 +193,13 @@ def predict_split(
 
 
 def split_metrics(pred: dict[str, Tensor], prefix: str) -> dict[str, Any]:
-    """Accuracy, and per-group and worst-group accuracy where the split has groups."""
-    correct = (pred["label"] == pred["pred"]).float()
-    metrics: dict[str, Any] = {f"{prefix}_acc": correct.mean().item()}
-    if "group" in pred:
-        group_acc = {int(g): correct[pred["group"] == g].mean().item() for g in pred["group"].unique()}
-        metrics[f"{prefix}_group_acc"] = group_acc
-        metrics[f"{prefix}_worst_group_acc"] = min(group_acc.values())
+    """Accuracy, per-group and worst-group accuracy where the split has groups, and mask areas,
+    named `<prefix>_acc`, `<prefix>_worst_group_acc`, ..."""
+    found = classification_metrics(pred["pred"], pred["label"], pred.get("group"))
+    metrics: dict[str, Any] = {f"{prefix}_acc": found["avg_acc"]}
+    if "group_acc" in found:
+        metrics[f"{prefix}_group_acc"] = found["group_acc"]
+        metrics[f"{prefix}_worst_group_acc"] = found["worst_group_acc"]
     if "mask_area" in pred:
         metrics[f"{prefix}_mask_area"] = pred["mask_area"].mean(0).tolist()
     return metrics
