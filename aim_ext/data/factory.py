@@ -1,0 +1,62 @@
+"""``build_dataset``: every dataset by name, with the train or evaluation transform chosen for it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from aim_ext.data.common import MaskedImageDataset
+from aim_ext.data.cub import CUBDataset
+from aim_ext.data.folder import FolderDataset
+from aim_ext.data.hard_imagenet import HardImageNetDataset
+from aim_ext.data.transforms import eval_transform, train_transform
+from aim_ext.data.travelingbirds import TravelingBirdsDataset
+from aim_ext.data.waterbirds import WaterbirdsDataset
+
+__all__ = ["DATASETS", "build_dataset", "list_datasets"]
+
+# Waterbirds-95% and -100% are one format; the folder passed as root picks the variant.
+DATASETS: dict[str, type[MaskedImageDataset]] = {
+    "cub": CUBDataset,
+    "waterbirds": WaterbirdsDataset,
+    "travelingbirds": TravelingBirdsDataset,
+    "hard_imagenet": HardImageNetDataset,
+    "folder": FolderDataset,
+}
+
+
+def list_datasets() -> list[str]:
+    """The names ``build_dataset`` accepts."""
+    return sorted(DATASETS)
+
+
+def build_dataset(
+    name: str,
+    root: str | Path,
+    split: str,
+    *,
+    image_size: int = 224,
+    train: bool | None = None,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    randaugment: tuple[int, int] | None = (3, 9),
+    **kwargs: Any,
+) -> MaskedImageDataset:
+    """Build dataset ``name`` at ``root`` for ``split``, with augmentation when ``train``.
+
+    ``train`` defaults to ``split == "train"``. Extra keyword arguments go to the dataset class
+    (e.g. ``cub_root=``, ``imagenet_root=``, ``skip_bad_images=``).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(list_datasets())}")
+    if train is None:
+        train = split == "train"
+    transform = (
+        train_transform(image_size, mean, std, randaugment)
+        if train
+        else eval_transform(image_size, mean, std)
+    )
+    return DATASETS[name](root, split, transform, **kwargs)
