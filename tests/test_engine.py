@@ -200,8 +200,8 @@ def test_untrusted_checkpoints_do_not_run_code(tmp_path):
 def test_config_from_yaml_with_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: resnet50\nstop_stage: 3\nepochs: 10\n")
-    cfg = load_config(path, {"epochs": 2, "seed": None})
-    assert (cfg.model, cfg.stop_stage, cfg.epochs, cfg.seed) == ("resnet50", 3, 2, 0)
+    cfg = load_config(path, {"epochs": 2, "stop_stage": None})
+    assert (cfg.model, cfg.stop_stage, cfg.epochs, cfg.seed) == ("resnet50", None, 2, 0)
     path.write_text("modle: resnet50\n")
     with pytest.raises(ValueError, match="unknown training config keys: modle"):
         load_config(path)

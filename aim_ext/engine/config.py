@@ -29,6 +29,8 @@ class TrainConfig:
     batch_size: int = 64
     num_workers: int = 4
     skip_bad_images: bool = False
+    cub_root: str | None = None  # Waterbirds / TravelingBirds: the CUB tree with segmentations
+    imagenet_root: str | None = None  # Hard ImageNet: the user's ImageNet folder
     # optimisation
     epochs: int = 200
     lr_backbone: float = 7e-6
@@ -87,7 +89,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         values = yaml.safe_load(path.read_text()) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of config keys")
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values.update(overrides or {})
     return TrainConfig.from_dict(values)
 
 
