@@ -8,6 +8,7 @@ logits through the straight-through estimator of the masked merge.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -48,14 +49,23 @@ def area_target(schedule: AreaSchedule | None, epoch: int) -> float | None:
     return None if schedule is None else schedule(epoch)
 
 
-def active_area(mask: Tensor) -> Tensor:
-    """r_l (Eq. 6): the fraction of active positions of a binary mask over the batch."""
-    return mask.float().mean()
+def active_area(mask: Tensor, sum_over_batch: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """r_l (Eq. 6): the fraction of active positions of a binary mask over the batch.
+
+    `sum_over_batch` sums a tensor over every part of the batch (the processes of a distributed
+    run; differentiable), so that r_l is the fraction over the global batch."""
+    if sum_over_batch is None:
+        return mask.float().mean()
+    counts = torch.stack([mask.float().sum(), mask.new_tensor(mask.numel(), dtype=torch.float32)])
+    total = sum_over_batch(counts)
+    return total[0] / total[1]
 
 
-def area_loss(masks: list[Tensor], tau: float) -> Tensor:
+def area_loss(
+    masks: list[Tensor], tau: float, sum_over_batch: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """sum_l (r_l - tau)^2 over the stages' masks."""
-    return torch.stack([(active_area(m) - tau) ** 2 for m in masks]).sum()
+    return torch.stack([(active_area(m, sum_over_batch) - tau) ** 2 for m in masks]).sum()
 
 
 class LossTerms(NamedTuple):
@@ -72,6 +82,7 @@ def aim_loss(
     *,
     area_weight: float = AREA_WEIGHT,
     label_smoothing: float = LABEL_SMOOTHING,
+    sum_over_batch: Callable[[Tensor], Tensor] | None = None,
 ) -> LossTerms:
     """Eq. 7 for an AIM output; plain (smoothed) cross-entropy for a vanilla model's logits."""
     if isinstance(output, Tensor):
@@ -82,5 +93,5 @@ def aim_loss(
     aux_ce = torch.stack(
         [F.cross_entropy(a, target, label_smoothing=label_smoothing) for a in output.aux_logits]
     ).sum()
-    area = area_loss(output.masks, tau) if tau is not None else final_ce.new_zeros(())
+    area = area_loss(output.masks, tau, sum_over_batch) if tau is not None else final_ce.new_zeros(())
     return LossTerms(final_ce + aux_ce + area_weight * area, final_ce, aux_ce, area)

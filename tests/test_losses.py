@@ -45,3 +45,14 @@ def test_vanilla_loss_is_smoothed_cross_entropy():
     terms = aim_loss(logits, target, tau=0.25)
     assert terms.total.item() == pytest.approx(F.cross_entropy(logits, target, label_smoothing=0.05).item())
     assert terms.aux_ce.item() == 0.0 and terms.area.item() == 0.0
+
+
+def test_active_area_over_a_split_batch_is_the_global_fraction():
+    full = (torch.rand(8, 1, 5, 5) > 0.7).float().requires_grad_()
+    halves = [full[:4], full[4:]]
+    # Stand-in for the sum over processes: both halves' counts, added (and differentiable).
+    others = [torch.stack([h.sum(), torch.tensor(float(h.numel()))]) for h in halves]
+    r = active_area(halves[0], lambda counts: counts + others[1].detach())
+    assert r.item() == pytest.approx(active_area(full).item())
+    r.backward()
+    assert full.grad[:4].abs().sum() > 0

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import yaml
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from aim_ext.engine.checkpoint import (
@@ -25,6 +25,7 @@ from aim_ext.engine.checkpoint import (
     set_rng_state,
 )
 from aim_ext.engine.config import TrainConfig
+from aim_ext.engine.distributed import World, unwrap
 from aim_ext.engine.optim import build_optimizer, build_scheduler
 from aim_ext.explain.metrics import classification_metrics
 from aim_ext.losses import AreaSchedule, LossTerms, active_area, aim_loss, area_target
@@ -62,16 +63,31 @@ def set_gumbel_for_epoch(model: nn.Module, cfg: TrainConfig, epoch: int) -> None
         model.set_gumbel(temperature=cfg.temperature, noise=noise)
 
 
-def loader(dataset: Dataset, cfg: TrainConfig, *, shuffle: bool, epoch: int = 0, sampler=None) -> DataLoader:
-    """A DataLoader whose order and worker seeds depend only on (seed, epoch): resume replays them."""
+def loader(
+    dataset: Dataset, cfg: TrainConfig, *, shuffle: bool, epoch: int = 0, world: World | None = None
+) -> DataLoader:
+    """Training batches whose order and worker seeds depend only on (seed, epoch), so that resume
+    replays them. Training always draws through a DistributedSampler (a world of one included):
+    each of N processes gets every N-th sample of the same permutation, so N processes with batch
+    B / N see exactly the global batches of one process with batch B."""
+    world = world or World()
     generator = torch.Generator()
-    generator.manual_seed(cfg.seed * 1_000_003 + epoch)
+    generator.manual_seed((cfg.seed * 1_000_003 + epoch) * 1009 + world.rank)
+    sampler = None
+    batch_size = cfg.batch_size
+    if shuffle:
+        if cfg.batch_size % world.size:
+            raise ValueError(f"batch size {cfg.batch_size} does not split over {world.size} processes")
+        batch_size = cfg.batch_size // world.size
+        sampler = DistributedSampler(
+            dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
+        sampler.set_epoch(epoch)
     return DataLoader(
         dataset,
-        batch_size=cfg.batch_size,
-        shuffle=shuffle and sampler is None,
+        batch_size=batch_size,
         sampler=sampler,
-        drop_last=shuffle and len(dataset) > cfg.batch_size,
+        drop_last=shuffle and len(dataset) // world.size > batch_size,
         num_workers=cfg.num_workers,
         generator=generator,
         persistent_workers=False,
@@ -92,10 +108,13 @@ def train_one_epoch(
     epoch: int,
     device: torch.device,
     scaler: torch.amp.GradScaler | None = None,
+    world: World | None = None,
 ) -> dict[str, Any]:
-    """One pass over the training data; returns the mean loss terms, accuracy and mask areas."""
+    """One pass over the training data; returns the mean loss terms, accuracy and mask areas
+    (over all processes of a distributed run)."""
+    world = world or World()
     model.train()
-    set_gumbel_for_epoch(model, cfg, epoch)
+    set_gumbel_for_epoch(unwrap(model), cfg, epoch)
     tau = area_target(area_schedule(cfg), epoch)
     sums: dict[str, float] = defaultdict(float)
     areas: dict[int, float] = defaultdict(float)
@@ -110,7 +129,12 @@ def train_one_epoch(
         with autocast(cfg, device):
             output = model(images)
             terms = aim_loss(
-                output, labels, tau, area_weight=cfg.area_weight, label_smoothing=cfg.label_smoothing
+                output,
+                labels,
+                tau,
+                area_weight=cfg.area_weight,
+                label_smoothing=cfg.label_smoothing,
+                sum_over_batch=world.sum_over_batch(),
             )
         if not torch.isfinite(terms.total):
             raise TrainingError(
@@ -127,9 +151,12 @@ def train_one_epoch(
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
         bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", acc=f"{correct / seen:.3f}")
-    stats = {key: value / max(seen, 1) for key, value in sums.items()}
-    stats["train_acc"] = correct / max(seen, 1)
-    stats["mask_area"] = [areas[i] / max(seen, 1) for i in sorted(areas)]
+    keys, stages = sorted(sums), sorted(areas)
+    totals = world.sum([sums[k] for k in keys] + [areas[i] for i in stages] + [seen, correct])
+    seen, correct = max(totals[-2], 1), totals[-1]
+    stats = {key: value / seen for key, value in zip(keys, totals, strict=False)}
+    stats["train_acc"] = correct / seen
+    stats["mask_area"] = [value / seen for value in totals[len(keys) : len(keys) + len(stages)]]
     stats["tau"] = tau
     stats["lr"] = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
     return stats
@@ -226,89 +253,150 @@ def fit(
     log: callable = print,
 ) -> dict[str, Any]:
     """Train with the recipe of `cfg`, select on validation, write the run folder; returns the best
-    validation metrics. With `resume`, continue exactly where `out/last.pt` stopped."""
+    validation metrics. With `resume`, continue exactly where `out/last.pt` stopped. Under torchrun
+    it trains with DistributedDataParallel; rank 0 evaluates and writes every file."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    world = World.from_env(device.type)
+    try:
+        if device.type == "cuda" and world.size > 1:
+            device = torch.device("cuda", world.local_rank)
+            torch.cuda.set_device(device)
+        if not world.is_main:
+            log = _silent
+        return _fit(cfg, train_set, val_set, model, out, device, world, resume, log)
+    finally:
+        world.close()
+
+
+def _fit(
+    cfg, train_set, val_set, model, out: Path, device, world: World, resume: bool, log
+) -> dict[str, Any]:
+    torch.manual_seed(cfg.seed + world.rank)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
-    steps_per_epoch = _steps(loader(train_set, cfg, shuffle=True), cfg)
+    steps_per_epoch = _steps(loader(train_set, cfg, shuffle=True, world=world), cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" and device.type == "cuda" else None
     start, best = 0, {"key": -math.inf, "metrics": None}
     if resume and (out / "last.pt").exists():
-        start, best = _restore(out / "last.pt", model, optimizer, scheduler, scaler, cfg)
+        start, best = _restore(out / "last.pt", model, optimizer, scheduler, scaler, world)
         log(f"resumed from {out / 'last.pt'} at epoch {start}")
-    elif not resume:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+    trained = model
+    if world.size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     val_loader = loader(val_set, cfg, shuffle=False)
-    fixed = _fixed_batch(val_set, cfg)
+    fixed = _fixed_batch(val_set, cfg) if world.is_main else None
     for epoch in range(start, cfg.epochs):
-        stats = train_one_epoch(
-            model,
-            loader(train_set, cfg, shuffle=True, epoch=epoch),
-            optimizer,
-            scheduler,
-            cfg,
-            epoch,
-            device,
-            scaler,
-        )
-        val = predict_split(model, val_loader, cfg, device)
-        metrics = {"epoch": epoch, **stats, **split_metrics(val, "val")}
-        collapsed = collapsed_class(val)
-        if collapsed is not None:
-            metrics["collapsed_to_class"] = collapsed
-            log(
-                f"warning: epoch {epoch}: every validation prediction is class {collapsed} "
-                "(the classifier collapsed; a lower learning rate usually helps)"
+        data = loader(train_set, cfg, shuffle=True, epoch=epoch, world=world)
+        stats = train_one_epoch(trained, data, optimizer, scheduler, cfg, epoch, device, scaler, world)
+        rngs = world.gather(rng_state())
+        if world.is_main:
+            best = _end_of_epoch(
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                cfg,
+                epoch,
+                stats,
+                rngs,
+                best,
+                val_loader,
+                fixed,
+                device,
+                out,
+                log,
             )
-        key = selection_key(metrics)
-        is_best = key > best["key"]
-        if is_best:
-            best = {"key": key, "metrics": metrics}
-        _log_masks(model, fixed, cfg, epoch, device, out)
-        with (out / "metrics.jsonl").open("a") as handle:
-            handle.write(json.dumps(_plain(metrics)) + "\n")
-        state = {
-            "architecture": architecture(model),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler else None,
-            "epoch": epoch,
-            "best": _plain(best),
-            "rng": rng_state(),
-            "config": _plain(cfg.to_dict()),
-        }
-        if is_best:
-            save_atomic({k: state[k] for k in ("architecture", "model", "epoch", "config")}, out / "best.pt")
-        save_atomic(state, out / "last.pt")
-        log(
-            f"epoch {epoch}: loss {stats['loss']:.4f} train acc {stats['train_acc']:.3f} "
-            f"val acc {metrics['val_acc']:.3f}"
-            + (
-                f" val worst-group {metrics['val_worst_group_acc']:.3f}"
-                if "val_worst_group_acc" in metrics
-                else ""
-            )
-            + (" (best)" if is_best else "")
-        )
+        world.barrier()  # the other processes wait for the checkpoint
     return best["metrics"] or {}
 
 
-def _restore(path: Path, model, optimizer, scheduler, scaler, cfg: TrainConfig) -> tuple[int, dict]:
+def _end_of_epoch(
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    cfg,
+    epoch,
+    stats,
+    rngs,
+    best,
+    val_loader,
+    fixed,
+    device,
+    out: Path,
+    log,
+) -> dict:
+    """Validate, log, select and checkpoint (rank 0); returns the best record so far."""
+    val = predict_split(model, val_loader, cfg, device)
+    metrics = {"epoch": epoch, **stats, **split_metrics(val, "val")}
+    collapsed = collapsed_class(val)
+    if collapsed is not None:
+        metrics["collapsed_to_class"] = collapsed
+        log(
+            f"warning: epoch {epoch}: every validation prediction is class {collapsed} "
+            "(the classifier collapsed; a lower learning rate usually helps)"
+        )
+    key = selection_key(metrics)
+    is_best = key > best["key"]
+    if is_best:
+        best = {"key": key, "metrics": metrics}
+    _log_masks(model, fixed, cfg, epoch, device, out)
+    with (out / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps(_plain(metrics)) + "\n")
+    state = {
+        "architecture": architecture(model),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler else None,
+        "epoch": epoch,
+        "best": _plain(best),
+        "rng": rngs,  # one state per process
+        "config": _plain(cfg.to_dict()),
+    }
+    if is_best:
+        save_atomic({k: state[k] for k in ("architecture", "model", "epoch", "config")}, out / "best.pt")
+    save_atomic(state, out / "last.pt")
+    log(
+        f"epoch {epoch}: loss {stats['loss']:.4f} train acc {stats['train_acc']:.3f} "
+        f"val acc {metrics['val_acc']:.3f}"
+        + (
+            f" val worst-group {metrics['val_worst_group_acc']:.3f}"
+            if "val_worst_group_acc" in metrics
+            else ""
+        )
+        + (" (best)" if is_best else "")
+    )
+    return best
+
+
+def _silent(*_: Any) -> None:
+    pass
+
+
+def _restore(path: Path, model, optimizer, scheduler, scaler, world: World) -> tuple[int, dict]:
     state = load_checkpoint(path)
     load_model_state(model, state, source=str(path))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
+    rngs = state["rng"]
+    if len(rngs) != world.size:
+        raise ValueError(
+            f"{path} was written by {len(rngs)} processes; resume it with as many, not {world.size}"
+        )
+    set_rng_state(rngs[world.rank])
     return state["epoch"] + 1, state["best"]
 
 
