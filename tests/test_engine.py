@@ -205,3 +205,17 @@ def test_config_from_yaml_with_overrides(tmp_path):
     path.write_text("modle: resnet50\n")
     with pytest.raises(ValueError, match="unknown training config keys: modle"):
         load_config(path)
+
+
+def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
+    # ConvNeXt (no BatchNorm) without dropout: two micro-batches of 4 make one step of 8.
+    common = dict(model="convnext_atto", stop_stage=None, drop_rate=0.0, epochs=2, warmup_epochs=1)
+    whole = tiny_config(tmp_path / "whole", batch_size=8, **common)
+    split = tiny_config(tmp_path / "split", batch_size=4, accum_steps=2, **common)
+    models = []
+    for cfg in (whole, split):
+        model = make_model(cfg)
+        fit(cfg, Blobs(32, 0), Blobs(16, 1), model, log=lambda *_: None)
+        models.append(model)
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)

@@ -60,7 +60,7 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """A per-step LambdaLR over all groups."""
+    """A LambdaLR over all groups, stepped once per optimizer step."""
     total = cfg.epochs * steps_per_epoch
     factor = warmup_cosine(total, cfg.warmup_epochs * steps_per_epoch)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -145,7 +145,7 @@ def train_one_epoch(
         (scaler.scale(loss) if scaler else loss).backward()
         if (step + 1) % cfg.accum_steps == 0 or step + 1 == steps:
             _optimizer_step(model, optimizer, cfg, scaler)
-        scheduler.step()
+            scheduler.step()  # per optimizer step, not per micro-batch
         _accumulate(sums, areas, terms, output, len(labels))
         logits = output.logits if isinstance(output, AIMOutput) else output
         correct += (logits.argmax(1) == labels).sum().item()
@@ -277,8 +277,8 @@ def _fit(
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
-    steps_per_epoch = _steps(loader(train_set, cfg, shuffle=True, world=world), cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    micro_batches = _steps(loader(train_set, cfg, shuffle=True, world=world), cfg)
+    scheduler = build_scheduler(optimizer, cfg, math.ceil(micro_batches / cfg.accum_steps))
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" and device.type == "cuda" else None
     start, best = 0, {"key": -math.inf, "metrics": None}
     if resume and (out / "last.pt").exists():
