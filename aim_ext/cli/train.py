@@ -88,24 +88,31 @@ def build_model(cfg: TrainConfig, num_classes: int):
     return model
 
 
-def build_datasets(cfg: TrainConfig, normalisation: dict):
-    """Train and validation splits with the recipe's transforms."""
+def build_split(cfg: TrainConfig, split: str, normalisation: dict, *, train: bool = False):
+    """One split of the run's dataset with its options, augmented when `train`."""
     from aim_ext.data import build_dataset
 
-    common = dict(
+    options = {"skip_bad_images": cfg.skip_bad_images}
+    for option in ("cub_root", "imagenet_root"):
+        if getattr(cfg, option):
+            options[option] = getattr(cfg, option)
+    if train:
+        options["randaugment"] = cfg.randaugment
+    return build_dataset(
+        cfg.dataset,
+        cfg.data_root,
+        split,
+        train=train,
         image_size=cfg.image_size,
         mean=normalisation["mean"],
         std=normalisation["std"],
-        skip_bad_images=cfg.skip_bad_images,
+        **options,
     )
-    for option in ("cub_root", "imagenet_root"):
-        if getattr(cfg, option):
-            common[option] = getattr(cfg, option)
-    train = build_dataset(
-        cfg.dataset, cfg.data_root, "train", train=True, randaugment=cfg.randaugment, **common
-    )
-    val = build_dataset(cfg.dataset, cfg.data_root, "val", train=False, **common)
-    return train, val
+
+
+def build_datasets(cfg: TrainConfig, normalisation: dict):
+    """Train and validation splits with the recipe's transforms."""
+    return build_split(cfg, "train", normalisation, train=True), build_split(cfg, "val", normalisation)
 
 
 def main(argv: list[str] | None = None) -> int:

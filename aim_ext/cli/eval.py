@@ -1,0 +1,93 @@
+"""`aim-eval`: evaluate a training run (accuracies, EPG, mask sparsity, figures, report.md), or compare two.
+
+    aim-eval runs/wb95_aim                      # writes runs/wb95_aim/eval_test/report.md
+    aim-eval runs/wb95_aim --split val --attribution gradcam --target pred --max-images 200
+    aim-eval --compare runs/wb95_vanilla runs/wb95_aim   # writes runs/wb95_aim/compare_wb95_vanilla/
+
+The work is done by `aim_ext.explain.report`; this module only parses the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The aim-eval command line."""
+    parser = argparse.ArgumentParser(
+        prog="aim-eval",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "runs", nargs="+", type=Path, metavar="RUN", help="run folder(s) written by aim-train"
+    )
+    parser.add_argument("--compare", action="store_true", help="compare two runs: --compare RUN_A RUN_B")
+    parser.add_argument(
+        "--checkpoint", default="best", help="best, last, or a checkpoint file (default best)"
+    )
+    parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument(
+        "--attribution",
+        type=_methods,
+        help="comma-separated: gradcam,guided_gradcam,guided_backprop (default all)",
+    )
+    parser.add_argument(
+        "--target", choices=("label", "pred"), default="label", help="class to attribute (default label)"
+    )
+    parser.add_argument("--batch-size", type=int, help="default: the run's batch size")
+    parser.add_argument("--max-images", type=int, help="evaluate only the first N images of the split")
+    parser.add_argument("--figures", type=int, default=4, help="images per figure (0: no figures)")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    parser.add_argument("--num-workers", type=int, help="data loader workers (default: the run's)")
+    parser.add_argument(
+        "--out", type=Path, help="output folder (default RUN/eval_<split>, RUN_B/compare_<A>)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run aim-eval; 0 on success, 1 with a message when a run cannot be evaluated."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.compare and len(args.runs) != 2:
+        parser.error(f"--compare takes two runs, got {len(args.runs)}")
+    if not args.compare and len(args.runs) != 1:
+        parser.error(f"evaluate one run at a time (or two with --compare), got {len(args.runs)}")
+    from aim_ext.explain.report import EvalError, EvalOptions, compare_runs, evaluate_run
+
+    try:
+        options = EvalOptions(
+            checkpoint=args.checkpoint,
+            split=args.split,
+            **({"methods": args.attribution} if args.attribution is not None else {}),
+            target=args.target,
+            batch_size=args.batch_size,
+            max_images=args.max_images,
+            figures=args.figures,
+            device=args.device,
+            num_workers=args.num_workers,
+        )
+        if args.compare:
+            _, _, report = compare_runs(*args.runs, options, out=args.out)
+            print(f"comparison report: {report}")
+        else:
+            evaluation, report = evaluate_run(args.runs[0], options, out=args.out)
+            summary = {k: v for k, v in evaluation.metrics.items() if k not in ("definitions", "notes")}
+            print(json.dumps(summary, indent=2))
+            print(f"report: {report}")
+    except (EvalError, FileNotFoundError) as error:
+        print(f"aim-eval: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
