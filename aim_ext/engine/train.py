@@ -7,6 +7,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -300,44 +301,33 @@ def _fit(
         stats = train_one_epoch(trained, data, optimizer, scheduler, cfg, epoch, device, scaler, world)
         rngs = world.gather(rng_state())
         if world.is_main:
-            best = _end_of_epoch(
-                model,
-                optimizer,
-                scheduler,
-                scaler,
-                cfg,
-                epoch,
-                stats,
-                rngs,
-                best,
-                val_loader,
-                fixed,
-                device,
-                out,
-                log,
-            )
+            run = _RunState(model, optimizer, scheduler, scaler, cfg, device, out, log, val_loader, fixed)
+            best = _end_of_epoch(run, epoch, stats, rngs, best)
         world.barrier()  # the other processes wait for the checkpoint
     return best["metrics"] or {}
 
 
-def _end_of_epoch(
-    model,
-    optimizer,
-    scheduler,
-    scaler,
-    cfg,
-    epoch,
-    stats,
-    rngs,
-    best,
-    val_loader,
-    fixed,
-    device,
-    out: Path,
-    log,
-) -> dict:
+@dataclass
+class _RunState:
+    """What rank 0 needs at the end of every epoch."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    cfg: TrainConfig
+    device: torch.device
+    out: Path
+    log: Any
+    val_loader: DataLoader
+    fixed: Tensor | None
+
+
+def _end_of_epoch(run: _RunState, epoch: int, stats: dict, rngs: list, best: dict) -> dict:
     """Validate, log, select and checkpoint (rank 0); returns the best record so far."""
-    val = predict_split(model, val_loader, cfg, device)
+    model, optimizer, scheduler, scaler, cfg = run.model, run.optimizer, run.scheduler, run.scaler, run.cfg
+    device, out, log = run.device, run.out, run.log
+    val = predict_split(model, run.val_loader, cfg, device)
     metrics = {"epoch": epoch, **stats, **split_metrics(val, "val")}
     collapsed = collapsed_class(val)
     if collapsed is not None:
@@ -350,7 +340,7 @@ def _end_of_epoch(
     is_best = key > best["key"]
     if is_best:
         best = {"key": key, "metrics": metrics}
-    _log_masks(model, fixed, cfg, epoch, device, out)
+    _log_masks(model, run.fixed, cfg, epoch, device, out)
     with (out / "metrics.jsonl").open("a") as handle:
         handle.write(json.dumps(_plain(metrics)) + "\n")
     state = {
