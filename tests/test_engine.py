@@ -132,7 +132,6 @@ def test_resume_ends_with_the_same_weights(tmp_path, monkeypatch, stop_stage):
         fit(cut, train, val, make_model(cut), log=lambda *_: None)
     monkeypatch.setattr(train_module, "train_one_epoch", original)
     resumed = make_model(cut)
-    torch.manual_seed(1234)  # a fresh process would not share the interrupted run's RNG
     fit(cut, train, val, resumed, resume=True, log=lambda *_: None)
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
@@ -142,16 +141,53 @@ def test_resume_ends_with_the_same_weights(tmp_path, monkeypatch, stop_stage):
     assert epochs == [0, 1, 2]
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    cfg = tiny_config(tmp_path, epochs=1)
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, epochs=2)
     train = Blobs(32, 0)
-    fit(cfg, train, Blobs(16, 1), make_model(cfg), log=lambda *_: None)
-    before = (tmp_path / "run" / "last.pt").read_bytes()
-    train.poison = True
-    cfg.epochs = 2
-    with pytest.raises(TrainingError, match="epoch 1, step 0"):
-        fit(cfg, train, Blobs(16, 1), make_model(cfg), resume=True, log=lambda *_: None)
-    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    original = train_module.train_one_epoch
+    snapshot = {}
+
+    def poison_second_epoch(*args, **kwargs):
+        if args[5] == 1:
+            snapshot["last"] = (tmp_path / "run" / "last.pt").read_bytes()
+            train.poison = True
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", poison_second_epoch)
+    with pytest.raises(TrainingError, match="non-finite loss at epoch 1, step 0"):
+        fit(cfg, train, Blobs(16, 1), make_model(cfg), log=lambda *_: None)
+    assert (tmp_path / "run" / "last.pt").read_bytes() == snapshot["last"]
+
+
+def test_resume_refuses_another_schedule(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=1)
+    fit(cfg, Blobs(16, 0), Blobs(8, 1), make_model(cfg), log=lambda *_: None)
+    cfg.epochs, cfg.batch_size = 5, 4
+    with pytest.raises(ValueError, match=r"different batch_size: 8 -> 4, epochs: 1 -> 5"):
+        fit(cfg, Blobs(16, 0), Blobs(8, 1), make_model(cfg), resume=True, log=lambda *_: None)
+
+
+def test_resume_drops_log_lines_of_epochs_it_replays(tmp_path):
+    """A crash after the metrics line but before the checkpoint must not duplicate the line."""
+    cfg = tiny_config(tmp_path, epochs=2)
+    fit(cfg, Blobs(16, 0), Blobs(8, 1), make_model(cfg), log=lambda *_: None)
+    run = tmp_path / "run"
+    state = torch.load(run / "last.pt", weights_only=True)
+    state["epoch"] = 0  # as if the crash came before epoch 1's checkpoint
+    torch.save(state, run / "last.pt")
+    fit(cfg, Blobs(16, 0), Blobs(8, 1), make_model(cfg), resume=True, log=lambda *_: None)
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1]
+
+
+def test_a_fresh_run_leaves_nothing_of_an_earlier_one(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=2)
+    fit(cfg, Blobs(16, 0), Blobs(8, 1), make_model(cfg), log=lambda *_: None)
+    cfg.epochs = 1
+    fit(cfg, Blobs(16, 0), Blobs(8, 1), make_model(cfg), log=lambda *_: None)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "masks").iterdir()) == ["epoch_0000.pt"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_collapse_is_reported(tmp_path):

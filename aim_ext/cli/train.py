@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from aim_ext.engine.config import TrainConfig, config_fields, load_config
 
 
@@ -26,6 +28,7 @@ def _optional(kind):
 
 
 _TYPES = {"int": int, "float": float, "str": str}
+CHOICES = {"amp": ["none", "bf16", "fp16"]}
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -66,8 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The YAML file (with --resume: the run's own config.yaml, unless --config is given) under the
+    flags that were given."""
     overrides = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
-    return load_config(args.config, overrides)
+    base = args.config
+    if getattr(args, "resume", False) and base is None:
+        saved = Path(overrides.get("out", TrainConfig.out)) / "config.yaml"
+        if not saved.is_file():
+            raise FileNotFoundError(f"--resume: no run to continue, {saved} does not exist")
+        base = saved
+    return load_config(base, overrides)
 
 
 def build_model(cfg: TrainConfig, num_classes: int):
@@ -78,7 +89,7 @@ def build_model(cfg: TrainConfig, num_classes: int):
     model = create_model(
         cfg.model,
         num_classes=num_classes,
-        pretrained=cfg.pretrained,
+        pretrained=cfg.pretrained and not cfg.pretrained_file,  # a local file replaces the hub
         stop_stage=cfg.stop_stage,
         drop_rate=cfg.drop_rate,
         drop_path_rate=cfg.drop_path_rate,
@@ -120,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from aim_ext.engine import TrainingError, fit
 
     cfg = config_from_args(args)
+    torch.manual_seed(cfg.seed)  # the new layers' initial weights follow the seed (the same on every rank)
     probe = build_model(cfg, num_classes=1)  # for the input normalisation of the backbone
     train, val = build_datasets(cfg, probe.pretrained_cfg)
     model = build_model(cfg, train.num_classes)

@@ -66,6 +66,12 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def __post_init__(self) -> None:
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        if self.accum_steps < 1 or self.batch_size < 1:
+            raise ValueError("batch_size and accum_steps must be >= 1")
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Build from a mapping, refusing keys that are not fields (a typo must not pass silently)."""

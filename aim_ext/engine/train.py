@@ -121,30 +121,28 @@ def train_one_epoch(
     areas: dict[int, float] = defaultdict(float)
     seen = correct = 0
     steps = _steps(data, cfg)
+    lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}  # this epoch's first
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(data, total=steps, desc=f"epoch {epoch}", leave=False, disable=None)
     for step, batch in enumerate(bar):
         if step >= steps:
             break
         images, labels = _inputs(batch, cfg, device)
-        with autocast(cfg, device):
-            output = model(images)
-            terms = aim_loss(
-                output,
-                labels,
-                tau,
-                area_weight=cfg.area_weight,
-                label_smoothing=cfg.label_smoothing,
-                sum_over_batch=world.sum_over_batch(),
+        group_start = step - step % cfg.accum_steps
+        group_size = min(cfg.accum_steps, steps - group_start)  # the last group may be shorter
+        closes_group = step + 1 == group_start + group_size
+        # DDP all-reduces gradients only on the micro-batch that closes an accumulation group.
+        sync = nullcontext() if closes_group or world.size == 1 else model.no_sync()
+        with sync:
+            terms, output = _forward_backward(
+                model, images, labels, tau, group_size, cfg, device, scaler, world
             )
-        if not torch.isfinite(terms.total):
+        if terms is None:
             raise TrainingError(
-                f"non-finite loss ({terms.total.item()}) at epoch {epoch}, step {step}: stopping; "
+                f"non-finite loss at epoch {epoch}, step {step}: stopping; "
                 "the last checkpoint is the last good state"
             )
-        loss = terms.total / cfg.accum_steps
-        (scaler.scale(loss) if scaler else loss).backward()
-        if (step + 1) % cfg.accum_steps == 0 or step + 1 == steps:
+        if closes_group:
             _optimizer_step(model, optimizer, cfg, scaler)
             scheduler.step()  # per optimizer step, not per micro-batch
         _accumulate(sums, areas, terms, output, len(labels))
@@ -159,8 +157,32 @@ def train_one_epoch(
     stats["train_acc"] = correct / seen
     stats["mask_area"] = [value / seen for value in totals[len(keys) : len(keys) + len(stages)]]
     stats["tau"] = tau
-    stats["lr"] = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+    stats["lr"] = lrs
+    if not all(torch.isfinite(p).all() for p in unwrap(model).parameters()):
+        raise TrainingError(
+            f"non-finite weights after epoch {epoch}: not checkpointed; the last checkpoint is good"
+        )
     return stats
+
+
+def _forward_backward(model, images, labels, tau, group_size, cfg, device, scaler, world: World):
+    """Loss terms of one micro-batch and their backward; (None, None) when the loss is not finite
+    on any process (all of them learn it at once, so none waits in the gradient all-reduce)."""
+    with autocast(cfg, device):
+        output = model(images)
+        terms = aim_loss(
+            output,
+            labels,
+            tau,
+            area_weight=cfg.area_weight,
+            label_smoothing=cfg.label_smoothing,
+            sum_over_batch=world.sum_over_batch(),
+        )
+    if world.sum([float(not torch.isfinite(terms.total))])[0] > 0:
+        return None, None
+    loss = terms.total / group_size
+    (scaler.scale(loss) if scaler else loss).backward()
+    return terms, output
 
 
 def _inputs(batch: dict, cfg: TrainConfig, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -283,12 +305,11 @@ def _fit(
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" and device.type == "cuda" else None
     start, best = 0, {"key": -math.inf, "metrics": None}
     if resume and (out / "last.pt").exists():
-        start, best = _restore(out / "last.pt", model, optimizer, scheduler, scaler, world)
+        start, best = _restore(out / "last.pt", model, optimizer, scheduler, scaler, world, cfg)
         log(f"resumed from {out / 'last.pt'} at epoch {start}")
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            (out / "metrics.jsonl").unlink(missing_ok=True)
+        _prepare_run_folder(out, start if resume else 0)
         (out / "config.yaml").write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
     trained = model
     if world.size > 1:
@@ -305,6 +326,23 @@ def _fit(
             best = _end_of_epoch(run, epoch, stats, rngs, best)
         world.barrier()  # the other processes wait for the checkpoint
     return best["metrics"] or {}
+
+
+def _prepare_run_folder(out: Path, start: int) -> None:
+    """A fresh run (start 0) leaves nothing of an earlier run in the folder; a resumed one keeps
+    the metrics of the epochs before `start` only (a crash after the log line, before the
+    checkpoint, would otherwise leave a duplicate)."""
+    metrics = out / "metrics.jsonl"
+    if start == 0:
+        metrics.unlink(missing_ok=True)
+        for name in ("best.pt", "last.pt"):
+            (out / name).unlink(missing_ok=True)
+        for snapshot in (out / "masks").glob("epoch_*.pt"):
+            snapshot.unlink()
+        return
+    if metrics.exists():
+        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["epoch"] < start]
+        metrics.write_text("".join(line + "\n" for line in kept))
 
 
 @dataclass
@@ -341,8 +379,6 @@ def _end_of_epoch(run: _RunState, epoch: int, stats: dict, rngs: list, best: dic
     if is_best:
         best = {"key": key, "metrics": metrics}
     _log_masks(model, run.fixed, cfg, epoch, device, out)
-    with (out / "metrics.jsonl").open("a") as handle:
-        handle.write(json.dumps(_plain(metrics)) + "\n")
     state = {
         "architecture": architecture(model),
         "model": model.state_dict(),
@@ -357,6 +393,8 @@ def _end_of_epoch(run: _RunState, epoch: int, stats: dict, rngs: list, best: dic
     if is_best:
         save_atomic({k: state[k] for k in ("architecture", "model", "epoch", "config")}, out / "best.pt")
     save_atomic(state, out / "last.pt")
+    with (out / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps(_plain(metrics)) + "\n")
     log(
         f"epoch {epoch}: loss {stats['loss']:.4f} train acc {stats['train_acc']:.3f} "
         f"val acc {metrics['val_acc']:.3f}"
@@ -374,8 +412,44 @@ def _silent(*_: Any) -> None:
     pass
 
 
-def _restore(path: Path, model, optimizer, scheduler, scaler, world: World) -> tuple[int, dict]:
+# Keys a resumed run must share with the run it continues: they fix the data order, the schedule
+# and the model (the number of epochs shapes the cosine schedule too).
+RESUME_KEYS = (
+    "model",
+    "stop_stage",
+    "dataset",
+    "data_root",
+    "image_size",
+    "batch_size",
+    "accum_steps",
+    "seed",
+    "epochs",
+    "warmup_epochs",
+    "lr_backbone",
+    "lr_topdown",
+    "lr_mask",
+    "weight_decay",
+    "weight_decay_mask",
+    "area_final",
+    "area_start",
+    "area_duration",
+    "max_steps_per_epoch",
+)
+
+
+def _check_resume_config(path: Path, saved: dict, cfg: TrainConfig) -> None:
+    current = _plain(cfg.to_dict())
+    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != current[k]]
+    if changed:
+        details = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
+        raise ValueError(f"cannot resume {path} with a different {details}; start a new run instead")
+
+
+def _restore(
+    path: Path, model, optimizer, scheduler, scaler, world: World, cfg: TrainConfig
+) -> tuple[int, dict]:
     state = load_checkpoint(path)
+    _check_resume_config(path, state.get("config", {}), cfg)
     load_model_state(model, state, source=str(path))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
