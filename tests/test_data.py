@@ -207,12 +207,19 @@ def test_hard_imagenet_missing_image_names_it(trees, tmp_path):
 def test_folder_dataset(trees, tmp_path):
     root = trees["base"] / "imagenet100"
     train = FolderDataset(root, "train", eval_transform(SIZE))
-    assert train.classes == ["cat", "dog"] and len(train) == 8 and not train.has_masks
-    assert "cat/nested/cat_deep.png" in train.ids and train.labels == [0] * 4 + [1] * 4
-    sample = train[3]
+    val = FolderDataset(root, "val")
+    assert train.classes == ["cat", "dog"] and not train.has_masks
+    # ImageNet-100 and ImageWoof ship train/ and val/ only: "test" reads val/, and validation is
+    # 20% of train/ held out per class, so model selection never sees the test images.
+    assert (len(train), len(val)) == (6, 2) and sorted(val.labels) == [0, 1]
+    assert not set(train.ids) & set(val.ids)
+    assert sorted(train.ids + val.ids) == sorted(FolderDataset(root, "train", val_fraction=0).ids)
+    test = FolderDataset(root, "test")
+    assert len(test) == 4 and all((root / "val") in r.image.parents for r in test.records)
+    sample = train[0]
     assert set(sample) == {"image", "label", "index"} and sample["image"].shape == (3, SIZE, SIZE)
-    # ImageNet-100 and ImageWoof ship train/ and val/ only: "test" reads val/.
-    assert FolderDataset(root, "test").ids == FolderDataset(root, "val").ids
+    everything = FolderDataset(root / "train", None)
+    assert len(everything) == 8 and "cat/nested/cat_deep.png" in everything.ids
     assert len(FolderDataset(root / "val", None)) == 4
     with pytest.raises(FileNotFoundError, match=f"image folder root not found: {tmp_path / 'nope'}"):
         FolderDataset(tmp_path / "nope")

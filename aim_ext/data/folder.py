@@ -1,9 +1,11 @@
 """Any class-per-folder tree (ImageNet-100, ImageWoof, ...), as torchvision's ImageFolder reads it.
 
 Layout: ``root/<split>/<class>/**/<image>`` (or ``root/<class>/**/<image>`` with ``split=None``).
-These datasets ship train/ and val/ only, and their papers report on val, so "test" reads ``val/``
-when there is no ``test/`` folder. Classes are the sorted sub-folders of ``root/train`` when it exists
-(so labels agree across splits), else of the split's folder. No masks, so no EPG; no groups.
+These datasets ship train/ and val/ only, and their papers report on val: without a ``test/``
+folder, "test" reads ``val/`` and "val" is 20% of ``train/`` held out (stratified, seeded; the
+paper's convention), so that model selection never sees the test images. Classes are the sorted
+sub-folders of ``root/train`` when it exists (so labels agree across splits), else of the split's
+folder. No masks, so no EPG; no groups.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aim_ext.data.common import MaskedImageDataset, Record, check_split, require_dir
+from aim_ext.data.common import MaskedImageDataset, Record, check_split, holdout_split, require_dir
 
 __all__ = ["IMAGE_EXTENSIONS", "FolderDataset"]
 
@@ -44,16 +46,23 @@ class FolderDataset(MaskedImageDataset):
         transform: Callable[..., Any] | None = None,
         *,
         skip_bad_images: bool = False,
+        val_fraction: float = 0.2,
+        seed: int = 0,
     ) -> None:
-        """``split`` picks ``root/<split>``; None reads ``root`` itself as the class folders."""
+        """``split`` picks ``root/<split>`` (see the module notes for trees without ``test/``); None
+        reads ``root`` itself as the class folders."""
         root = require_dir(Path(root), "image folder root")
+        carve = False  # train and val held out of train/
         if split is None:
             folder = root
         else:
             check_split(split)
             folder = root / split
-            if split == "test" and not folder.is_dir() and (root / "val").is_dir():
-                folder = root / "val"
+            if not (root / "test").is_dir() and (root / "train").is_dir():
+                if split == "test" and (root / "val").is_dir():
+                    folder = root / "val"
+                elif split in ("train", "val"):
+                    folder, carve = root / "train", True
             require_dir(folder, f"{split} folder")
         reference = root / "train" if split is not None and (root / "train").is_dir() else folder
         classes = _class_folders(reference)
@@ -66,5 +75,8 @@ class FolderDataset(MaskedImageDataset):
                 records.append(Record(image=image, label=label_of[name], id=str(image.relative_to(folder))))
         if not records:
             raise FileNotFoundError(f"no images found under {folder} (expected <class>/<image> folders)")
+        if carve:
+            kept, held = holdout_split([r.label for r in records], val_fraction, seed)
+            records = [records[i] for i in (kept if split == "train" else held)]
         self.split = split
         super().__init__(records, classes, transform, skip_bad_images=skip_bad_images)
