@@ -83,6 +83,7 @@ def aim_loss(
     area_weight: float = AREA_WEIGHT,
     label_smoothing: float = LABEL_SMOOTHING,
     sum_over_batch: Callable[[Tensor], Tensor] | None = None,
+    aux_weight: float = 1.0,
 ) -> LossTerms:
     """Eq. 7 for an AIM output; plain (smoothed) cross-entropy for a vanilla model's logits."""
     if isinstance(output, Tensor):
@@ -94,4 +95,5 @@ def aim_loss(
         [F.cross_entropy(a, target, label_smoothing=label_smoothing) for a in output.aux_logits]
     ).sum()
     area = area_loss(output.masks, tau, sum_over_batch) if tau is not None else final_ce.new_zeros(())
-    return LossTerms(final_ce + aux_ce + area_weight * area, final_ce, aux_ce, area)
+    # aux_weight 0 is the paper's "no auxiliary losses" ablation.
+    return LossTerms(final_ce + aux_weight * aux_ce + area_weight * area, final_ce, aux_ce, area)

@@ -56,3 +56,11 @@ def test_active_area_over_a_split_batch_is_the_global_fraction():
     assert r.item() == pytest.approx(active_area(full).item())
     r.backward()
     assert full.grad[:4].abs().sum() > 0
+
+
+def test_no_auxiliary_losses_ablation():
+    logits, aux, target = torch.randn(4, 3), [torch.randn(4, 3)], torch.tensor([0, 1, 2, 0])
+    masks = [torch.ones(4, 1, 2, 2)]
+    terms = aim_loss(AIMOutput(logits, aux, masks, masks), target, tau=0.5, aux_weight=0.0)
+    expected = F.cross_entropy(logits, target, label_smoothing=0.05) + 6.0 * 0.25
+    assert terms.total.item() == pytest.approx(expected.item())

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--target", choices=("label", "pred"), default="label", help="class to attribute (default label)"
     )
-    parser.add_argument("--batch-size", type=int, help="default: the run's batch size")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     parser.add_argument("--max-images", type=int, help="evaluate only the first N images of the split")
     parser.add_argument("--figures", type=int, default=4, help="images per figure (0: no figures)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")

@@ -26,6 +26,8 @@ __all__ = ["EVAL_CROP_FRACTION", "PairedRandAugment", "eval_transform", "train_t
 EVAL_CROP_FRACTION = 0.875
 
 # RandAugment's magnitude scale: magnitude m in [0, MAX_MAGNITUDE] maps linearly onto each op's range.
+# torchvision's scale (31 bins, 9 -> 9/30 of each range): the paper writes RandAugment(ops=3,
+# magnitude=9), torchvision's parameter names. timm's "rand-m9" is stronger (9/10 of each range).
 MAX_MAGNITUDE = 30
 
 GEOMETRIC_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")

@@ -47,6 +47,7 @@ class TrainConfig:
     area_start: int = 0
     area_duration: int | None = None  # None: half of training
     area_weight: float = 6.0
+    aux_weight: float = 1.0  # 0: the "no auxiliary losses" ablation
     temperature: float = 1.0
     noise_off_epoch: int | None = None  # from this epoch on, train without Gumbel noise
     # run

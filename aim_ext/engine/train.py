@@ -177,6 +177,7 @@ def _forward_backward(model, images, labels, tau, group_size, cfg, device, scale
             area_weight=cfg.area_weight,
             label_smoothing=cfg.label_smoothing,
             sum_over_batch=world.sum_over_batch(),
+            aux_weight=cfg.aux_weight,
         )
     if world.sum([float(not torch.isfinite(terms.total))])[0] > 0:
         return None, None

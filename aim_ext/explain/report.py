@@ -60,7 +60,7 @@ class EvalOptions:
     split: str = "test"
     methods: Sequence[str] = METHODS
     target: str = "label"
-    batch_size: int | None = None  # None: the run's batch size
+    batch_size: int = 32  # attributions need a backward pass: not the (large) training batch
     max_images: int | None = None
     figures: int = 4
     device: str = "auto"
@@ -230,7 +230,7 @@ def evaluate(run: Run, options: EvalOptions) -> Evaluation:
         data = Subset(data, range(min(options.max_images, len(data))))
     loader = DataLoader(
         data,
-        batch_size=options.batch_size or run.cfg.batch_size,
+        batch_size=options.batch_size,
         shuffle=False,
         num_workers=run.cfg.num_workers if options.num_workers is None else options.num_workers,
     )
