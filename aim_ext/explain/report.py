@@ -429,6 +429,17 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
+def _write_markdown(lines: list[str], figures: dict[str, Path], out: Path) -> Path:
+    """`out/report.md`: the given lines, then a section showing each figure under its title."""
+    if figures:
+        lines = [*lines, "", "## Figures"]
+        for title, path in figures.items():
+            lines += ["", f"### {title}", "", f"![{title}]({_link(path, out)})"]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
 def _link(path: Path, base: Path) -> str:
     return Path(os.path.relpath(path, base)).as_posix()
 
@@ -472,13 +483,7 @@ def write_report(evaluation: Evaluation, out: str | Path) -> Path:
         )
     if metrics["notes"]:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in metrics["notes"]]
-    if figures:
-        lines += ["", "## Figures"]
-        for title, path in figures.items():
-            lines += ["", f"### {title}", "", f"![{title}]({_link(path, out)})"]
-    report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    return _write_markdown(lines, figures, out)
 
 
 def default_out(run_folder: str | Path, split: str) -> Path:
@@ -567,13 +572,7 @@ def write_comparison(
     ]
     if not a.has_masks:
         lines += ["", f"{a.run.cfg.dataset} has no object masks: no EPG, no EPG scatter."]
-    if figures:
-        lines += ["", "## Figures"]
-        for title, path in figures.items():
-            lines += ["", f"### {title}", "", f"![{title}]({_link(path, out)})"]
-    report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    return _write_markdown(lines, figures, out)
 
 
 def compare_runs(
