@@ -7,6 +7,7 @@ from aim_ext.data.folder import FolderDataset
 from aim_ext.data.hard_imagenet import HardImageNetDataset
 from aim_ext.data.transforms import PairedRandAugment, eval_transform, train_transform
 from aim_ext.data.travelingbirds import TravelingBirdsDataset
+from aim_ext.data.tuxbirds import TuxBirds
 from aim_ext.data.waterbirds import WaterbirdsDataset
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "PairedRandAugment",
     "Record",
     "TravelingBirdsDataset",
+    "TuxBirds",
     "WaterbirdsDataset",
     "build_dataset",
     "eval_transform",
