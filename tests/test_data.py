@@ -361,7 +361,15 @@ def test_skip_bad_images_keeps_groups_aligned(trees, tmp_path):
 
 
 def test_build_dataset_picks_transforms_and_passes_options(trees):
-    assert list_datasets() == ["cub", "folder", "hard_imagenet", "travelingbirds", "waterbirds"]
+    assert list_datasets() == [
+        "cub",
+        "folder",
+        "hard_imagenet",
+        "travelingbirds",
+        "tuxbirds100",
+        "tuxbirds95",
+        "waterbirds",
+    ]
     train = build_dataset("cub", trees["cub"].root, "train", image_size=SIZE)
     assert isinstance(train.transform.transforms[0], v2.RandomResizedCrop)
     test = build_dataset("cub", trees["cub"].root, "test", image_size=SIZE, masks=False)
