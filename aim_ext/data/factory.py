@@ -14,7 +14,7 @@ from aim_ext.data.folder import FolderDataset
 from aim_ext.data.hard_imagenet import HardImageNetDataset
 from aim_ext.data.transforms import eval_transform, train_transform
 from aim_ext.data.travelingbirds import TravelingBirdsDataset
-from aim_ext.data.tuxbirds import TuxBirds95, TuxBirds100
+from aim_ext.data.tuxbirds import tuxbirds_variant
 from aim_ext.data.waterbirds import WaterbirdsDataset
 
 __all__ = ["DATASETS", "build_dataset", "list_datasets"]
@@ -26,8 +26,8 @@ DATASETS: dict[str, type[MaskedImageDataset]] = {
     "travelingbirds": TravelingBirdsDataset,
     "hard_imagenet": HardImageNetDataset,
     "folder": FolderDataset,
-    "tuxbirds95": TuxBirds95,
-    "tuxbirds100": TuxBirds100,
+    "tuxbirds95": tuxbirds_variant("95"),
+    "tuxbirds100": tuxbirds_variant("100"),
 }
 
 

@@ -53,8 +53,7 @@ __all__ = [
     "Rendering",
     "SourcesError",
     "TuxBirds",
-    "TuxBirds95",
-    "TuxBirds100",
+    "tuxbirds_variant",
     "default_root",
     "ensure_sources",
     "read_manifest",
@@ -549,27 +548,16 @@ class TuxBirds(MaskedImageDataset):
         )
 
 
-class TuxBirds95(TuxBirds):
-    """TuxBirds-95 in ``build_dataset``'s argument order (root, split, transform); root "" is the cache."""
+def tuxbirds_variant(variant: str) -> Callable[..., TuxBirds]:
+    """TuxBirds of one variant in ``build_dataset``'s argument order (root, split, transform);
+    root "" or None is the cache."""
 
-    def __init__(
-        self,
+    def build(
         root: str | Path | None = None,
         split: str = "train",
         transform: Callable[..., Any] | None = None,
         **kwargs: Any,
-    ) -> None:
-        super().__init__(split, "95", root=root or None, transform=transform, **kwargs)
+    ) -> TuxBirds:
+        return TuxBirds(split, variant, root=root or None, transform=transform, **kwargs)
 
-
-class TuxBirds100(TuxBirds):
-    """TuxBirds-100 in ``build_dataset``'s argument order (root, split, transform); root "" is the cache."""
-
-    def __init__(
-        self,
-        root: str | Path | None = None,
-        split: str = "train",
-        transform: Callable[..., Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(split, "100", root=root or None, transform=transform, **kwargs)
+    return build
