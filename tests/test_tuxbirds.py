@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from aim_ext.data import TuxBirds, build_dataset, list_datasets
 from aim_ext.data.tuxbirds import (
@@ -129,11 +130,11 @@ def test_mask_is_the_pasted_bird_and_counterfactuals_keep_it(sources):
 
 def test_build_dataset_names_and_train_transform_move_the_mask(sources, monkeypatch):
     monkeypatch.setenv("AIM_EXT_CACHE", str(sources.parent))
-    train = build_dataset("tuxbirds95", "", "train", image_size=32)
+    train = build_dataset("tuxbirds95", "", "train", image_size=32, prerendered=False)
     assert isinstance(train, TuxBirds) and train.variant == "95" and train.root == sources
     sample = train[0]
     assert sample["image"].shape == (3, 32, 32) and sample["mask"].shape == (32, 32)
-    strict = build_dataset("tuxbirds100", None, "train", image_size=32, train=False)
+    strict = build_dataset("tuxbirds100", None, "train", image_size=32, train=False, prerendered=False)
     assert strict.variant == "100" and Counter(strict.groups)[1] == 0
     assert {"tuxbirds95", "tuxbirds100"} <= set(list_datasets())
 
@@ -160,3 +161,35 @@ def test_missing_sources_say_what_and_how_to_provide_them(tmp_path, monkeypatch)
     with pytest.raises(SourcesError, match="apt-get and dpkg-deb not found") as caught:
         TuxBirds("val", root=tmp_path / "empty")
     assert "root=" in str(caught.value)
+
+
+def test_prerendered_store_serves_the_same_bytes(sources, tmp_path, monkeypatch):
+    monkeypatch.setenv("AIM_EXT_CACHE", str(tmp_path))
+    live = TuxBirds("val", image_size=24, root=sources)
+    stored = TuxBirds("val", image_size=24, root=sources, prerendered=True)
+    folder = stored.store_folder()
+    assert folder.parent == tmp_path / "tuxbirds-rendered" and "val-95-24px-seed0" in folder.name
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no partial folder left
+    for index in (0, 1, 600, len(live) - 1):
+        a, b = live[index], stored[index]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+        assert (a["label"], a["group"]) == (b["label"], b["group"])
+    with pytest.raises(IndexError):
+        stored[len(stored)]
+    # Another seed or size is another store; the existing one is reused, not rendered again.
+    mtime = (folder / "images.npy").stat().st_mtime_ns
+    again = TuxBirds("val", image_size=24, root=sources, prerendered=True)
+    assert again.store_folder() == folder and (folder / "images.npy").stat().st_mtime_ns == mtime
+    assert TuxBirds("val", image_size=24, seed=1, root=sources).store_folder() != folder
+
+
+def test_build_dataset_generates_at_the_training_size(sources, monkeypatch, tmp_path):
+    monkeypatch.setenv("AIM_EXT_CACHE", str(tmp_path))
+    val = build_dataset("tuxbirds95", sources, "val", image_size=20)
+    assert val.image_size == 20 and val._store is not None  # prerendered by default
+    # Evaluation: normalisation only, so the item is the rendered image itself.
+    rendering = val.render(3)
+    mean, std = (torch.tensor(v)[:, None, None] for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    expected = (torch.from_numpy(rendering.image).permute(2, 0, 1) / 255.0 - mean) / std
+    torch.testing.assert_close(val[3]["image"], expected)
+    assert torch.equal(val[3]["mask"], torch.from_numpy(rendering.mask))

@@ -12,7 +12,12 @@ from aim_ext.data.common import MaskedImageDataset
 from aim_ext.data.cub import CUBDataset
 from aim_ext.data.folder import FolderDataset
 from aim_ext.data.hard_imagenet import HardImageNetDataset
-from aim_ext.data.transforms import eval_transform, train_transform
+from aim_ext.data.transforms import (
+    eval_transform,
+    generated_train_transform,
+    normalise_transform,
+    train_transform,
+)
 from aim_ext.data.travelingbirds import TravelingBirdsDataset
 from aim_ext.data.tuxbirds import tuxbirds_variant
 from aim_ext.data.waterbirds import WaterbirdsDataset
@@ -29,6 +34,8 @@ DATASETS: dict[str, type[MaskedImageDataset]] = {
     "tuxbirds95": tuxbirds_variant("95"),
     "tuxbirds100": tuxbirds_variant("100"),
 }
+# Datasets generated at the requested image size: no resize or crop, only flip (+ RandAugment) to train.
+GENERATED = frozenset({"tuxbirds95", "tuxbirds100"})
 
 
 def list_datasets() -> list[str]:
@@ -51,12 +58,21 @@ def build_dataset(
     """Build dataset ``name`` at ``root`` for ``split``, with augmentation when ``train``.
 
     ``train`` defaults to ``split == "train"``. Extra keyword arguments go to the dataset class
-    (e.g. ``cub_root=``, ``imagenet_root=``, ``skip_bad_images=``).
+    (e.g. ``cub_root=``, ``imagenet_root=``, ``skip_bad_images=``). Generated datasets (TuxBirds)
+    are rendered at ``image_size`` and prerendered into the cache; ``skip_bad_images`` means
+    nothing to them.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(list_datasets())}")
     if train is None:
         train = split == "train"
+    if name in GENERATED:
+        kwargs.pop("skip_bad_images", None)
+        kwargs.setdefault("prerendered", True)
+        transform = (
+            generated_train_transform(mean, std, randaugment) if train else normalise_transform(mean, std)
+        )
+        return DATASETS[name](root, split, transform, image_size=image_size, **kwargs)
     transform = (
         train_transform(image_size, mean, std, randaugment)
         if train

@@ -19,7 +19,14 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["EVAL_CROP_FRACTION", "PairedRandAugment", "eval_transform", "train_transform"]
+__all__ = [
+    "EVAL_CROP_FRACTION",
+    "PairedRandAugment",
+    "eval_transform",
+    "generated_train_transform",
+    "normalise_transform",
+    "train_transform",
+]
 
 # The usual ImageNet evaluation convention: resize the shorter side to image_size / 0.875, then
 # take the central image_size crop (224 -> 256 -> 224).
@@ -147,6 +154,27 @@ def train_transform(
 ) -> v2.Compose:
     """RandomResizedCrop, horizontal flip, RandAugment(num_ops, magnitude), normalise; masks follow."""
     ops: list[v2.Transform] = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+    if randaugment is not None:
+        ops.append(PairedRandAugment(*randaugment))
+    return v2.Compose(ops + _to_normalised_float(mean, std))
+
+
+def normalise_transform(
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD
+) -> v2.Compose:
+    """uint8 to normalised float32 only: for images that are already at their size."""
+    return v2.Compose(_to_normalised_float(mean, std))
+
+
+def generated_train_transform(
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    randaugment: tuple[int, int] | None = None,
+) -> v2.Compose:
+    """For images generated at the training size (TuxBirds): horizontal flip, RandAugment when
+    given, normalise. No random crop: the object is placed at random already, and a crop could cut
+    it out of the image (its label would then be noise)."""
+    ops: list[v2.Transform] = [v2.RandomHorizontalFlip()]
     if randaugment is not None:
         ops.append(PairedRandAugment(*randaugment))
     return v2.Compose(ops + _to_normalised_float(mean, std))
