@@ -255,3 +255,40 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
         models.append(model)
     for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("stop_stage", [None, 3])
+def test_frozen_levels_keep_weights_and_bn_statistics(tmp_path, stop_stage):
+    cfg = tiny_config(tmp_path, stop_stage=stop_stage, epochs=1, freeze_levels=2)
+    model = make_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(cfg, Blobs(32, 0), Blobs(16, 1), model, log=lambda *_: None)
+    after = model.state_dict()
+    prefix = "backbone." if stop_stage is not None else ""
+    # resnet18's levels 0 and 1 are the stem (conv1, bn1) and layer1; layer2 on trains.
+    frozen = [k for k in before if k.startswith(tuple(prefix + p for p in ("conv1", "bn1", "layer1")))]
+    trained = [k for k in before if k.startswith(prefix + "layer2") and k.endswith("weight")]
+    assert any("running_mean" in k for k in frozen) and len(frozen) > 10
+    for key in frozen:
+        assert torch.equal(before[key], after[key]), key
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+    names = {n for g in parameter_groups(model, cfg) for n in map(id, g["params"])}
+    assert all((id(p) in names) == p.requires_grad for p in model.parameters())
+
+
+def test_freeze_levels_must_leave_the_top_level(tmp_path):
+    from aim_ext.engine.freeze import freeze_levels
+
+    with pytest.raises(ValueError, match="feature levels 0..4; freezing must leave the top level"):
+        freeze_levels(make_model(tiny_config(tmp_path)), 5)
+    with pytest.raises(ValueError, match="freeze_levels must be >= 0"):
+        tiny_config(tmp_path, freeze_levels=-1)
+
+
+def test_select_from_skips_earlier_epochs(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=3, select_from=2)
+    best = fit(cfg, Blobs(32, 0), Blobs(16, 1), make_model(cfg), log=lambda *_: None)
+    assert best["epoch"] == 2
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 2
+    with pytest.raises(ValueError, match="select_from=3 leaves no epoch"):
+        tiny_config(tmp_path, epochs=3, select_from=3)

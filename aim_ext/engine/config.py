@@ -21,6 +21,7 @@ class TrainConfig:
     pretrained_file: str | None = None
     drop_rate: float = 0.3
     drop_path_rate: float = 0.3
+    freeze_levels: int = 0  # backbone feature levels below this one are frozen (0: train everything)
     # data
     dataset: str = "cub"
     data_root: str = ""
@@ -56,6 +57,7 @@ class TrainConfig:
     channels_last: bool = False
     device: str = "auto"
     out: str = "runs/train"
+    select_from: int | None = None  # earlier epochs are never selected (e.g. before annealing ends)
     mask_log_every: int = 5  # epochs between saved masks of the fixed validation batch
     mask_log_images: int = 8
     max_steps_per_epoch: int | None = None  # for smoke tests
@@ -72,6 +74,13 @@ class TrainConfig:
             raise ValueError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
         if self.accum_steps < 1 or self.batch_size < 1:
             raise ValueError("batch_size and accum_steps must be >= 1")
+        if self.freeze_levels < 0:
+            raise ValueError(f"freeze_levels must be >= 0, got {self.freeze_levels}")
+        if self.select_from is not None and not 0 <= self.select_from < self.epochs:
+            raise ValueError(
+                f"select_from={self.select_from} leaves no epoch to select among {self.epochs} "
+                f"(choose 0..{self.epochs - 1})"
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

@@ -40,6 +40,9 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
                 "weight_decay": cfg.weight_decay,
             },
         ]
+    # Frozen parameters (freeze_levels) are left out: AdamW's weight decay would still move them.
+    for group in groups:
+        group["params"] = [p for p in group["params"] if p.requires_grad]
     return [g for g in groups if g["params"]]
 
 

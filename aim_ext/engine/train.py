@@ -27,6 +27,7 @@ from aim_ext.engine.checkpoint import (
 )
 from aim_ext.engine.config import TrainConfig
 from aim_ext.engine.distributed import World, unwrap
+from aim_ext.engine.freeze import freeze_levels, keep_frozen_in_eval
 from aim_ext.engine.optim import build_optimizer, build_scheduler
 from aim_ext.explain.metrics import classification_metrics
 from aim_ext.losses import AreaSchedule, LossTerms, active_area, aim_loss, area_target
@@ -115,6 +116,7 @@ def train_one_epoch(
     (over all processes of a distributed run)."""
     world = world or World()
     model.train()
+    keep_frozen_in_eval(model)
     set_gumbel_for_epoch(unwrap(model), cfg, epoch)
     tau = area_target(area_schedule(cfg), epoch)
     sums: dict[str, float] = defaultdict(float)
@@ -297,6 +299,7 @@ def _fit(
     cfg, train_set, val_set, model, out: Path, device, world: World, resume: bool, log
 ) -> dict[str, Any]:
     torch.manual_seed(cfg.seed + world.rank)
+    freeze_levels(model, cfg.freeze_levels)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -376,7 +379,8 @@ def _end_of_epoch(run: _RunState, epoch: int, stats: dict, rngs: list, best: dic
             "(the classifier collapsed; a lower learning rate usually helps)"
         )
     key = selection_key(metrics)
-    is_best = key > best["key"]
+    selectable = cfg.select_from is None or epoch >= cfg.select_from
+    is_best = selectable and key > best["key"]
     if is_best:
         best = {"key": key, "metrics": metrics}
     _log_masks(model, run.fixed, cfg, epoch, device, out)
@@ -434,6 +438,7 @@ RESUME_KEYS = (
     "area_final",
     "area_start",
     "area_duration",
+    "freeze_levels",
     "max_steps_per_epoch",
 )
 
