@@ -48,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     parser.add_argument("--num-workers", type=int, help="data loader workers (default: the run's)")
     parser.add_argument(
+        "--no-counterfactuals",
+        dest="counterfactuals",
+        action="store_false",
+        help="TuxBirds: skip the background-swap and background-only rates",
+    )
+    parser.add_argument(
+        "--counterfactual-images", type=int, help="TuxBirds: counterfactual rates on the first N images only"
+    )
+    parser.add_argument(
         "--out", type=Path, help="output folder (default RUN/eval_<split>, RUN_B/compare_<A>)"
     )
     return parser
@@ -74,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             figures=args.figures,
             device=args.device,
             num_workers=args.num_workers,
+            counterfactuals=args.counterfactuals,
+            counterfactual_images=args.counterfactual_images,
         )
         if args.compare:
             _, _, report = compare_runs(*args.runs, options, out=args.out)

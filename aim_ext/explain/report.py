@@ -23,9 +23,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from aim_ext.data.tuxbirds import TuxBirds
 from aim_ext.engine import TrainConfig, load_checkpoint, load_config, load_model_state
 from aim_ext.engine.train import resolve_device
 from aim_ext.explain.attributions import METHODS, attribute
+from aim_ext.explain.counterfactual import counterfactual_predictions, counterfactual_rates
 from aim_ext.explain.epg import energy_pointing_game
 from aim_ext.explain.metrics import classification_metrics, mask_areas, merged_mask
 from aim_ext.models import AIM
@@ -45,6 +47,10 @@ DEFINITIONS = {
     "epg": "mean Energy Pointing Game: share of positive attribution energy inside the object mask",
     "mask_sparsity": "mean fraction of active mask positions per AIM stage (top stage first)",
     "merged_mask_area": "mean fraction of active positions of the merged (union) mask",
+    "background_swap_flip_rate": "share of images whose prediction changes when only the background "
+    "changes kind (water <-> land; TuxBirds counterfactuals)",
+    "background_only_waterbird_rate": "share of bird-free backgrounds called 'waterbird', per place",
+    "background_only_waterbird_gap": "background-only 'waterbird' rate on water minus on land",
 }
 
 
@@ -65,6 +71,8 @@ class EvalOptions:
     figures: int = 4
     device: str = "auto"
     num_workers: int | None = None  # None: the run's setting
+    counterfactuals: bool = True  # TuxBirds: background-swap and background-only rates
+    counterfactual_images: int | None = None  # None: every evaluated image
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -132,6 +140,7 @@ class Evaluation:
     stage_areas: Tensor | None  # (N, stages), AIM only
     merged_areas: Tensor | None  # (N,), AIM only
     shown: Shown
+    counterfactual: dict[str, Any] | None = None  # TuxBirds' background-reliance rates
     metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -177,7 +186,9 @@ def open_run(folder: str | Path, options: EvalOptions) -> Run:
     except (ValueError, RuntimeError) as error:  # RuntimeError: tensor sizes (e.g. number of classes)
         raise EvalError(f"cannot load {path}: {error}") from error
     device = resolve_device(options.device)
-    model.to(device).eval()
+    # Attributions need gradients of activations and inputs only, never of the weights: skipping
+    # the weight gradients saves a third of the backward pass.
+    model.to(device).eval().requires_grad_(False)
     train_counts = None
     if getattr(dataset, "groups", None) is not None:
         train_groups = build_split(cfg, "train", {"mean": mean, "std": std}).groups
@@ -257,6 +268,20 @@ def evaluate(run: Run, options: EvalOptions) -> Evaluation:
             f"no images to evaluate in the {run.split} split of {run.cfg.dataset} at {run.cfg.data_root}"
         )
     cat = {k: torch.cat(v) if v else None for k, v in columns.items()}
+    counterfactual = None
+    if options.counterfactuals and isinstance(run.dataset, TuxBirds):
+        indices = cat["index"].tolist()[: options.counterfactual_images]
+        workers = run.cfg.num_workers if options.num_workers is None else options.num_workers
+        pred = counterfactual_predictions(
+            run.model,
+            run.dataset,
+            run.device,
+            indices=indices,
+            batch_size=options.batch_size,
+            num_workers=workers,
+            desc=f"aim-eval {run.name} (counterfactuals)",
+        )
+        counterfactual = counterfactual_rates(pred)
     ids = getattr(run.dataset, "ids", None)
     evaluation = Evaluation(
         run=run,
@@ -269,6 +294,7 @@ def evaluate(run: Run, options: EvalOptions) -> Evaluation:
         stage_areas=cat["areas"],
         merged_areas=cat["merged"],
         shown=_shown(run, data, options),
+        counterfactual=counterfactual,
     )
     evaluation.metrics = evaluation_metrics(evaluation)
     return evaluation
@@ -306,6 +332,8 @@ def evaluation_metrics(evaluation: Evaluation) -> dict[str, Any]:
         sparsity = evaluation.stage_areas.double().mean(dim=0).tolist()
         metrics["mask_sparsity"] = dict(zip(run.stage_names, sparsity, strict=True))
         metrics["merged_mask_area"] = evaluation.merged_areas.double().mean().item()
+    if evaluation.counterfactual is not None:
+        metrics.update(evaluation.counterfactual)
     metrics["definitions"] = {k: v for k, v in DEFINITIONS.items() if k in metrics}
     metrics["notes"] = notes
     return metrics
@@ -325,6 +353,12 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
         flat[f"mask_sparsity[{stage}]"] = value
     if "merged_mask_area" in metrics:
         flat["merged_mask_area"] = metrics["merged_mask_area"]
+    if "background_swap_flip_rate" in metrics:
+        flat["background_swap_flip_rate"] = metrics["background_swap_flip_rate"]
+    for place, value in metrics.get("background_only_waterbird_rate", {}).items():
+        flat[f"background_only_waterbird_rate[{place}]"] = value
+    if "background_only_waterbird_gap" in metrics:
+        flat["background_only_waterbird_gap"] = metrics["background_only_waterbird_gap"]
     return flat
 
 

@@ -1,0 +1,95 @@
+"""Reliance on the background, measured with TuxBirds' counterfactual images.
+
+A photo dataset cannot show the same bird in the same pose and place on another background; TuxBirds
+can (`TuxBirds.counterfactual`). Two rates follow directly:
+
+- background-swap flip rate: the share of images whose predicted class changes when only the
+  background changes kind (water <-> land). A model that decides from the bird alone scores 0.
+- background-only 'waterbird' rate: the share of bird-free backgrounds (the same crops) that the
+  model calls 'waterbird', on water and on land. A model free of the spurious cue gives the same
+  rate on both; the gap (water minus land) measures the cue.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from aim_ext.data.tuxbirds import TuxBirds
+
+WATERBIRD = 1
+PLACES = {0: "land", 1: "water"}
+
+
+class CounterfactualView(Dataset):
+    """The items of a TuxBirds dataset (or of a subset of it) with their counterfactual images."""
+
+    def __init__(self, dataset: TuxBirds, indices: list[int] | None = None) -> None:
+        self.dataset = dataset
+        self.indices = list(range(len(dataset))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        sample = self.dataset.counterfactual(self.indices[position])
+        return {k: sample[k] for k in ("image", "swapped", "background", "label", "place", "index")}
+
+
+@torch.no_grad()
+def _classes(model: nn.Module, images: Tensor, device: torch.device) -> Tensor:
+    return model(images.to(device)).argmax(dim=1).cpu()
+
+
+def counterfactual_predictions(
+    model: nn.Module,
+    dataset: TuxBirds,
+    device: torch.device,
+    *,
+    indices: list[int] | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    desc: str = "counterfactuals",
+) -> dict[str, Tensor]:
+    """Predicted classes of each item, of its background-swapped twin and of its background alone;
+    also its ``label``, ``place`` and ``index``. ``model`` must be in evaluation mode."""
+    loader = DataLoader(
+        CounterfactualView(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers
+    )
+    columns: dict[str, list[Tensor]] = {
+        k: [] for k in ("image", "swapped", "background", "label", "place", "index")
+    }
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=None):
+        for key in ("image", "swapped", "background"):
+            columns[key].append(_classes(model, batch[key], device))
+        for key in ("label", "place", "index"):
+            columns[key].append(batch[key])
+    return {k: torch.cat(v) for k, v in columns.items()}
+
+
+def counterfactual_rates(pred: dict[str, Tensor]) -> dict[str, Any]:
+    """The flip rate (overall and per group of the original image) and the background-only
+    'waterbird' rates on water and land, with their gap; fractions in [0, 1]."""
+    flips = pred["swapped"] != pred["image"]
+    groups = 2 * pred["label"] + pred["place"]
+    waterbird = pred["background"] == WATERBIRD
+    by_place = {
+        name: waterbird[pred["place"] == place].double().mean().item()
+        for place, name in PLACES.items()
+        if (pred["place"] == place).any()
+    }
+    rates: dict[str, Any] = {
+        "num_counterfactual_images": len(flips),
+        "background_swap_flip_rate": flips.double().mean().item(),
+        "background_swap_flip_rate_by_group": {
+            str(g): flips[groups == g].double().mean().item() for g in sorted(set(groups.tolist()))
+        },
+        "background_only_waterbird_rate": by_place,
+    }
+    if len(by_place) == 2:
+        rates["background_only_waterbird_gap"] = by_place["water"] - by_place["land"]
+    return rates
