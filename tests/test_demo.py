@@ -1,0 +1,69 @@
+"""`aim-demo` end to end at a tiny size, and the counterfactual rates it reports."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from aim_ext.cli import demo
+from aim_ext.data.tuxbirds import SourcesError, ensure_sources
+from aim_ext.explain.counterfactual import counterfactual_rates
+from aim_ext.models.offline_weights import WeightsError, mobilenet_v2_imagenet
+
+
+def test_counterfactual_rates_by_hand():
+    pred = {
+        "image": torch.tensor([1, 1, 0, 0, 1, 0]),
+        "swapped": torch.tensor([1, 0, 0, 1, 1, 0]),
+        "background": torch.tensor([1, 1, 1, 0, 0, 0]),
+        "label": torch.tensor([1, 1, 0, 0, 1, 0]),
+        "place": torch.tensor([1, 1, 1, 0, 0, 0]),
+        "index": torch.arange(6),
+    }
+    rates = counterfactual_rates(pred)
+    assert rates["num_counterfactual_images"] == 6
+    assert rates["background_swap_flip_rate"] == pytest.approx(2 / 6)
+    # groups: 3, 3, 1, 0, 2, 0 -> flips per group 0: 1/2, 1: 0, 2: 0, 3: 1/2
+    assert rates["background_swap_flip_rate_by_group"] == {"0": 0.5, "1": 0.0, "2": 0.0, "3": 0.5}
+    assert rates["background_only_waterbird_rate"] == {"land": 0.0, "water": 1.0}
+    assert rates["background_only_waterbird_gap"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def offline():
+    """The weights and TuxBirds sources; skipped where they cannot be fetched, except in CI."""
+    try:
+        return mobilenet_v2_imagenet(), ensure_sources()
+    except (WeightsError, SourcesError) as error:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"offline weights or TuxBirds sources cannot be fetched here: {error}")
+
+
+def test_demo_writes_results_and_resumes(offline, tmp_path, monkeypatch, capsys):
+    # The quick configuration, shrunk: 32 px, two steps per epoch, 64 test images.
+    monkeypatch.setattr(demo, "QUICK", dict(demo.QUICK, image_size=32, max_steps_per_epoch=2, batch_size=16))
+    monkeypatch.setattr(demo, "EVAL_MAX_IMAGES", 64)
+    out = tmp_path / "demo"
+    argv = ["--out", str(out), "--epochs", "2", "--device", "cpu"]
+    assert demo.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    for name in ("vanilla", "aim"):
+        for key in ("test_avg_acc", "test_worst_group_acc", "test_epg", "background_swap_flip_rate"):
+            assert 0.0 <= results[name][key] <= 1.0, (name, key)
+        assert results[name]["num_images"] == 64
+    assert results["vanilla"]["stop_stage"] is None and results["aim"]["stop_stage"] == demo.STOP_STAGE
+    assert len(results["aim"]["mask_sparsity"]) == 2 and "mask_sparsity" not in results["vanilla"]
+    report = (out / "report.md").read_text()
+    assert "test worst-group accuracy" in report and "compare/report.md" in report
+    assert (out / "compare" / "gradcam_compare.png").is_file()
+    # Run again: both trainings are finished, so nothing retrains; the results are rewritten.
+    checkpoints = {n: (out / n / "last.pt").stat().st_mtime_ns for n in ("vanilla", "aim")}
+    capsys.readouterr()
+    assert demo.main(argv) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert {n: (out / n / "last.pt").stat().st_mtime_ns for n in ("vanilla", "aim")} == checkpoints
+    # Another configuration in the same folder is refused, not mixed in.
+    assert demo.main(["--out", str(out), "--epochs", "3", "--device", "cpu"]) == 1
+    assert "cannot resume" in capsys.readouterr().err
