@@ -13,19 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
 
 from aim_ext.cli import demo
 
-METRICS = (
-    ("test average accuracy", "test_avg_acc"),
-    ("test worst-group accuracy", "test_worst_group_acc"),
-    ("test EPG (GradCAM)", "test_epg"),
-    ("background-swap flip rate", "background_swap_flip_rate"),
-    ("background-only 'waterbird' gap", "background_only_waterbird_gap"),
-)
+METRICS = demo.ROWS
 
 
 def summarise(runs: dict[int, dict]) -> tuple[dict, list[str]]:
@@ -37,7 +32,7 @@ def summarise(runs: dict[int, dict]) -> tuple[dict, list[str]]:
     for title, key in METRICS:
         cells = []
         for model in ("vanilla", "aim"):
-            values = [runs[s][model][key] for s in sorted(runs)]
+            values = [runs[s][model].get(key, math.nan) for s in sorted(runs)]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             summary["metrics"].setdefault(key, {})[model] = {
                 "mean": statistics.fmean(values),
@@ -50,7 +45,7 @@ def summarise(runs: dict[int, dict]) -> tuple[dict, list[str]]:
     lines.append("|---" * (len(METRICS) + 3) + "|")
     for seed in sorted(runs):
         for model in ("vanilla", "aim"):
-            values = " | ".join(f"{runs[seed][model][k]:.3f}" for _, k in METRICS)
+            values = " | ".join(f"{runs[seed][model].get(k, math.nan):.3f}" for _, k in METRICS)
             lines.append(f"| {seed} | {model} | {values} | {runs[seed]['wall_time_s']:.0f} |")
     return summary, lines
 
@@ -75,9 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"no finished seeds under {args.out}", file=sys.stderr)
         return 1
-    summary, lines = summarise(runs)
     configurations = {r["configuration"] for r in runs.values()}
-    summary["configuration"] = sorted(configurations)
+    if len(configurations) > 1:
+        print(
+            f"{args.out} mixes configurations {sorted(configurations)}: one table per configuration",
+            file=sys.stderr,
+        )
+        return 1
+    summary, lines = summarise(runs)
+    summary["configuration"] = configurations.pop()
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

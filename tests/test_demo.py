@@ -1,15 +1,12 @@
 """`aim-demo` end to end at a tiny size, and the counterfactual rates it reports."""
 
 import json
-import os
 
 import pytest
 import torch
 
 from aim_ext.cli import demo
-from aim_ext.data.tuxbirds import SourcesError, ensure_sources
 from aim_ext.explain.counterfactual import counterfactual_rates
-from aim_ext.models.offline_weights import WeightsError, mobilenet_v2_imagenet
 
 
 def test_counterfactual_rates_by_hand():
@@ -30,18 +27,18 @@ def test_counterfactual_rates_by_hand():
     assert rates["background_only_waterbird_gap"] == 1.0
 
 
-@pytest.fixture(scope="module")
-def offline():
-    """The weights and TuxBirds sources; skipped where they cannot be fetched, except in CI."""
-    try:
-        return mobilenet_v2_imagenet(), ensure_sources()
-    except (WeightsError, SourcesError) as error:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"offline weights or TuxBirds sources cannot be fetched here: {error}")
+@pytest.fixture
+def cache(tuxbirds_sources, mobilenet_weights, tmp_path, monkeypatch):
+    """A cache of its own for the demo's rendered stores, sharing the fetched sources and weights."""
+    root = tmp_path / "cache"
+    root.mkdir()
+    (root / "tuxbirds").symlink_to(tuxbirds_sources, target_is_directory=True)
+    (root / "weights").symlink_to(mobilenet_weights.parent, target_is_directory=True)
+    monkeypatch.setenv("AIM_EXT_CACHE", str(root))
+    return root
 
 
-def test_demo_writes_results_and_resumes(offline, tmp_path, monkeypatch, capsys):
+def test_demo_writes_results_and_resumes(cache, tmp_path, monkeypatch, capsys):
     # The quick configuration, shrunk: 32 px, two steps per epoch, 64 test images.
     monkeypatch.setattr(demo, "QUICK", dict(demo.QUICK, image_size=32, max_steps_per_epoch=2, batch_size=16))
     monkeypatch.setattr(demo, "EVAL_MAX_IMAGES", 64)
@@ -54,6 +51,7 @@ def test_demo_writes_results_and_resumes(offline, tmp_path, monkeypatch, capsys)
             assert 0.0 <= results[name][key] <= 1.0, (name, key)
         assert results[name]["num_images"] == 64
     assert results["vanilla"]["stop_stage"] is None and results["aim"]["stop_stage"] == demo.STOP_STAGE
+    assert 0.1 < results["test_epg_chance_level"] < 0.2
     assert len(results["aim"]["mask_sparsity"]) == 2 and "mask_sparsity" not in results["vanilla"]
     report = (out / "report.md").read_text()
     assert "test worst-group accuracy" in report and "compare/report.md" in report
@@ -67,3 +65,21 @@ def test_demo_writes_results_and_resumes(offline, tmp_path, monkeypatch, capsys)
     # Another configuration in the same folder is refused, not mixed in.
     assert demo.main(["--out", str(out), "--epochs", "3", "--device", "cpu"]) == 1
     assert "cannot resume" in capsys.readouterr().err
+    # The rendered stores went into the demo's cache: the three splits, nothing partial.
+    stores = sorted(p.name for p in (cache / "tuxbirds-rendered").iterdir() if p.is_dir())
+    assert [name.split("-r1-")[0] for name in stores] == [
+        f"{s}-95-32px-seed0" for s in ("test", "train", "val")
+    ]
+
+
+def test_demo_refuses_fewer_than_two_epochs(capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--epochs", "1"])
+    assert "at least 2 epochs" in capsys.readouterr().err
+
+
+def test_counterfactual_images_must_be_positive():
+    from aim_ext.explain.report import EvalError, EvalOptions
+
+    with pytest.raises(EvalError, match="counterfactual_images must be at least 1, got 0"):
+        EvalOptions(counterfactual_images=0)

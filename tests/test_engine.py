@@ -285,10 +285,27 @@ def test_freeze_levels_must_leave_the_top_level(tmp_path):
         tiny_config(tmp_path, freeze_levels=-1)
 
 
-def test_select_from_skips_earlier_epochs(tmp_path):
+def test_select_from_skips_earlier_epochs(tmp_path, monkeypatch):
+    # Earlier epochs score higher: without select_from, epoch 0 would be chosen.
+    monkeypatch.setattr(train_module, "selection_key", lambda metrics: -metrics["epoch"])
     cfg = tiny_config(tmp_path, epochs=3, select_from=2)
     best = fit(cfg, Blobs(32, 0), Blobs(16, 1), make_model(cfg), log=lambda *_: None)
     assert best["epoch"] == 2
     assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 2
     with pytest.raises(ValueError, match="select_from=3 leaves no epoch"):
         tiny_config(tmp_path, epochs=3, select_from=3)
+
+
+@pytest.mark.parametrize("stop_stage", [None, 3])
+def test_freeze_levels_of_mobilenet_v2_stop_at_level_2(stop_stage):
+    with torch.device("meta"):
+        model = create_model("mobilenetv2_100", num_classes=2, stop_stage=stop_stage)
+    from aim_ext.engine.freeze import freeze_levels
+
+    freeze_levels(model, 3)
+    prefix = "backbone." if stop_stage is not None else ""
+    for name, parameter in model.named_parameters():
+        inside = name.startswith(prefix) and name.removeprefix(prefix).startswith(
+            ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.", "blocks.2.")
+        )
+        assert parameter.requires_grad != inside, name

@@ -1,6 +1,6 @@
 """TuxBirds: exact group counts, determinism, disjoint background strips, masks, source checks."""
 
-import os
+import pickle
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -17,7 +17,6 @@ from aim_ext.data.tuxbirds import (
     STRIPS,
     SourcesError,
     _background,
-    ensure_sources,
     read_manifest,
     strip_box,
 )
@@ -27,15 +26,8 @@ ITEMS = range(6)
 
 
 @pytest.fixture(scope="module")
-def sources() -> Path:
-    """The cached sources, fetched on first use. The tests that render skip where that cannot be
-    done, except in CI (CI=true), which can reach Debian's mirrors: there a failed fetch fails."""
-    try:
-        return ensure_sources()
-    except SourcesError as error:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"TuxBirds sources cannot be fetched here (needs apt-get and Debian mirrors): {error}")
+def sources(tuxbirds_sources) -> Path:
+    return tuxbirds_sources
 
 
 def test_manifest_lists_51_files_from_three_packages():
@@ -169,18 +161,35 @@ def test_prerendered_store_serves_the_same_bytes(sources, tmp_path, monkeypatch)
     stored = TuxBirds("val", image_size=24, root=sources, prerendered=True)
     folder = stored.store_folder()
     assert folder.parent == tmp_path / "tuxbirds-rendered" and "val-95-24px-seed0" in folder.name
-    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no partial folder left
+    # No partial folder left, only the store and its lock file.
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name, folder.name + ".lock"]
     for index in (0, 1, 600, len(live) - 1):
         a, b = live[index], stored[index]
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
         assert (a["label"], a["group"]) == (b["label"], b["group"])
     with pytest.raises(IndexError):
         stored[len(stored)]
-    # Another seed or size is another store; the existing one is reused, not rendered again.
+    # The existing store is reused, not rendered again; another seed, size or variant is another store.
     mtime = (folder / "images.npy").stat().st_mtime_ns
     again = TuxBirds("val", image_size=24, root=sources, prerendered=True)
     assert again.store_folder() == folder and (folder / "images.npy").stat().st_mtime_ns == mtime
-    assert TuxBirds("val", image_size=24, seed=1, root=sources).store_folder() != folder
+    for other in (dict(seed=1), dict(image_size=25), dict(variant="100")):
+        assert TuxBirds("val", **{"image_size": 24, **other}, root=sources).store_folder() != folder
+    # Workers get the folder, not a copy of the arrays; they map the store themselves.
+    clone = pickle.loads(pickle.dumps(stored))
+    assert clone._arrays is None and torch.equal(clone[5]["image"], stored[5]["image"])
+    assert len(pickle.dumps(stored)) < 100_000
+
+
+def test_prerender_clears_a_killed_run_and_serves_complete_stores_only(sources, tmp_path, monkeypatch):
+    monkeypatch.setenv("AIM_EXT_CACHE", str(tmp_path))
+    data = TuxBirds("val", image_size=12, root=sources)
+    folder = data.store_folder()
+    stale = folder.parent / f"{folder.name}.abcd.partial"
+    stale.mkdir(parents=True)
+    (stale / "images.npy").write_bytes(b"half")
+    data.prerender(progress=False)
+    assert not stale.exists() and (folder / "masks.npy").is_file()
 
 
 def test_build_dataset_generates_at_the_training_size(sources, monkeypatch, tmp_path):

@@ -32,19 +32,21 @@ import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import tv_tensors
 from tqdm.auto import tqdm
 
-from aim_ext.cache import cache_root
+from aim_ext.cache import cache_root, sha256_file, write_atomic
 from aim_ext.data.common import MaskedImageDataset, check_split
 from aim_ext.data.transforms import normalise_transform
 
@@ -157,10 +159,6 @@ def _package_of(relative: str) -> tuple[str, str]:
     raise ValueError(f"no Debian package known for {relative}")
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _how_to_provide(root: Path, missing: Sequence[str]) -> str:
     packages = sorted({_package_of(m) for m in missing})
     listed = "\n".join(f"  {m}" for m in missing[:10]) + (
@@ -184,7 +182,7 @@ def _check(root: Path, manifest: dict[str, str]) -> list[str]:
         path = root / relative
         if not path.is_file():
             missing.append(relative)
-        elif _sha256(path) != digest:
+        elif sha256_file(path) != digest:
             raise SourcesError(
                 f"TuxBirds source {path} does not match the manifest (sha256 {digest} expected): "
                 f"delete it to fetch it again, or replace it with the file from Debian's "
@@ -248,12 +246,7 @@ def _extract(deb: Path, wanted: dict[str, str], root: Path) -> None:
                 f"{relative} in {deb.name} does not match the manifest (sha256 {digest} expected): this "
                 f"Debian release ships another version; provide the bookworm files by hand (root=)"
             )
-        target = root / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".part")
-        partial.write_bytes(data)
-        # Rename last, so an interrupted fetch never leaves a truncated file behind.
-        os.replace(partial, target)
+        write_atomic(root / relative, data)
 
 
 def _fetch(root: Path, manifest: dict[str, str], missing: Sequence[str]) -> None:
@@ -423,9 +416,9 @@ class TuxBirds(MaskedImageDataset):
         self.labels = [g // 2 for g in self.groups]
         self.places = [g % 2 for g in self.groups]
         self.ids = [f"{split}/{i:05d}" for i in range(len(self.groups))]
-        self._store: tuple[np.ndarray, np.ndarray] | None = None
-        if prerendered:
-            self._store = _open_store(self.prerender())
+        # The prerendered store's folder; its arrays are memory-mapped on first use in each process.
+        self._store_folder: Path | None = self.prerender() if prerendered else None
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
 
     @staticmethod
     def group_plan(split: str, variant: str = "95", seed: int = 0) -> list[int]:
@@ -534,11 +527,35 @@ class TuxBirds(MaskedImageDataset):
         rendering = self.render(index)
         return self._sample(index, {"image": rendering.image}, rendering.mask)
 
+    @property
+    def _store(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if self._store_folder is not None and self._arrays is None:
+            self._arrays = (
+                np.load(self._store_folder / "images.npy", mmap_mode="r"),
+                np.load(self._store_folder / "masks.npy", mmap_mode="r"),
+            )
+        return self._arrays
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickling a memory map copies its data: a worker process maps the store itself instead.
+        return {**self.__dict__, "_arrays": None}
+
+    def mask_fraction(self, indices: Sequence[int] | None = None) -> float:
+        """Mean fraction of object pixels over the split (or ``indices``): the EPG of a uniform map,
+        i.e. the chance level."""
+        indices = range(len(self)) if indices is None else indices
+        if self._store is not None:
+            masks = self._store[1]
+            return float(np.mean([masks[i].mean(dtype=np.float64) for i in indices]))
+        return float(np.mean([self.render(i).mask.mean() for i in indices]))
+
     def store_folder(self) -> Path:
         """Where `prerender` keeps this split: the cache, keyed by everything the bytes depend on."""
-        digest = hashlib.sha256(
-            "\n".join(f"{d} {p}" for p, d in sorted(read_manifest().items())).encode()
-        ).hexdigest()[:16]
+        # The bytes depend on the sources and on Pillow's resampling too.
+        key = (
+            "\n".join(f"{d} {p}" for p, d in sorted(read_manifest().items())) + f"\npillow {PIL.__version__}"
+        )
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         name = f"{self.split}-{self.variant}-{self.image_size}px-seed{self.seed}-r{RECIPE_VERSION}-{digest}"
         return cache_root() / "tuxbirds-rendered" / name
 
@@ -553,28 +570,45 @@ class TuxBirds(MaskedImageDataset):
         if (folder / "masks.npy").is_file():
             return folder
         folder.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+        # One renderer per store (DDP ranks or parallel runs may start together); the others wait.
+        with open(folder.parent / f"{folder.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (folder / "masks.npy").is_file():
+                for stale in folder.parent.glob(folder.name + ".*.partial"):  # from a killed run
+                    shutil.rmtree(stale, ignore_errors=True)
+                self._render_store(folder, workers, progress)
+        return folder
+
+    def _render_store(self, folder: Path, workers: int | None, progress: bool) -> None:
+        partial = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".partial", dir=folder.parent))
         try:
             size = (len(self), self.image_size, self.image_size)
             np.lib.format.open_memmap(partial / "images.npy", "w+", np.uint8, size + (3,)).flush()
             np.lib.format.open_memmap(partial / "masks.npy", "w+", np.bool_, size).flush()
+            self._decode_sources()  # once, before forking: the workers share the decoded photos
             workers = workers or min(len(os.sched_getaffinity(0)), 8)
             chunks = [range(i, min(i + 64, len(self))) for i in range(0, len(self), 64)]
             bar = tqdm(
                 total=len(self), desc=f"rendering TuxBirds {self.split}", unit="img", disable=not progress
             )
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                for done in pool.imap_unordered(_render_chunk, [(self, partial, c) for c in chunks]):
-                    bar.update(done)
+            context = multiprocessing.get_context("fork")
+            # A worker that dies (out of memory, a full disk) fails the pool instead of hanging it.
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                jobs = [pool.submit(_render_chunk, self, partial, c) for c in chunks]
+                for job in as_completed(jobs):
+                    bar.update(job.result())
             bar.close()
-            try:
-                os.rename(partial, folder)
-            except OSError:  # another process finished the same store first: theirs is identical
-                if not (folder / "masks.npy").is_file():
-                    raise
+            os.rename(partial, folder)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
-        return folder
+
+    def _decode_sources(self) -> None:
+        for kind in BACKGROUNDS:
+            for relative, _ in kind:
+                _background(self.root / relative)
+        for kind in BIRD_FILES:
+            for relative in kind:
+                _bird(self.root / relative, self.image_size)
 
     def counterfactual(self, index: int) -> dict[str, Any]:
         """Item ``index`` with two counterfactual images, transformed together with it.
@@ -602,8 +636,7 @@ class TuxBirds(MaskedImageDataset):
         )
 
 
-def _render_chunk(job: tuple[TuxBirds, Path, range]) -> int:
-    dataset, folder, indices = job
+def _render_chunk(dataset: TuxBirds, folder: Path, indices: range) -> int:
     images = np.lib.format.open_memmap(folder / "images.npy", "r+")
     masks = np.lib.format.open_memmap(folder / "masks.npy", "r+")
     for index in indices:
@@ -613,13 +646,6 @@ def _render_chunk(job: tuple[TuxBirds, Path, range]) -> int:
     images.flush()
     masks.flush()
     return len(indices)
-
-
-def _open_store(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    return (
-        np.load(folder / "images.npy", mmap_mode="r"),
-        np.load(folder / "masks.npy", mmap_mode="r"),
-    )
 
 
 def tuxbirds_variant(variant: str) -> Callable[..., TuxBirds]:

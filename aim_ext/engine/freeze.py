@@ -33,32 +33,42 @@ def freeze_levels(model: nn.Module, levels: int) -> list[str]:
             f"leave the top level trainable (choose 0..{len(ends) - 1})"
         )
     last = ends[levels - 1].replace(".", "_")
-    frozen = []
+    frozen: list[str] = []
     # Modules that own parameters or buffers (and leaves), in registration order (the forward order
     # of timm's CNN backbones), up to the end of the last frozen level's module. timm's
     # features_only wrappers write '.' as '_' in module names.
     for name, module in backbone.named_modules():
         key = name.replace(".", "_")
-        if key != last and not key.startswith(last + "_") and frozen and _past(frozen[-1], last, key):
+        if frozen and _past(frozen[-1], last, key):
             break
         owns_state = any(True for _ in module.parameters(recurse=False)) or any(
             True for _ in module.buffers(recurse=False)
         )
         if owns_state or next(module.children(), None) is None:
-            module.requires_grad_(False)
+            for parameter in module.parameters(recurse=False):  # its children decide for themselves
+                parameter.requires_grad_(False)
             setattr(module, FROZEN, True)
             frozen.append(key)
+    if not any(_inside(k, last) for k in frozen):
+        raise ValueError(
+            f"freeze_levels={levels}: the backbone has no module {ends[levels - 1]!r} (the end of "
+            f"feature level {levels - 1}) among its modules; cannot tell where to stop freezing"
+        )
     return frozen
+
+
+def _inside(key: str, last: str) -> bool:
+    return key == last or key.startswith(last + "_")
 
 
 def _past(previous: str, last: str, key: str) -> bool:
     """True once the walk has left the subtree of ``last`` after visiting it."""
-    inside = previous == last or previous.startswith(last + "_")
-    return inside and not (key == last or key.startswith(last + "_"))
+    return _inside(previous, last) and not _inside(key, last)
 
 
 def keep_frozen_in_eval(model: nn.Module) -> None:
-    """After ``model.train()``: put the frozen modules back in evaluation mode."""
+    """After ``model.train()``: put the frozen modules back in evaluation mode (not their children,
+    which are marked themselves when they are frozen)."""
     for module in model.modules():
         if getattr(module, FROZEN, False):
-            module.eval()
+            module.training = False

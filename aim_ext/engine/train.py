@@ -439,6 +439,7 @@ RESUME_KEYS = (
     "area_start",
     "area_duration",
     "freeze_levels",
+    "select_from",
     "max_steps_per_epoch",
 )
 

@@ -23,6 +23,8 @@ from aim_ext.data.tuxbirds import TuxBirds
 
 WATERBIRD = 1
 PLACES = {0: "land", 1: "water"}
+IMAGES = ("image", "swapped", "background")  # the item, its background-swapped twin, its background
+FIELDS = ("label", "place", "index")
 
 
 class CounterfactualView(Dataset):
@@ -37,7 +39,7 @@ class CounterfactualView(Dataset):
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         sample = self.dataset.counterfactual(self.indices[position])
-        return {k: sample[k] for k in ("image", "swapped", "background", "label", "place", "index")}
+        return {k: sample[k] for k in IMAGES + FIELDS}
 
 
 @torch.no_grad()
@@ -60,13 +62,11 @@ def counterfactual_predictions(
     loader = DataLoader(
         CounterfactualView(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers
     )
-    columns: dict[str, list[Tensor]] = {
-        k: [] for k in ("image", "swapped", "background", "label", "place", "index")
-    }
+    columns: dict[str, list[Tensor]] = {k: [] for k in IMAGES + FIELDS}
     for batch in tqdm(loader, desc=desc, unit="batch", disable=None):
-        for key in ("image", "swapped", "background"):
+        for key in IMAGES:
             columns[key].append(_classes(model, batch[key], device))
-        for key in ("label", "place", "index"):
+        for key in FIELDS:
             columns[key].append(batch[key])
     return {k: torch.cat(v) for k, v in columns.items()}
 

