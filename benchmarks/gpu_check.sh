@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for an H100/H200 machine: build the extension there, run the whole test suite
-# (the CUDA cases included), run compute-sanitizer memcheck on a small case, print a summary.
+# (the CUDA cases included), run compute-sanitizer memcheck on a small case, time the ops against
+# the eager and compiled references (benchmarks/bench_ops.py), print a summary.
 # Logs go to $OUT (the device tool's output folder) or /tmp/aim-gpu-check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +33,9 @@ step build "$PY" setup.py build_ext --inplace
 step info "$PY" -m aim_ext info
 step tests "$PY" -m pytest -q -p no:cacheprovider --tb=short tests --junitxml="$OUT/tests.xml"
 step memcheck timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" benchmarks/memcheck_case.py
+step bench_ops timeout 420 "$PY" benchmarks/bench_ops.py --json "$OUT/bench_ops.json"
+step bench_ops_cl timeout 300 "$PY" benchmarks/bench_ops.py --channels-last --no-compile --repeats 30 \
+  --shapes 256,256,28,28,14,14 --json "$OUT/bench_ops_channels_last.json"
 
 echo
 echo "GPU check on $(cut -d, -f1 "$OUT/gpu.txt"), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
@@ -39,5 +43,7 @@ echo "| step | result | time |"
 echo "|---|---|---|"
 printf '%s\n' "${summary[@]}"
 grep -E "passed|failed" "$OUT/tests.log" | tail -n 1
+echo
+grep -E "^\|" "$OUT/bench_ops.log" || true
 # Fail the command when any step failed.
 ! printf '%s\n' "${summary[@]}" | grep -q FAILED
