@@ -26,7 +26,6 @@ from aim_ext.data.common import (
     VAL_SEED,
     MaskedImageDataset,
     Record,
-    binarize_half_max,
     check_split,
     find_segmentations,
     holdout_split,
@@ -91,8 +90,6 @@ def split_positions(index: CUBIndex, split: str, val_fraction: float, seed: int)
 
 class CUBDataset(MaskedImageDataset):
     """CUB-200-2011: 200 bird species; masks from the Farrell segmentations."""
-
-    binarize = staticmethod(binarize_half_max)
 
     def __init__(
         self,

@@ -32,7 +32,6 @@ from aim_ext.data.common import (
     VAL_SEED,
     MaskedImageDataset,
     Record,
-    binarize_half_max,
     check_split,
     find_segmentations,
     require_dir,
@@ -72,8 +71,6 @@ def _fixed_dir(root: Path) -> Path:
 
 class TravelingBirdsDataset(MaskedImageDataset):
     """TravelingBirds: CUB's 200 species on species-tied backgrounds that change at test time."""
-
-    binarize = staticmethod(binarize_half_max)
 
     def __init__(
         self,

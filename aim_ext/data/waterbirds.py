@@ -22,7 +22,6 @@ from typing import Any
 from aim_ext.data.common import (
     MaskedImageDataset,
     Record,
-    binarize_half_max,
     check_split,
     find_segmentations,
     require_dir,
@@ -46,8 +45,6 @@ def _integer(value: str, column: str, path: Path, line: int) -> int:
 
 class WaterbirdsDataset(MaskedImageDataset):
     """Waterbirds-95% or -100%: landbird vs waterbird, groups 2*y + place, CUB masks when given."""
-
-    binarize = staticmethod(binarize_half_max)
 
     def __init__(
         self,
