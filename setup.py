@@ -77,7 +77,12 @@ def cuda_decision() -> tuple[bool, str]:
 
 
 def extension():
-    sources = [f"{CSRC}/ops.cpp", f"{CSRC}/python_module.cpp", f"{CSRC}/cpu/masked_merge_cpu.cpp"]
+    sources = [
+        f"{CSRC}/ops.cpp",
+        f"{CSRC}/python_module.cpp",
+        f"{CSRC}/cpu/masked_merge_cpu.cpp",
+        f"{CSRC}/cpu/topdown_epilogue_cpu.cpp",
+    ]
     # The C++ standard is torch's choice. The string ABI must be torch's: newer torch no longer
     # passes it, and a compiler defaulting to the other ABI breaks c10::Error (a crash on bad input).
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"

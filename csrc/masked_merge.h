@@ -14,10 +14,11 @@ namespace aim {
 
 using at::Tensor;
 
-// Validates the forward arguments; the messages name the offending argument.
+// Validates the forward arguments; the messages name the op and the offending argument.
 void check_merge_inputs(const Tensor& feat, const Tensor& logits,
                         const std::optional<Tensor>& coarse,
-                        const std::optional<Tensor>& noise, double temperature);
+                        const std::optional<Tensor>& noise, double temperature,
+                        const char* op = "masked_merge", const char* feat_name = "feat");
 
 // Validates the backward arguments (the forward ones plus the incoming grads).
 void check_merge_backward_inputs(const Tensor& grad_out, const std::optional<Tensor>& grad_mask,
@@ -55,6 +56,10 @@ BackwardBuffers prepare_backward(const Tensor& grad_out, const std::optional<Ten
                                  const Tensor& feat, const Tensor& logits,
                                  const std::optional<Tensor>& noise, double temperature,
                                  at::IntArrayRef coarse_size);
+
+// The adjoint of the nearest resize on the CPU: grad_coarse (N, C, h, w) = the sum of grad_out
+// (N, C, H, W) over each coarse pixel's footprint. Both laid out in merge_memory_format(grad_out).
+void nearest_resize_adjoint_cpu(const Tensor& grad_out, const Tensor& grad_coarse);
 
 // grad_z reshaped and cast to the logits' shape and dtype.
 Tensor grad_logits_from(const Tensor& grad_z, const Tensor& logits);

@@ -5,21 +5,21 @@ import torch
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from aim_ext.epilogue import layer_norm_gelu, topdown_epilogue_reference
 from aim_ext.models.topdown import TopDownStage
-from aim_ext.ops import logistic_noise, masked_merge
+from aim_ext.ops import layer_norm_gelu, logistic_noise, masked_merge, topdown_epilogue_reference
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_layer_norm_gelu_is_timm_layernorm2d_then_gelu(dtype, channels_last):
+    """timm's modules in float32, rounded once to the input's dtype (as the fused op computes)."""
     conv = torch.randn(2, 24, 5, 7, dtype=dtype) * 3 + 1
     if channels_last:
         conv = conv.contiguous(memory_format=torch.channels_last)
-    norm = LayerNorm2d(24).to(dtype)
+    norm = LayerNorm2d(24)
     nn.init.normal_(norm.weight)
     nn.init.normal_(norm.bias)
-    expected = nn.GELU()(norm(conv))
+    expected = nn.GELU()(norm(conv.float())).to(dtype)
     torch.testing.assert_close(layer_norm_gelu(conv, norm.weight, norm.bias), expected)
 
 

@@ -8,7 +8,7 @@ from conftest import devices
 
 import aim_ext
 from aim_ext.losses import aim_loss
-from aim_ext.models import AIM, AIMOutput, create_model
+from aim_ext.models import AIM, AIMOutput, create_model, use_fused_epilogue
 
 
 def millions(model: torch.nn.Module) -> float:
@@ -94,18 +94,58 @@ def test_set_gumbel_controls_noise_and_temperature():
         model.set_gumbel(temperature=0)
 
 
-def test_the_model_merges_through_masked_merge_only(monkeypatch):
+@pytest.mark.parametrize(("fused", "op", "coarse_arg"), [(True, "topdown_epilogue", 4), (False, "masked_merge", 2)])
+def test_the_model_merges_through_one_op_per_stage(monkeypatch, fused, op, coarse_arg):
     calls = []
-    original = aim_ext.models.topdown.masked_merge
+    original = getattr(aim_ext.models.topdown, op)
 
     def spy(*args, **kwargs):
-        calls.append(args[2] is None)
+        calls.append(args[coarse_arg] is None)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(aim_ext.models.topdown, "masked_merge", spy)
+    monkeypatch.setattr(aim_ext.models.topdown, op, spy)
     model = create_model("convnext_atto", num_classes=3, stop_stage=1).eval()
+    use_fused_epilogue(model, fused)
     model(torch.randn(1, 3, 64, 64))
     assert calls == [True, False, False]  # top stage alone, then two merges
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_epilogue_gives_the_two_op_results(training):
+    """The same model, the same noise: fused and unfused stages agree in outputs and gradients."""
+    model = create_model("resnet18", num_classes=4, stop_stage=2).train(training)
+    for stage in model.stages:
+        torch.nn.init.normal_(stage.features.norm.weight)
+        torch.nn.init.normal_(stage.features.norm.bias)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 3])
+    results = []
+    for fused in (True, False):
+        use_fused_epilogue(model, fused)
+        model.zero_grad()
+        torch.manual_seed(1)
+        output = model(x)
+        if training:
+            aim_loss(output, y, tau=0.3).total.backward()
+        else:  # evaluation returns the logits; no gradient reaches the mask estimators
+            output = AIMOutput(output, [], [], [])
+            torch.nn.functional.cross_entropy(output.logits, y).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((output, grads))
+    (fused_out, fused_grads), (plain_out, plain_grads) = results
+    torch.testing.assert_close(fused_out.logits, plain_out.logits, rtol=1e-4, atol=1e-5)
+    for a, b in zip(fused_out.masks, plain_out.masks, strict=True):
+        assert torch.equal(a, b)
+    assert training == bool(fused_out.masks)
+    assert fused_grads.keys() == plain_grads.keys()
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_only_layernorm2d_and_exact_gelu_are_fused():
+    model = create_model("resnet18", num_classes=4, stop_stage=2)
+    assert all(stage.features.fusable() for stage in model.stages)
+    model.stages[0].features.act = torch.nn.GELU(approximate="tanh")
+    assert not model.stages[0].features.fusable()
 
 
 def test_loss_trains_every_part():
@@ -158,7 +198,7 @@ def test_torch_export_predict_keeps_one_op():
     x = torch.randn(2, 3, 75, 75)
     exported = torch.export.export(Predict(model), (x,))
     targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
-    assert targets.count("aim.masked_merge.default") == 3
+    assert targets.count("aim.topdown_epilogue.default") == 3
     logits, masks = exported.module()(x)
     ref_logits, ref_masks = model.predict(x)
     torch.testing.assert_close(logits, ref_logits)

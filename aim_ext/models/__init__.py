@@ -4,7 +4,7 @@ from aim_ext.models.aim import AIM, AIMOutput
 from aim_ext.models.factory import create_model
 from aim_ext.models.heads import ClassifierHead, masked_avg_pool
 from aim_ext.models.mask_estimator import MaskEstimator
-from aim_ext.models.topdown import FeatureBranch, StageOutput, TopDownStage
+from aim_ext.models.topdown import FeatureBranch, StageOutput, TopDownStage, use_fused_epilogue
 
 __all__ = [
     "AIM",
@@ -16,4 +16,5 @@ __all__ = [
     "TopDownStage",
     "create_model",
     "masked_avg_pool",
+    "use_fused_epilogue",
 ]

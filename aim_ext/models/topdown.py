@@ -5,7 +5,11 @@
     O_l = T_l(S_l) * B_l                             (Eq. 3)
     P_l = O_l + nearest_resize(P_{l+1}, size of O_l) (top-down merge; P_L = O_L)
 
-Eq. 2, Eq. 3 and the merge are one op, `aim_ext.ops.masked_merge`.
+Eq. 2, Eq. 3 and the merge are one op, `aim_ext.ops.masked_merge`. By default a stage goes one step
+further: the end of T_l (LayerNorm, GELU), Eq. 2, Eq. 3 and the merge run as the single op
+`aim_ext.ops.topdown_epilogue`, which reads the convolution output once (set
+`TopDownStage.fused_epilogue = False` on a stage, or `use_fused_epilogue(model, False)`, for the
+two-op path; both give the same results within the dtype's rounding).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
 from aim_ext.models.mask_estimator import MaskEstimator
-from aim_ext.ops import logistic_noise, masked_merge
+from aim_ext.ops import logistic_noise, masked_merge, topdown_epilogue
 
 TOPDOWN_WIDTH = 256
 
@@ -32,8 +36,20 @@ class FeatureBranch(nn.Module):
         self.norm = LayerNorm2d(width)
         self.act = nn.GELU()
 
+    def convolutions(self, s: Tensor) -> Tensor:
+        return self.refine(self.align(s))
+
     def forward(self, s: Tensor) -> Tensor:
-        return self.act(self.norm(self.refine(self.align(s))))
+        return self.act(self.norm(self.convolutions(s)))
+
+    def fusable(self) -> bool:
+        """Whether the norm and activation are the ones `topdown_epilogue` computes."""
+        return (
+            type(self.norm) is LayerNorm2d
+            and type(self.act) is nn.GELU
+            and self.act.approximate == "none"
+            and self.norm.elementwise_affine
+        )
 
 
 class StageOutput(NamedTuple):
@@ -46,18 +62,47 @@ class StageOutput(NamedTuple):
 class TopDownStage(nn.Module):
     """One top-down stage on backbone stage l."""
 
+    fused_epilogue = True  # run LayerNorm, GELU, Eq. 2-3 and the merge as one op where it applies
+
     def __init__(self, in_channels: int, width: int = TOPDOWN_WIDTH) -> None:
         super().__init__()
         self.features = FeatureBranch(in_channels, width)
         self.mask_estimator = MaskEstimator(in_channels)
 
     def forward(self, s: Tensor, coarse: Tensor | None, *, temperature: float, noise: bool) -> StageOutput:
-        feat = self.features(s)
         logits = self.mask_estimator(s)
-        if coarse is not None and coarse.dtype != feat.dtype:
-            coarse = coarse.to(feat.dtype)  # under autocast the stages can differ in dtype
         sample = None  # evaluation: the deterministic mask 1[A >= 0]
         if self.training:  # noise off still trains the estimator through the straight-through gradient
             sample = logistic_noise(logits) if noise else torch.zeros_like(logits, dtype=torch.float32)
-        merged, mask = masked_merge(feat, logits, coarse, noise=sample, temperature=temperature)
+        branch = self.features
+        if self.fused_epilogue and branch.fusable():
+            conv = branch.convolutions(s)
+            coarse = _same_dtype(coarse, conv)
+            merged, mask, feat = topdown_epilogue(
+                conv,
+                branch.norm.weight,
+                branch.norm.bias,
+                logits,
+                coarse,
+                noise=sample,
+                temperature=temperature,
+                eps=branch.norm.eps,
+            )
+        else:
+            feat = branch(s)
+            merged, mask = masked_merge(
+                feat, logits, _same_dtype(coarse, feat), noise=sample, temperature=temperature
+            )
         return StageOutput(merged, mask, logits, feat)
+
+
+def _same_dtype(coarse: Tensor | None, like: Tensor) -> Tensor | None:
+    """Under autocast the stages can differ in dtype; the merge takes the finer stage's."""
+    return coarse if coarse is None or coarse.dtype == like.dtype else coarse.to(like.dtype)
+
+
+def use_fused_epilogue(model: nn.Module, enabled: bool) -> None:
+    """Switch every top-down stage of ``model`` between the fused epilogue op and the two-op path."""
+    for module in model.modules():
+        if isinstance(module, TopDownStage):
+            module.fused_epilogue = enabled

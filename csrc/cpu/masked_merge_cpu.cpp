@@ -100,6 +100,48 @@ void forward_kernel(const Geometry& g, const scalar_t* feat, const typename at::
   });
 }
 
+// The adjoint of the nearest resize: each coarse pixel sums its own footprint, no two threads
+// write the same element, so the result does not depend on the thread count.
+template <typename scalar_t>
+void coarse_adjoint(const Geometry& g, const scalar_t* grad_out, scalar_t* grad_coarse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t HW = g.HW(), C = g.C;
+  if (g.channels_last) {
+    const auto rows = footprints(g.h, g.H);
+    at::parallel_for(0, g.N * g.h, g.grain(g.w * C), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(g.w * C);
+      for (int64_t ni = begin; ni < end; ++ni) {
+        const int64_t n = ni / g.h, i = ni % g.h;
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t y = rows[i].first; y < rows[i].second; ++y) {
+          for (int64_t x = 0; x < g.W; ++x) {
+            const scalar_t* go = grad_out + ((n * g.H + y) * g.W + x) * C;
+            acc_t* a = acc.data() + g.src_w[x] * C;
+            for (int64_t c = 0; c < C; ++c) a[c] += static_cast<acc_t>(go[c]);
+          }
+        }
+        scalar_t* gc = grad_coarse + ni * g.w * C;
+        for (int64_t k = 0; k < g.w * C; ++k) gc[k] = static_cast<scalar_t>(acc[k]);
+      }
+    });
+    return;
+  }
+  const auto rows = footprints(g.h, g.H);
+  at::parallel_for(0, g.N * C, g.grain(HW), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(g.w);
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const scalar_t* go = grad_out + nc * HW;
+      scalar_t* gc = grad_coarse + nc * g.h * g.w;
+      for (int64_t i = 0; i < g.h; ++i) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t y = rows[i].first; y < rows[i].second; ++y)
+          for (int64_t x = 0; x < g.W; ++x) acc[g.src_w[x]] += static_cast<acc_t>(go[y * g.W + x]);
+        for (int64_t j = 0; j < g.w; ++j) gc[i * g.w + j] = static_cast<scalar_t>(acc[j]);
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void backward_kernel(const Geometry& g, const scalar_t* grad_out, const typename at::opmath_type<scalar_t>* grad_mask,
                      const scalar_t* feat, const typename at::opmath_type<scalar_t>* z, bool training,
@@ -123,24 +165,7 @@ void backward_kernel(const Geometry& g, const scalar_t* grad_out, const typename
         grad_z[p] = training ? straight_through_grad<acc_t>(dot + grad_mask[p], z[p], temperature) : acc_t(0);
       }
     });
-    if (!g.has_coarse()) return;
-    const auto rows = footprints(g.h, g.H);
-    at::parallel_for(0, g.N * g.h, g.grain(g.w * C), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(g.w * C);
-      for (int64_t ni = begin; ni < end; ++ni) {
-        const int64_t n = ni / g.h, i = ni % g.h;
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t y = rows[i].first; y < rows[i].second; ++y) {
-          for (int64_t x = 0; x < g.W; ++x) {
-            const scalar_t* go = grad_out + ((n * g.H + y) * g.W + x) * C;
-            acc_t* a = acc.data() + g.src_w[x] * C;
-            for (int64_t c = 0; c < C; ++c) a[c] += static_cast<acc_t>(go[c]);
-          }
-        }
-        scalar_t* gc = grad_coarse + ni * g.w * C;
-        for (int64_t k = 0; k < g.w * C; ++k) gc[k] = static_cast<scalar_t>(acc[k]);
-      }
-    });
+    if (g.has_coarse()) coarse_adjoint(g, grad_out, grad_coarse);
     return;
   }
 
@@ -176,21 +201,7 @@ void backward_kernel(const Geometry& g, const scalar_t* grad_out, const typename
   } else {
     std::fill(grad_z, grad_z + g.N * HW, acc_t(0));
   }
-  if (!g.has_coarse()) return;
-  const auto rows = footprints(g.h, g.H);
-  at::parallel_for(0, g.N * C, g.grain(HW), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(g.w);
-    for (int64_t nc = begin; nc < end; ++nc) {
-      const scalar_t* go = grad_out + nc * HW;
-      scalar_t* gc = grad_coarse + nc * g.h * g.w;
-      for (int64_t i = 0; i < g.h; ++i) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t y = rows[i].first; y < rows[i].second; ++y)
-          for (int64_t x = 0; x < g.W; ++x) acc[g.src_w[x]] += static_cast<acc_t>(go[y * g.W + x]);
-        for (int64_t j = 0; j < g.w; ++j) gc[i * g.w + j] = static_cast<scalar_t>(acc[j]);
-      }
-    }
-  });
+  if (g.has_coarse()) coarse_adjoint(g, grad_out, grad_coarse);
 }
 
 std::tuple<Tensor, Tensor> masked_merge_cpu(const Tensor& feat, const Tensor& logits,
@@ -226,6 +237,13 @@ std::tuple<Tensor, Tensor, Tensor> masked_merge_backward_cpu(
 }
 
 }  // namespace
+
+void nearest_resize_adjoint_cpu(const Tensor& grad_out, const Tensor& grad_coarse) {
+  const Geometry g(grad_out, grad_coarse.size(2), grad_coarse.size(3));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "nearest_resize_adjoint_cpu", [&] {
+    coarse_adjoint<scalar_t>(g, grad_out.const_data_ptr<scalar_t>(), grad_coarse.mutable_data_ptr<scalar_t>());
+  });
+}
 
 TORCH_LIBRARY_IMPL(aim, CPU, m) {
   m.impl("masked_merge", &masked_merge_cpu);

@@ -8,147 +8,103 @@
 
 One op, ``torch.ops.aim.masked_merge``, with three implementations: the C++ CPU kernel and the
 CUDA kernel of ``aim_ext._C``, and the pure PyTorch reference below, which also serves any device
-without a compiled kernel. Fake kernels and an autograd formula are registered here, so
-``torch.compile``, ``torch.export`` and AOTInductor see a single op.
+without a compiled kernel (the schema: aim_ext/ops/library.py). Fake kernels and an autograd
+formula are registered here, so ``torch.compile``, ``torch.export`` and AOTInductor see one op.
 """
 
 from __future__ import annotations
-
-import os
-import warnings
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
+from aim_ext.ops.library import impl_library, no_context, refuse_double_backward
+
 __all__ = [
-    "kernels_available",
+    "acc_dtype",
+    "check_merge_inputs",
     "logistic_noise",
     "masked_merge",
     "masked_merge_reference",
+    "memory_format",
     "nearest_resize_adjoint",
     "nearest_source_indices",
 ]
-
-# The schema as csrc/ops.cpp defines it; used only when the compiled extension is missing.
-FORWARD_SCHEMA = (
-    "masked_merge(Tensor feat, Tensor logits, Tensor? coarse, Tensor? noise, "
-    "float temperature) -> (Tensor, Tensor)"
-)
-BACKWARD_SCHEMA = (
-    "masked_merge_backward(Tensor grad_out, Tensor? grad_mask, Tensor feat, Tensor logits, "
-    "Tensor? noise, float temperature, SymInt[] coarse_size) -> (Tensor, Tensor, Tensor)"
-)
-
-
-def _load_kernels() -> tuple[ModuleType | None, str]:
-    if os.environ.get("AIM_EXT_NO_KERNELS") == "1":
-        return None, "disabled by AIM_EXT_NO_KERNELS=1"
-    try:
-        from aim_ext import _C
-    except ImportError as error:
-        return None, f"aim_ext._C failed to import: {error}"
-    return _C, ""
-
-
-_C, _LOAD_ERROR = _load_kernels()
-_PYTHON_LIBRARIES: list[torch.library.Library] = []  # keeps Python registrations alive
-
-if _C is None:
-    warnings.warn(
-        f"aim_ext: compiled kernels unavailable ({_LOAD_ERROR}); masked_merge runs the pure "
-        "PyTorch reference. Rebuild with `pip install --no-build-isolation .` for the fast kernels.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
-    _schema_lib = torch.library.Library("aim", "DEF")
-    _schema_lib.define(FORWARD_SCHEMA)
-    _schema_lib.define(BACKWARD_SCHEMA)
-    _PYTHON_LIBRARIES.append(_schema_lib)
-
-
-def kernels_available() -> dict[str, bool]:
-    """Which compiled kernels exist: CPU, CUDA compiled, and CUDA usable right now."""
-    cuda_compiled = bool(getattr(_C, "cuda_compiled", 0))
-    return {
-        "cpu": _C is not None,
-        "cuda_compiled": cuda_compiled,
-        "cuda": cuda_compiled and torch.cuda.is_available(),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Input checks: one set of messages for every path (the C++ kernels check the same things).
 
 
-def _check_logits_like(t: Tensor, name: str, feat: Tensor) -> None:
+def _check_logits_like(t: Tensor, name: str, feat: Tensor, op: str, feat_name: str) -> None:
     if t.dim() != 4:
-        raise ValueError(f"masked_merge: {name} must be 4-D (N, 1, H, W), got shape {tuple(t.shape)}")
+        raise ValueError(f"{op}: {name} must be 4-D (N, 1, H, W), got shape {tuple(t.shape)}")
     if t.shape[1] != 1:
         raise ValueError(
-            f"masked_merge: {name} must have exactly 1 channel (it is broadcast over C), "
-            f"got {t.shape[1]} channels"
+            f"{op}: {name} must have exactly 1 channel (it is broadcast over C), got {t.shape[1]} channels"
         )
     if (t.shape[0], t.shape[2], t.shape[3]) != (feat.shape[0], feat.shape[2], feat.shape[3]):
         raise ValueError(
-            f"masked_merge: {name} shape {tuple(t.shape)} does not match feat (N, H, W) = "
+            f"{op}: {name} shape {tuple(t.shape)} does not match {feat_name} (N, H, W) = "
             f"{(feat.shape[0], feat.shape[2], feat.shape[3])}"
         )
     if not t.is_floating_point():
-        raise TypeError(f"masked_merge: {name} must be a floating-point tensor, got {t.dtype}")
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
     if t.device != feat.device:
-        raise ValueError(f"masked_merge: {name} is on {t.device} but feat is on {feat.device}")
+        raise ValueError(f"{op}: {name} is on {t.device} but {feat_name} is on {feat.device}")
 
 
 def check_merge_inputs(
-    feat: Tensor, logits: Tensor, coarse: Tensor | None, noise: Tensor | None, temperature: float
+    feat: Tensor,
+    logits: Tensor,
+    coarse: Tensor | None,
+    noise: Tensor | None,
+    temperature: float,
+    op: str = "masked_merge",
+    feat_name: str = "feat",
 ) -> None:
-    """Raise a ValueError/TypeError naming the problem if the arguments do not fit together."""
+    """Raise a ValueError/TypeError naming the problem if the arguments do not fit together; ``op``
+    and ``feat_name`` name the op and its feature argument in the messages."""
     if feat.dim() != 4:
-        raise ValueError(f"masked_merge: feat must be 4-D (N, C, H, W), got shape {tuple(feat.shape)}")
+        raise ValueError(f"{op}: {feat_name} must be 4-D (N, C, H, W), got shape {tuple(feat.shape)}")
     if not feat.is_floating_point():
-        raise TypeError(f"masked_merge: feat must be a floating-point tensor, got {feat.dtype}")
+        raise TypeError(f"{op}: {feat_name} must be a floating-point tensor, got {feat.dtype}")
     if feat.shape[1] == 0:
-        raise ValueError(f"masked_merge: feat must have at least one channel, got shape {tuple(feat.shape)}")
-    _check_logits_like(logits, "logits", feat)
+        raise ValueError(f"{op}: {feat_name} must have at least one channel, got shape {tuple(feat.shape)}")
+    _check_logits_like(logits, "logits", feat, op, feat_name)
     if noise is not None:
         if noise.shape != logits.shape:
             raise ValueError(
-                f"masked_merge: noise shape {tuple(noise.shape)} does not match logits shape "
-                f"{tuple(logits.shape)}"
+                f"{op}: noise shape {tuple(noise.shape)} does not match logits shape {tuple(logits.shape)}"
             )
-        _check_logits_like(noise, "noise", feat)
+        _check_logits_like(noise, "noise", feat, op, feat_name)
         if not temperature > 0:
-            raise ValueError(f"masked_merge: temperature must be > 0, got {temperature}")
+            raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
     if coarse is not None:
         if coarse.dim() != 4:
-            raise ValueError(
-                f"masked_merge: coarse must be 4-D (N, C, h, w), got shape {tuple(coarse.shape)}"
-            )
+            raise ValueError(f"{op}: coarse must be 4-D (N, C, h, w), got shape {tuple(coarse.shape)}")
         if coarse.shape[:2] != feat.shape[:2]:
             raise ValueError(
-                f"masked_merge: coarse (N, C) = {tuple(coarse.shape[:2])} does not match feat "
+                f"{op}: coarse (N, C) = {tuple(coarse.shape[:2])} does not match {feat_name} "
                 f"(N, C) = {tuple(feat.shape[:2])}"
             )
         if coarse.dtype != feat.dtype:
             raise TypeError(
-                f"masked_merge: coarse dtype {coarse.dtype} does not match feat dtype {feat.dtype}"
+                f"{op}: coarse dtype {coarse.dtype} does not match {feat_name} dtype {feat.dtype}"
             )
         if coarse.device != feat.device:
-            raise ValueError(f"masked_merge: coarse is on {coarse.device} but feat is on {feat.device}")
+            raise ValueError(f"{op}: coarse is on {coarse.device} but {feat_name} is on {feat.device}")
         if coarse.shape[2] == 0 or coarse.shape[3] == 0:
-            raise ValueError(
-                f"masked_merge: coarse must have a non-empty spatial size, got {tuple(coarse.shape)}"
-            )
+            raise ValueError(f"{op}: coarse must have a non-empty spatial size, got {tuple(coarse.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------
 # The pure PyTorch reference: differentiable by autograd, the independent check of the kernels.
 
 
-def _acc_dtype(feat: Tensor) -> torch.dtype:
+def acc_dtype(feat: Tensor) -> torch.dtype:
+    """The accumulation type of every path: float64 for float64, float32 otherwise."""
     return torch.float64 if feat.dtype == torch.float64 else torch.float32
 
 
@@ -167,7 +123,7 @@ def masked_merge_reference(
 ) -> tuple[Tensor, Tensor]:
     """Pure PyTorch masked merge; gradients come from autograd (straight-through in training)."""
     check_merge_inputs(feat, logits, coarse, noise, temperature)
-    z = _preactivation(logits, noise, temperature, _acc_dtype(feat))
+    z = _preactivation(logits, noise, temperature, acc_dtype(feat))
     hard = (z >= 0).to(z.dtype)
     if noise is None:
         mask = hard.to(feat.dtype)
@@ -212,7 +168,8 @@ def nearest_resize_adjoint(grad: Tensor, size: tuple[int, int] | list[int]) -> T
 # The op's Python kernels: the fallback for devices without a compiled kernel, and fake kernels.
 
 
-def _memory_format(feat: Tensor) -> torch.memory_format:
+def memory_format(feat: Tensor) -> torch.memory_format:
+    """The layout every output takes: feat's (channels_last stays channels_last, else contiguous)."""
     fmt = suggest_memory_format(feat)
     return torch.channels_last if fmt == torch.channels_last else torch.contiguous_format
 
@@ -220,7 +177,7 @@ def _memory_format(feat: Tensor) -> torch.memory_format:
 def _forward_fallback(
     feat: Tensor, logits: Tensor, coarse: Tensor | None, noise: Tensor | None, temperature: float
 ) -> tuple[Tensor, Tensor]:
-    fmt = _memory_format(feat)
+    fmt = memory_format(feat)
     with torch.no_grad():
         out, mask = masked_merge_reference(feat, logits, coarse, noise=noise, temperature=temperature)
     return out.contiguous(memory_format=fmt), mask.contiguous(memory_format=fmt)
@@ -235,8 +192,8 @@ def _backward_fallback(
     temperature: float,
     coarse_size: list[int],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    fmt = _memory_format(feat)
-    acc = _acc_dtype(feat)
+    fmt = memory_format(feat)
+    acc = acc_dtype(feat)
     z = _preactivation(logits, noise, temperature, acc)
     grad_out = grad_out.to(feat.dtype)
     grad_feat = (grad_out * (z >= 0).to(feat.dtype)).contiguous(memory_format=fmt)
@@ -260,7 +217,7 @@ def _forward_fake(
     feat: Tensor, logits: Tensor, coarse: Tensor | None, noise: Tensor | None, temperature: float
 ) -> tuple[Tensor, Tensor]:
     check_merge_inputs(feat, logits, coarse, noise, temperature)
-    fmt = _memory_format(feat)
+    fmt = memory_format(feat)
     n, _, h, w = feat.shape
     return (
         torch.empty_like(feat, memory_format=fmt),
@@ -277,7 +234,7 @@ def _backward_fake(
     temperature: float,
     coarse_size: list[int],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    fmt = _memory_format(feat)
+    fmt = memory_format(feat)
     n, c = feat.shape[:2]
     like = {"dtype": feat.dtype, "device": feat.device}
     grad_coarse = (
@@ -305,8 +262,7 @@ def _backward(ctx, grad_out: Tensor | None, grad_mask: Tensor | None):
 
 
 def _register() -> None:
-    lib = torch.library.Library("aim", "IMPL")
-    _PYTHON_LIBRARIES.append(lib)
+    lib = impl_library()
     # Backend kernels of aim_ext._C (CPU, CUDA) take precedence over this catch-all.
     lib.impl("masked_merge", _forward_fallback, "CompositeExplicitAutograd")
     lib.impl("masked_merge_backward", _backward_fallback, "CompositeExplicitAutograd")
@@ -314,16 +270,11 @@ def _register() -> None:
     torch.library.register_fake("aim::masked_merge_backward", _backward_fake, lib=lib)
     torch.library.register_autograd("aim::masked_merge", _backward, setup_context=_setup_context, lib=lib)
     torch.library.register_autograd(
-        "aim::masked_merge_backward", _no_double_backward, setup_context=_no_context, lib=lib
+        "aim::masked_merge_backward",
+        refuse_double_backward("masked_merge"),
+        setup_context=no_context,
+        lib=lib,
     )
-
-
-def _no_context(ctx, inputs, output) -> None:
-    pass
-
-
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError("masked_merge: double backward (create_graph=True) is not supported")
 
 
 _register()

@@ -1,0 +1,29 @@
+"""The `aim` ops: the masked merge (Eq. 2-3 and the top-down merge) and the whole top-down
+epilogue (LayerNorm, GELU, then the masked merge) of a stage, each with a compiled CPU kernel, a
+CUDA kernel and a pure PyTorch reference behind one `torch.ops.aim` op."""
+
+from aim_ext.ops.library import kernels_available
+from aim_ext.ops.masked_merge import (
+    logistic_noise,
+    masked_merge,
+    masked_merge_reference,
+    nearest_resize_adjoint,
+    nearest_source_indices,
+)
+from aim_ext.ops.topdown_epilogue import (
+    layer_norm_gelu,
+    topdown_epilogue,
+    topdown_epilogue_reference,
+)
+
+__all__ = [
+    "kernels_available",
+    "layer_norm_gelu",
+    "logistic_noise",
+    "masked_merge",
+    "masked_merge_reference",
+    "nearest_resize_adjoint",
+    "nearest_source_indices",
+    "topdown_epilogue",
+    "topdown_epilogue_reference",
+]

@@ -1,0 +1,86 @@
+"""The `aim` operator library: the compiled extension, or Python schemas where it is missing.
+
+Two ops, each with a forward and a backward op:
+
+    aim::masked_merge            Eq. 2-3 and the top-down merge        (aim_ext.ops.masked_merge)
+    aim::topdown_epilogue        LayerNorm, GELU, then the same merge   (aim_ext.ops.topdown_epilogue)
+
+csrc/ops.cpp defines the schemas; the strings below repeat them only for a process without the
+compiled extension (a test checks that both agree). The Python modules next to this one register
+the reference kernels, fake kernels and autograd formulas on top.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+SCHEMAS = (
+    "masked_merge(Tensor feat, Tensor logits, Tensor? coarse, Tensor? noise, "
+    "float temperature) -> (Tensor, Tensor)",
+    "masked_merge_backward(Tensor grad_out, Tensor? grad_mask, Tensor feat, Tensor logits, "
+    "Tensor? noise, float temperature, SymInt[] coarse_size) -> (Tensor, Tensor, Tensor)",
+    "topdown_epilogue(Tensor conv, Tensor ln_weight, Tensor ln_bias, Tensor logits, Tensor? coarse, "
+    "Tensor? noise, float temperature, float eps) -> (Tensor, Tensor, Tensor)",
+    "topdown_epilogue_backward(Tensor grad_out, Tensor? grad_mask, Tensor? grad_features, "
+    "Tensor conv, Tensor ln_weight, Tensor ln_bias, Tensor logits, Tensor? noise, float temperature, "
+    "float eps, SymInt[] coarse_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+
+
+def _load_kernels() -> tuple[ModuleType | None, str]:
+    if os.environ.get("AIM_EXT_NO_KERNELS") == "1":
+        return None, "disabled by AIM_EXT_NO_KERNELS=1"
+    try:
+        from aim_ext import _C
+    except ImportError as error:
+        return None, f"aim_ext._C failed to import: {error}"
+    return _C, ""
+
+
+_C, _LOAD_ERROR = _load_kernels()
+# Keeps the Python registrations alive for the life of the process.
+PYTHON_LIBRARIES: list[torch.library.Library] = []
+
+if _C is None:
+    warnings.warn(
+        f"aim_ext: compiled kernels unavailable ({_LOAD_ERROR}); the aim ops run their pure "
+        "PyTorch references. Rebuild with `pip install --no-build-isolation .` for the fast kernels.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    _schema_lib = torch.library.Library("aim", "DEF")
+    for schema in SCHEMAS:
+        _schema_lib.define(schema)
+    PYTHON_LIBRARIES.append(_schema_lib)
+
+
+def kernels_available() -> dict[str, bool]:
+    """Which compiled kernels exist: CPU, CUDA compiled, and CUDA usable right now."""
+    cuda_compiled = bool(getattr(_C, "cuda_compiled", 0))
+    return {
+        "cpu": _C is not None,
+        "cuda_compiled": cuda_compiled,
+        "cuda": cuda_compiled and torch.cuda.is_available(),
+    }
+
+
+def impl_library() -> torch.library.Library:
+    """A fresh IMPL library for `aim`, kept alive with the others."""
+    lib = torch.library.Library("aim", "IMPL")
+    PYTHON_LIBRARIES.append(lib)
+    return lib
+
+
+def no_context(ctx, inputs, output) -> None:
+    pass
+
+
+def refuse_double_backward(name: str):
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"{name}: double backward (create_graph=True) is not supported")
+
+    return backward
