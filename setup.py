@@ -100,7 +100,12 @@ def extension():
         f"building the CPU and CUDA kernels: {why}; "
         f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'the visible GPUs')}"
     )
-    sources += [f"{CSRC}/cuda/masked_merge_cuda.cpp", f"{CSRC}/cuda/masked_merge_kernel.cu"]
+    sources += [
+        f"{CSRC}/cuda/masked_merge_cuda.cpp",
+        f"{CSRC}/cuda/masked_merge_kernel.cu",
+        f"{CSRC}/cuda/topdown_epilogue_cuda.cpp",
+        f"{CSRC}/cuda/topdown_epilogue_kernel.cu",
+    ]
     return CUDAExtension(
         "aim_ext._C",
         sources,

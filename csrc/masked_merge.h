@@ -24,7 +24,8 @@ void check_merge_inputs(const Tensor& feat, const Tensor& logits,
 void check_merge_backward_inputs(const Tensor& grad_out, const std::optional<Tensor>& grad_mask,
                                  const Tensor& feat, const Tensor& logits,
                                  const std::optional<Tensor>& noise, double temperature,
-                                 at::IntArrayRef coarse_size);
+                                 at::IntArrayRef coarse_size, const char* op = "masked_merge",
+                                 const char* feat_name = "feat");
 
 // The memory format the outputs take: feat's (channels_last stays channels_last).
 at::MemoryFormat merge_memory_format(const Tensor& feat);

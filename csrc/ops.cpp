@@ -63,18 +63,19 @@ void check_merge_inputs(const Tensor& feat, const Tensor& logits,
 void check_merge_backward_inputs(const Tensor& grad_out, const std::optional<Tensor>& grad_mask,
                                  const Tensor& feat, const Tensor& logits,
                                  const std::optional<Tensor>& noise, double temperature,
-                                 at::IntArrayRef coarse_size) {
-  check_merge_inputs(feat, logits, std::nullopt, noise, temperature);
+                                 at::IntArrayRef coarse_size, const char* op,
+                                 const char* feat_name) {
+  check_merge_inputs(feat, logits, std::nullopt, noise, temperature, op, feat_name);
   TORCH_CHECK(grad_out.sizes() == feat.sizes() && grad_out.device() == feat.device(),
-              "masked_merge_backward: grad_out ", grad_out.sizes(), " does not match feat ",
+              op, "_backward: grad_out ", grad_out.sizes(), " does not match ", feat_name, " ",
               feat.sizes());
   if (grad_mask.has_value()) {
     TORCH_CHECK(grad_mask->sizes() == logits.sizes() && grad_mask->device() == feat.device(),
-                "masked_merge_backward: grad_mask ", grad_mask->sizes(),
+                op, "_backward: grad_mask ", grad_mask->sizes(),
                 " does not match logits ", logits.sizes());
   }
   TORCH_CHECK(coarse_size.empty() || coarse_size.size() == 2,
-              "masked_merge_backward: coarse_size must be [] or [h, w], got ", coarse_size);
+              op, "_backward: coarse_size must be [] or [h, w], got ", coarse_size);
 }
 
 at::MemoryFormat merge_memory_format(const Tensor& feat) {
@@ -191,7 +192,8 @@ EpilogueBackward prepare_epilogue_backward(
     const Tensor& bias, const Tensor& logits, const std::optional<Tensor>& noise,
     double temperature, double eps, at::IntArrayRef coarse_size) {
   check_epilogue_inputs(conv, weight, bias, logits, std::nullopt, noise, temperature, eps);
-  check_merge_backward_inputs(grad_out, grad_mask, conv, logits, noise, temperature, coarse_size);
+  check_merge_backward_inputs(grad_out, grad_mask, conv, logits, noise, temperature, coarse_size,
+                              "topdown_epilogue", "conv");
   if (grad_features.has_value()) {
     TORCH_CHECK(grad_features->sizes() == conv.sizes() && grad_features->device() == conv.device(),
                 "topdown_epilogue_backward: grad_features ", grad_features->sizes(),

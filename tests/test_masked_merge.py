@@ -345,8 +345,8 @@ with warnings.catch_warnings(record=True) as caught:
     from aim_ext.ops import kernels_available, masked_merge, masked_merge_reference
 print(sum("compiled kernels unavailable" in str(w.message) for w in caught))
 print(kernels_available())
-print(torch.ops.aim.masked_merge.default._schema)
-print(torch.ops.aim.masked_merge_backward.default._schema)
+for op in ("masked_merge", "masked_merge_backward", "topdown_epilogue", "topdown_epilogue_backward"):
+    print(getattr(torch.ops.aim, op).default._schema)
 f = torch.randn(2, 3, 7, 5, requires_grad=True); l = torch.randn(2, 1, 7, 5); c = torch.randn(2, 3, 4, 3)
 out, mask = masked_merge(f, l, c)
 print(torch.equal(out, masked_merge_reference(f, l, c)[0]))
@@ -359,9 +359,9 @@ torch.library.opcheck(torch.ops.aim.masked_merge.default, (f, l.requires_grad_()
     ).stdout.splitlines()
     assert lines[0] == "1"
     assert lines[1] == str({"cpu": False, "cuda_compiled": False, "cuda": False})
-    assert lines[2] == str(torch.ops.aim.masked_merge.default._schema)
-    assert lines[3] == str(torch.ops.aim.masked_merge_backward.default._schema)
-    assert lines[4] == "True"
+    ops = ("masked_merge", "masked_merge_backward", "topdown_epilogue", "topdown_epilogue_backward")
+    assert lines[2:6] == [str(getattr(torch.ops.aim, op).default._schema) for op in ops]
+    assert lines[6] == "True"
 
 
 def test_torch_compile_fullgraph_sees_one_op():

@@ -132,7 +132,7 @@ def masked_merge_reference(
         # Straight-through: the value is exactly `hard`, the gradient is d soft.
         mask = (hard + (soft - soft.detach())).to(feat.dtype)
     out = feat * mask
-    if coarse is not None:
+    if coarse is not None and out.numel() > 0:  # interpolate refuses an empty output size
         out = out + F.interpolate(coarse, size=feat.shape[-2:], mode="nearest")
     return out, mask
 

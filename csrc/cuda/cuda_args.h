@@ -1,0 +1,57 @@
+// From tensors to the plain arguments of the CUDA launchers (launch.h), shared by the CUDA
+// registrations of both ops.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "../masked_merge.h"
+#include "launch.h"
+
+namespace aim {
+
+inline cuda::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cuda::DType::Float;
+    case at::kDouble: return cuda::DType::Double;
+    case at::kHalf: return cuda::DType::Half;
+    case at::kBFloat16: return cuda::DType::BFloat16;
+    default: TORCH_CHECK(false, "aim_ext CUDA kernels: unsupported dtype ", t);
+  }
+}
+
+// The shape of feat (or conv) and of the coarse map (undefined or empty: none).
+inline cuda::MergeShape merge_shape(const Tensor& feat, const Tensor& coarse) {
+  const bool has_coarse = coarse.defined() && coarse.dim() == 4;
+  return {feat.size(0),
+          feat.size(1),
+          feat.size(2),
+          feat.size(3),
+          has_coarse ? coarse.size(2) : 0,
+          has_coarse ? coarse.size(3) : 0,
+          merge_memory_format(feat) == at::MemoryFormat::ChannelsLast};
+}
+
+// A (N, 1, H, W) map whose element (n, 0, y, x) sits at (n * H + y) * W + x: t itself when it
+// already does (NCHW or channels_last), a contiguous copy otherwise.
+inline Tensor dense_pixels(const Tensor& t) {
+  const bool dense = (t.size(0) <= 1 || t.stride(0) == t.size(2) * t.size(3)) &&
+                     (t.size(2) <= 1 || t.stride(2) == t.size(3)) && (t.size(3) <= 1 || t.stride(3) == 1);
+  return dense ? t : t.contiguous();
+}
+
+// The mask's inputs as the kernels read them; keeps the dense tensors alive.
+struct MaskArgs {
+  Tensor logits, noise;
+  cuda::MaskInput input;
+
+  MaskArgs(const Tensor& logits_in, const std::optional<Tensor>& noise_in, double temperature)
+      : logits(dense_pixels(logits_in)), noise(noise_in.has_value() ? dense_pixels(*noise_in) : Tensor()) {
+    input = {logits.const_data_ptr(), kernel_dtype(logits.scalar_type()),
+             noise.defined() ? noise.const_data_ptr() : nullptr,
+             noise.defined() ? kernel_dtype(noise.scalar_type()) : cuda::DType::Float, temperature};
+  }
+};
+
+}  // namespace aim
