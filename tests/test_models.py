@@ -94,7 +94,9 @@ def test_set_gumbel_controls_noise_and_temperature():
         model.set_gumbel(temperature=0)
 
 
-@pytest.mark.parametrize(("fused", "op", "coarse_arg"), [(True, "topdown_epilogue", 4), (False, "masked_merge", 2)])
+@pytest.mark.parametrize(
+    ("fused", "op", "coarse_arg"), [(True, "topdown_epilogue", 4), (False, "masked_merge", 2)]
+)
 def test_the_model_merges_through_one_op_per_stage(monkeypatch, fused, op, coarse_arg):
     calls = []
     original = getattr(aim_ext.models.topdown, op)
