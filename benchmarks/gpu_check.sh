@@ -34,7 +34,7 @@ step info "$PY" -m aim_ext info
 step tests "$PY" -m pytest -q -p no:cacheprovider --tb=short tests --junitxml="$OUT/tests.xml"
 step memcheck timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" benchmarks/memcheck_case.py
 step bench_ops timeout 420 "$PY" benchmarks/bench_ops.py --json "$OUT/bench_ops.json"
-step bench_ops_cl timeout 300 "$PY" benchmarks/bench_ops.py --channels-last --no-compile --repeats 30 \
+step bench_ops_cl timeout 240 "$PY" benchmarks/bench_ops.py --channels-last --no-compile --repeats 30 \
   --shapes 256,256,28,28,14,14 --json "$OUT/bench_ops_channels_last.json"
 
 echo

@@ -24,7 +24,8 @@ def test_bench_ops_writes_every_case(tmp_path):
     ]
     assert bench_ops.main(argv) == 0
     data = json.loads(out.read_text())
-    assert [r["case"] for r in data["rows"]] == list(bench_ops.CASES)
+    expected = [(op, case) for op in bench_ops.OPS for case in bench_ops.CASES]
+    assert [(r["op"], r["case"]) for r in data["rows"]] == expected
     for row in data["rows"]:
         assert set(row["ms"]) == {"eager", "kernel"} and all(t > 0 for t in row["ms"].values())
         assert row["bytes"] > 0 and row["kernel_gbs"] > 0

@@ -4,11 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import devices
+from conftest import CUDA_REASON, devices
 
 import aim_ext
 from aim_ext.losses import aim_loss
 from aim_ext.models import AIM, AIMOutput, create_model, use_fused_epilogue
+from aim_ext.ops import kernels_available
 
 
 def millions(model: torch.nn.Module) -> float:
@@ -184,6 +185,62 @@ def test_torch_compile_fullgraph_forward(device):
     out = torch.compile(model, fullgraph=True)(x)
     assert isinstance(out, AIMOutput) and out.logits.shape == (2, 3)
     aim_loss(out, torch.tensor([0, 1], device=device), tau=0.5).total.backward()
+
+
+@pytest.mark.skipif(not kernels_available()["cuda"], reason=CUDA_REASON)
+@pytest.mark.parametrize("fused", [True, False])
+def test_cuda_graph_capture_of_forward_and_training_step(fused):
+    """Both ops run inside CUDA graphs: evaluation replays match eager, and a captured training
+    step (forward, straight-through backward) gives eager's loss and gradients; with noise, the
+    in-graph random draws change from replay to replay."""
+    model = create_model("resnet18", num_classes=4, stop_stage=2).cuda()
+    use_fused_epilogue(model, fused)
+    x, y = torch.randn(4, 3, 64, 64, device="cuda"), torch.tensor([0, 1, 2, 3], device="cuda")
+
+    def capture(step):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            result = step()
+        return graph, result
+
+    model.eval()
+    with torch.no_grad():
+        graph, logits = capture(lambda: model(x))
+        graph.replay()
+        torch.testing.assert_close(logits, model(x))
+
+    model.train().set_gumbel(noise=False)
+    for module in model.modules():  # keep the batch statistics out of the comparison
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = 0.0
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        output = model(x)
+        loss = aim_loss(output, y, tau=0.5).total
+        return (loss, output.masks[0], *torch.autograd.grad(loss, params))
+
+    graph, captured = capture(step)
+    graph.replay()
+    eager = step()
+    torch.testing.assert_close(captured[0], eager[0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(captured[2:], eager[2:], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+    model.set_gumbel(noise=True, temperature=0.5)
+    graph, captured = capture(step)
+    masks = []
+    for _ in range(2):
+        graph.replay()
+        masks.append(captured[1].clone())
+    assert not torch.equal(masks[0], masks[1]), "the noise is drawn afresh at each replay"
+    assert torch.isfinite(captured[0])
 
 
 class Predict(torch.nn.Module):
