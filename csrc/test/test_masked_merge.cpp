@@ -1,7 +1,8 @@
-// C++ test of the aim::masked_merge ops through the dispatcher (CPU only), against ATen
-// compositions of the same semantics:
+// C++ test of the aim ops through the dispatcher (CPU only), against ATen compositions of the
+// same semantics:
 //   mask = 1[(logits + noise) / temperature >= 0]   (noise absent: 1[logits >= 0])
-//   out  = feat * mask + upsample_nearest2d(coarse, (H, W))
+//   out  = feat * mask + upsample_nearest2d(coarse, (H, W))              (aim::masked_merge)
+//   feat = gelu(layer_norm over C(conv)), then the same                  (aim::topdown_epilogue)
 // Plain main(): prints one line per check and exits non-zero when any fails.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -102,6 +103,28 @@ void test_backward() {
   check(close(grad_coarse, ref_coarse), "backward: grad_coarse == upsample_nearest2d_backward");
 }
 
+// The fused epilogue in float64 against at::layer_norm and at::gelu followed by the merge.
+void test_epilogue() {
+  const int64_t N = 2, C = 5, H = 9, W = 7, h = 4, w = 5;
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  const Tensor conv = at::randn({N, C, H, W}, f64) * 2 + 1;
+  const Tensor weight = at::randn({C}, f64), bias = at::randn({C}, f64);
+  const Tensor logits = at::randn({N, 1, H, W}, f64), coarse = at::randn({N, C, h, w}, f64);
+  const auto op = c10::Dispatcher::singleton()
+                      .findSchemaOrThrow("aim::topdown_epilogue", "")
+                      .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                const Tensor&, const OptTensor&,
+                                                                const OptTensor&, double, double)>();
+  const auto [out, mask, features] = op.call(conv, weight, bias, logits, coarse, std::nullopt, 1.0, 1e-6);
+  const Tensor normed = at::layer_norm(conv.permute({0, 2, 3, 1}), {C}, weight, bias, 1e-6).permute({0, 3, 1, 2});
+  const Tensor ref_features = at::gelu(normed);
+  const Tensor ref_mask = (logits >= 0).to(at::kDouble);
+  check(close(features, ref_features, 1e-12), "epilogue: features == gelu(layer_norm(conv))");
+  check(same(mask, ref_mask), "epilogue: mask == 1[logits >= 0]");
+  check(close(out, features * mask + at::upsample_nearest2d(coarse, {H, W}), 1e-12),
+        "epilogue: out == features * mask + upsample_nearest2d(coarse)");
+}
+
 void test_bad_input() {
   const Tensor feat = at::randn({2, 3, 8, 8});
   const Tensor logits = at::randn({2, 2, 8, 8});  // must have 1 channel
@@ -123,12 +146,13 @@ int main() {
     test_forward(at::MemoryFormat::Contiguous, "float32 NCHW");
     test_forward(at::MemoryFormat::ChannelsLast, "float32 channels_last");
     test_backward();
+    test_epilogue();
     test_bad_input();
   } catch (const std::exception& e) {
     std::printf("[FAIL] unexpected exception: %s\n", e.what());
     ++failures;
   }
-  std::printf("masked_merge: %s (%d failure%s)\n", failures ? "FAILED" : "passed", failures,
+  std::printf("aim ops: %s (%d failure%s)\n", failures ? "FAILED" : "passed", failures,
               failures == 1 ? "" : "s");
   return failures ? 1 : 0;
 }
