@@ -1,6 +1,6 @@
 // CUDA kernels of aim::masked_merge, written for memory bandwidth: one pass over the feature
 // map, vector loads and stores of up to 16 bytes along the contiguous run (C for channels_last,
-// W for NCHW), 32-bit index arithmetic where the map allows, the mask computed from the logits
+// the H * W plane for NCHW), 32-bit index arithmetic where the map allows, the mask computed from the logits
 // (and noise) in the kernel, so no separate pre-activation pass. Deterministic: the coarse-map
 // gradient sums each source pixel's footprint in one thread, without atomics.
 #include <limits>
@@ -52,27 +52,31 @@ __global__ void __launch_bounds__(kThreads) forward_cl(MergeShape s, MaskInput i
   }
 }
 
-// NCHW: thread i covers columns [x0, x0 + V) of row y of plane (n, c).
+// NCHW: thread i covers elements [o, o + V) of plane (n, c), which may run over a row's end.
 template <typename T, int V, typename index_t>
 __global__ void __launch_bounds__(kThreads) forward_nchw(MergeShape s, MaskInput in, const T* feat,
                                                          const T* coarse, T* out, T* mask) {
   using acc_t = acc_type<T>;
-  const index_t C = s.C, H = s.H, W = s.W, runs = W / V, total = s.N * C * H * runs;
+  const index_t C = s.C, W = s.W, HW = s.H * s.W, runs = HW / V, total = s.N * C * runs;
   const float sh = coarse ? nearest_scale(s.h, s.H) : 0.f, sw = coarse ? nearest_scale(s.w, s.W) : 0.f;
   for (index_t i = blockIdx.x * index_t(blockDim.x) + threadIdx.x; i < total; i += index_t(gridDim.x) * blockDim.x) {
-    const index_t row = i / runs, x0 = (i - row * runs) * V;  // row = (n * C + c) * H + y
-    const index_t nc = row / H, y = row - nc * H, n = nc / C, c = nc - n * C;
-    const index_t pixel0 = (n * H + y) * W + x0;
-    const Vec<T, V> f = load_vec<T, V>(feat + row * W + x0);
-    const T* crow = coarse ? coarse + (nc * index_t(s.h) + index_t(nearest_source_index(y, sh, s.h))) * index_t(s.w) : nullptr;
-    Vec<T, V> o;
+    const index_t nc = i / runs, o = (i - nc * runs) * V, n = nc / C, c = nc - n * C;
+    const Vec<T, V> f = load_vec<T, V>(feat + nc * HW + o);
+    const T* cplane = coarse ? coarse + nc * index_t(s.h) * index_t(s.w) : nullptr;
+    index_t y = o / W, x = o - y * W;
+    Vec<T, V> v;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const acc_t m = mask_at<index_t, acc_t>(in, pixel0 + k);
-      if (c == 0) mask[pixel0 + k] = from_acc<T>(m);
-      o.v[k] = merged<T>(f.v[k], m, crow ? crow + nearest_source_index(x0 + k, sw, s.w) : nullptr);
+      const index_t p = n * HW + o + k;
+      const acc_t m = mask_at<index_t, acc_t>(in, p);
+      if (c == 0) mask[p] = from_acc<T>(m);
+      const T* cp = cplane ? cplane + index_t(nearest_source_index(y, sh, s.h)) * index_t(s.w) +
+                                 index_t(nearest_source_index(x, sw, s.w))
+                           : nullptr;
+      v.v[k] = merged<T>(f.v[k], m, cp);
+      if (++x == W) x = 0, ++y;
     }
-    store_vec<T, V>(out + row * W + x0, o);
+    store_vec<T, V>(out + nc * HW + o, v);
   }
 }
 
@@ -202,7 +206,9 @@ bool small_indices(const MergeShape& s) {
 template <typename T>
 void forward_typed(const MergeShape& s, const MaskInput& in, const T* feat, const T* coarse, T* out, T* mask,
                    cudaStream_t stream) {
-  const int v = vector_width<T>(s.channels_last ? s.C : s.W, {feat, coarse, out});
+  // The contiguous run: a pixel's C channels, or an (n, c) plane of H * W.
+  // (channels_last also loads vectors of coarse; NCHW gathers it element by element).
+  const int v = s.channels_last ? vector_width<T>(s.C, {feat, out, coarse}) : vector_width<T>(s.H * s.W, {feat, out});
   const int64_t elements = s.N * s.C * s.H * s.W;
   dispatch_width(v, [&](auto width) {
     constexpr int V = decltype(width)::value;
