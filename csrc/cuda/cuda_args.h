@@ -41,13 +41,22 @@ inline Tensor dense_pixels(const Tensor& t) {
   return dense ? t : t.contiguous();
 }
 
+// A 1-channel map the kernels can read: dense, in one of the four dtypes they know (others, the
+// float8 types, widen exactly to float32).
+inline Tensor readable_pixels(const Tensor& t) {
+  const auto dtype = t.scalar_type();
+  const bool known = dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
+  return dense_pixels(known ? t : t.to(at::kFloat));
+}
+
 // The mask's inputs as the kernels read them; keeps the dense tensors alive.
 struct MaskArgs {
   Tensor logits, noise;
   cuda::MaskInput input;
 
   MaskArgs(const Tensor& logits_in, const std::optional<Tensor>& noise_in, double temperature)
-      : logits(dense_pixels(logits_in)), noise(noise_in.has_value() ? dense_pixels(*noise_in) : Tensor()) {
+      : logits(readable_pixels(logits_in)),
+        noise(noise_in.has_value() ? readable_pixels(*noise_in) : Tensor()) {
     input = {logits.const_data_ptr(), kernel_dtype(logits.scalar_type()),
              noise.defined() ? noise.const_data_ptr() : nullptr,
              noise.defined() ? kernel_dtype(noise.scalar_type()) : cuda::DType::Float, temperature};

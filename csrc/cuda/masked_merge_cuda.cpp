@@ -39,10 +39,11 @@ std::tuple<Tensor, Tensor, Tensor> masked_merge_backward_cuda(
   const auto fmt = merge_memory_format(feat);
   const Tensor f = feat.contiguous(fmt);
   const Tensor go = grad_out.to(feat.scalar_type()).contiguous(fmt);
-  const Tensor gm = grad_mask.has_value() ? dense_pixels(*grad_mask) : Tensor();
+  const Tensor gm = grad_mask.has_value() ? readable_pixels(*grad_mask) : Tensor();
   const MaskArgs mask_in(logits, noise, temperature);
   Tensor grad_feat = at::empty(feat.sizes(), feat.options().memory_format(fmt));
-  Tensor grad_logits = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  // In the dtype the kernel writes (the logits' own, unless it had to widen them).
+  Tensor grad_logits = at::empty(logits.sizes(), mask_in.logits.options().memory_format(at::MemoryFormat::Contiguous));
   Tensor grad_coarse = coarse_size.empty()
                            ? at::empty({0}, feat.options())
                            : at::empty({feat.size(0), feat.size(1), coarse_size[0], coarse_size[1]},
@@ -54,7 +55,7 @@ std::tuple<Tensor, Tensor, Tensor> masked_merge_backward_cuda(
                        coarse_size.empty() ? nullptr : grad_coarse.mutable_data_ptr(),
                        c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {grad_feat, grad_logits, grad_coarse};
+  return {grad_feat, grad_logits.to(logits.scalar_type()), grad_coarse};
 }
 
 }  // namespace

@@ -197,10 +197,10 @@ __global__ void __launch_bounds__(kThreads) adjoint_nchw(MergeShape s, const T* 
   }
 }
 
-// 32-bit indices when every index and the grid-stride step fit.
+// 32-bit indices when every index into feat and coarse, and the grid-stride step, fit.
 bool small_indices(const MergeShape& s) {
-  const int64_t elements = s.N * s.C * s.H * s.W + int64_t(kThreads) * (1 << 20);
-  return elements < std::numeric_limits<int32_t>::max();
+  const int64_t largest = std::max(s.N * s.C * s.H * s.W, s.N * s.C * s.h * s.w);
+  return largest + int64_t(kThreads) * (1 << 20) < std::numeric_limits<int32_t>::max();
 }
 
 template <typename T>
@@ -228,7 +228,9 @@ void backward_typed(const MergeShape& s, const MaskInput& in, const T* grad_out,
                     DType grad_mask_dtype, const T* feat, T* grad_feat, void* grad_logits, T* grad_coarse,
                     cudaStream_t stream) {
   const int64_t pixels = s.N * s.H * s.W;
-  if (s.channels_last) {
+  if (pixels == 0) {
+    // Nothing to do but the coarse gradient, which is zero (empty footprints).
+  } else if (s.channels_last) {
     const int v = vector_width<T>(s.C, {grad_out, feat, grad_feat});
     dispatch_width(v, [&](auto width) {
       constexpr int V = decltype(width)::value;
@@ -236,7 +238,9 @@ void backward_typed(const MergeShape& s, const MaskInput& in, const T* grad_out,
           s, in, grad_out, grad_mask, grad_mask_dtype, feat, grad_feat, grad_logits);
     });
   } else {
-    const int v = vector_width<T>(s.H * s.W, {grad_out, feat, grad_feat});
+    // At most 2 pixels per thread: each thread walks all C channels, so more would leave too
+    // few threads (and spill registers).
+    const int v = std::min(2, vector_width<T>(s.H * s.W, {grad_out, feat, grad_feat}));
     dispatch_width(v, [&](auto width) {
       constexpr int V = decltype(width)::value;
       backward_nchw<T, V><<<blocks_for(pixels / V), kThreads, 0, stream>>>(
@@ -278,7 +282,7 @@ void merge_forward(DType dtype, const MergeShape& s, const MaskInput& in, const 
 void merge_backward(DType dtype, const MergeShape& s, const MaskInput& in, const void* grad_out,
                     const void* grad_mask, DType grad_mask_dtype, const void* feat, void* grad_feat,
                     void* grad_logits, void* grad_coarse, cudaStream_t stream) {
-  if (s.N * s.H * s.W == 0) return;
+  if (s.N * s.C * (s.H * s.W + s.h * s.w) == 0) return;
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     backward_typed<T>(s, in, static_cast<const T*>(grad_out), grad_mask, grad_mask_dtype, static_cast<const T*>(feat),

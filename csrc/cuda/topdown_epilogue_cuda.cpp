@@ -56,12 +56,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topdown_epilogue_backward_cud
   const Tensor w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
   const Tensor go = grad_out.to(conv.scalar_type()).contiguous(fmt);
   const Tensor gf = grad_features.has_value() ? grad_features->to(conv.scalar_type()).contiguous(fmt) : Tensor();
-  const Tensor gm = grad_mask.has_value() ? dense_pixels(*grad_mask) : Tensor();
+  const Tensor gm = grad_mask.has_value() ? readable_pixels(*grad_mask) : Tensor();
   const MaskArgs mask_in(logits, noise, temperature);
   Tensor grad_conv = at::empty(conv.sizes(), conv.options().memory_format(fmt));
   Tensor grad_weight = at::empty({conv.size(1)}, w.options());
   Tensor grad_bias = at::empty({conv.size(1)}, w.options());
-  Tensor grad_logits = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  // In the dtype the kernel writes (the logits' own, unless it had to widen them).
+  Tensor grad_logits = at::empty(logits.sizes(), mask_in.logits.options().memory_format(at::MemoryFormat::Contiguous));
   Tensor grad_coarse = coarse_size.empty()
                            ? at::empty({0}, conv.options())
                            : at::empty({conv.size(0), conv.size(1), coarse_size[0], coarse_size[1]},
@@ -77,8 +78,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topdown_epilogue_backward_cud
                           coarse_size.empty() ? nullptr : grad_coarse.mutable_data_ptr(), workspace.mutable_data_ptr(),
                           c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {grad_conv, grad_weight.to(weight.scalar_type()), grad_bias.to(bias.scalar_type()), grad_logits,
-          grad_coarse};
+  return {grad_conv, grad_weight.to(weight.scalar_type()), grad_bias.to(bias.scalar_type()),
+          grad_logits.to(logits.scalar_type()), grad_coarse};
 }
 
 }  // namespace

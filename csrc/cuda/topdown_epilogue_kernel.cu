@@ -145,7 +145,8 @@ struct BackwardArgs {
   double eps;
   void* grad_conv;
   void* grad_logits;
-  void* partials;  // [gridDim.x][2][C] in the accumulation type
+  void* partials;     // [gridDim.x][2][C], or [gridDim.x][kWarpsPerBlock][2][C] with warp_rows_in_global
+  bool warp_rows_in_global;  // the per-warp sums live in partials, not shared memory (large C)
 };
 
 template <typename acc_t>
@@ -167,17 +168,25 @@ __device__ void write_block_partials(const acc_t* smem, int64_t C, acc_t* partia
   }
 }
 
+// Where a block's per-warp sums go: [kWarpsPerBlock][2][C] in shared memory, or the block's
+// slice of the global workspace.
+template <typename acc_t>
+__device__ __forceinline__ acc_t* warp_rows(const BackwardArgs& a, int64_t C) {
+  extern __shared__ unsigned char smem_bytes[];
+  return a.warp_rows_in_global ? static_cast<acc_t*>(a.partials) + blockIdx.x * int64_t(kWarpsPerBlock) * 2 * C
+                               : reinterpret_cast<acc_t*>(smem_bytes);
+}
+
 template <typename T, int V, int K>
 __global__ void __launch_bounds__(kThreads) backward_cl(MergeShape s, MaskInput in, BackwardArgs a) {
   using acc_t = acc_type<T>;
-  extern __shared__ unsigned char smem_bytes[];
-  acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
   const T* conv = static_cast<const T*>(a.conv);
   const T* grad_out = static_cast<const T*>(a.grad_out);
   const T* grad_features = static_cast<const T*>(a.grad_features);
   const acc_t* weight = static_cast<const acc_t*>(a.weight);
   const acc_t* bias = static_cast<const acc_t*>(a.bias);
   T* grad_conv = static_cast<T*>(a.grad_conv);
+  acc_t* rows = warp_rows<acc_t>(a, s.C);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t C = s.C, chunks = C / V, pixels = s.N * s.H * s.W;
   const int64_t warps = int64_t(gridDim.x) * kWarpsPerBlock;
@@ -195,7 +204,7 @@ __global__ void __launch_bounds__(kThreads) backward_cl(MergeShape s, MaskInput 
         for (int k = 0; k < V; ++k) sum += (xhat[kk][k] = to_acc(v.v[k]));
       }
     }
-    const acc_t mean = warp_sum(sum) * inv_c;
+    const acc_t mean = warp_sum(sum) / static_cast<acc_t>(C);  // as the forward computes it
     acc_t sq = 0;
 #pragma unroll
     for (int kk = 0; kk < K; ++kk) {
@@ -250,11 +259,11 @@ __global__ void __launch_bounds__(kThreads) backward_cl(MergeShape s, MaskInput 
     if (j >= chunks) continue;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      smem[warp * 2 * C + j * V + k] = sum_w[kk][k];
-      smem[warp * 2 * C + C + j * V + k] = sum_b[kk][k];
+      rows[warp * 2 * C + j * V + k] = sum_w[kk][k];
+      rows[warp * 2 * C + C + j * V + k] = sum_b[kk][k];
     }
   }
-  write_block_partials(smem, C, static_cast<acc_t*>(a.partials));
+  if (!a.warp_rows_in_global) write_block_partials(rows, C, static_cast<acc_t*>(a.partials));
 }
 
 // One thread per pixel; whole warps walk the channels together so that each channel's weight
@@ -262,19 +271,18 @@ __global__ void __launch_bounds__(kThreads) backward_cl(MergeShape s, MaskInput 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) backward_strided(MergeShape s, MaskInput in, BackwardArgs a) {
   using acc_t = acc_type<T>;
-  extern __shared__ unsigned char smem_bytes[];
-  acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
   const T* conv = static_cast<const T*>(a.conv);
   const T* grad_out = static_cast<const T*>(a.grad_out);
   const T* grad_features = static_cast<const T*>(a.grad_features);
   const acc_t* weight = static_cast<const acc_t*>(a.weight);
   const acc_t* bias = static_cast<const acc_t*>(a.bias);
   T* grad_conv = static_cast<T*>(a.grad_conv);
+  acc_t* rows = warp_rows<acc_t>(a, s.C);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t C = s.C, HW = s.H * s.W, pixels = s.N * HW;
   const int64_t cs = s.channels_last ? 1 : HW, ps = s.channels_last ? C : 1;
   const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
-  acc_t* own = smem + warp * 2 * C;
+  acc_t* own = rows + warp * 2 * C;
   for (int64_t i = lane; i < 2 * C; i += kWarp) own[i] = 0;
   __syncwarp();
   const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock * kWarp;
@@ -286,7 +294,7 @@ __global__ void __launch_bounds__(kThreads) backward_strided(MergeShape s, MaskI
     if (valid) {
       acc_t sum = 0, sq = 0;
       for (int64_t c = 0; c < C; ++c) sum += to_acc(conv[base + c * cs]);
-      mean = sum * inv_c;
+      mean = sum / static_cast<acc_t>(C);  // as the forward computes it
       for (int64_t c = 0; c < C; ++c) {
         const acc_t d = to_acc(conv[base + c * cs]) - mean;
         sq += d * d;
@@ -328,10 +336,10 @@ __global__ void __launch_bounds__(kThreads) backward_strided(MergeShape s, MaskI
       store_as<acc_t>(a.grad_logits, in.logits_dtype, p, logit_grad<acc_t>(in, a, p, dot));
     }
   }
-  write_block_partials(smem, C, static_cast<acc_t*>(a.partials));
+  if (!a.warp_rows_in_global) write_block_partials(rows, C, static_cast<acc_t*>(a.partials));
 }
 
-// d weight and d bias: each of the 2C sums adds the blocks' partials in block order.
+// d weight and d bias: each of the 2C sums adds the rows of partial sums in order.
 template <typename acc_t>
 __global__ void sum_partials(const acc_t* partials, int blocks, int64_t C, acc_t* grad_weight, acc_t* grad_bias) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < 2 * C; i += int64_t(gridDim.x) * blockDim.x) {
@@ -370,7 +378,10 @@ int reduction_blocks(int64_t pixels, int64_t pixels_per_block) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kReductionBlocks, (pixels + pixels_per_block - 1) / pixels_per_block)));
 }
 
+// The per-warp sums of one block take kWarpsPerBlock * 2C values: in shared memory when they fit
+// the default 48 KB (C up to 1536 in float), else in the global workspace.
 size_t partials_smem_bytes(const MergeShape& s, size_t acc_size) { return kWarpsPerBlock * 2 * s.C * acc_size; }
+bool rows_in_global(const MergeShape& s, size_t acc_size) { return partials_smem_bytes(s, acc_size) > 48 * 1024; }
 
 }  // namespace
 
@@ -400,7 +411,10 @@ void epilogue_forward(DType dtype, const MergeShape& s, const MaskInput& in, con
   });
 }
 
-int64_t epilogue_workspace_elements(const MergeShape& s) { return int64_t(kReductionBlocks) * 2 * s.C; }
+int64_t epilogue_workspace_elements(const MergeShape& s) {
+  // Sized for double, the widest accumulation type.
+  return int64_t(kReductionBlocks) * 2 * s.C * (rows_in_global(s, sizeof(double)) ? kWarpsPerBlock : 1);
+}
 
 void epilogue_backward(DType dtype, const MergeShape& s, const MaskInput& in, const void* grad_out,
                        const void* grad_mask, DType grad_mask_dtype, const void* grad_features, const void* conv,
@@ -410,22 +424,21 @@ void epilogue_backward(DType dtype, const MergeShape& s, const MaskInput& in, co
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     using acc_t = acc_type<T>;
-    const size_t smem = partials_smem_bytes(s, sizeof(acc_t));
+    const bool global_rows = rows_in_global(s, sizeof(acc_t));
+    const size_t smem = global_rows ? 0 : partials_smem_bytes(s, sizeof(acc_t));
     int blocks = 0;
     if (pixels > 0) {
       const BackwardArgs a{grad_out, grad_mask, grad_mask_dtype, grad_features, conv, weight, bias, eps,
-                           grad_conv, grad_logits, workspace};
+                           grad_conv, grad_logits, workspace, global_rows};
       const int k = register_chunks<T>(s, {grad_out, grad_features, conv, grad_conv});
       if (k == 0) {
         blocks = reduction_blocks(pixels, kThreads);
-        if (smem > 48 * 1024) cudaFuncSetAttribute(backward_strided<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
         backward_strided<T><<<blocks, kThreads, smem, stream>>>(s, in, a);
       } else {
         blocks = reduction_blocks(pixels, kWarpsPerBlock);
         dispatch_chunks(k, [&](auto chunks) {
           constexpr int K = decltype(chunks)::value, V = 16 / sizeof(T);
           if constexpr (K * V <= kMaxRegisterValues) {
-            if (smem > 48 * 1024) cudaFuncSetAttribute(backward_cl<T, V, K>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
             backward_cl<T, V, K><<<blocks, kThreads, smem, stream>>>(s, in, a);
           }
         });
@@ -436,7 +449,7 @@ void epilogue_backward(DType dtype, const MergeShape& s, const MaskInput& in, co
       cudaMemsetAsync(grad_bias, 0, s.C * sizeof(acc_t), stream);
     } else {
       sum_partials<acc_t><<<blocks_for(2 * s.C), kThreads, 0, stream>>>(
-          static_cast<const acc_t*>(workspace), blocks, s.C, static_cast<acc_t*>(grad_weight), static_cast<acc_t*>(grad_bias));
+          static_cast<const acc_t*>(workspace), blocks * (global_rows ? kWarpsPerBlock : 1), s.C, static_cast<acc_t*>(grad_weight), static_cast<acc_t*>(grad_bias));
     }
   });
   if (grad_coarse != nullptr) coarse_adjoint(dtype, s, grad_out, grad_coarse, stream);
