@@ -166,6 +166,21 @@ void check_epilogue_inputs(const Tensor& conv, const Tensor& weight, const Tenso
   TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
 }
 
+void check_epilogue_backward_inputs(const Tensor& grad_out, const std::optional<Tensor>& grad_mask,
+                                    const std::optional<Tensor>& grad_features, const Tensor& conv,
+                                    const Tensor& weight, const Tensor& bias, const Tensor& logits,
+                                    const std::optional<Tensor>& noise, double temperature, double eps,
+                                    at::IntArrayRef coarse_size) {
+  check_epilogue_inputs(conv, weight, bias, logits, std::nullopt, noise, temperature, eps);
+  check_merge_backward_inputs(grad_out, grad_mask, conv, logits, noise, temperature, coarse_size,
+                              "topdown_epilogue", "conv");
+  if (grad_features.has_value()) {
+    TORCH_CHECK(grad_features->sizes() == conv.sizes() && grad_features->device() == conv.device(),
+                "topdown_epilogue_backward: grad_features ", grad_features->sizes(),
+                " does not match conv ", conv.sizes());
+  }
+}
+
 EpilogueForward prepare_epilogue_forward(const Tensor& conv, const Tensor& weight,
                                          const Tensor& bias, const Tensor& logits,
                                          const std::optional<Tensor>& coarse,
@@ -191,14 +206,8 @@ EpilogueBackward prepare_epilogue_backward(
     const std::optional<Tensor>& grad_features, const Tensor& conv, const Tensor& weight,
     const Tensor& bias, const Tensor& logits, const std::optional<Tensor>& noise,
     double temperature, double eps, at::IntArrayRef coarse_size) {
-  check_epilogue_inputs(conv, weight, bias, logits, std::nullopt, noise, temperature, eps);
-  check_merge_backward_inputs(grad_out, grad_mask, conv, logits, noise, temperature, coarse_size,
-                              "topdown_epilogue", "conv");
-  if (grad_features.has_value()) {
-    TORCH_CHECK(grad_features->sizes() == conv.sizes() && grad_features->device() == conv.device(),
-                "topdown_epilogue_backward: grad_features ", grad_features->sizes(),
-                " does not match conv ", conv.sizes());
-  }
+  check_epilogue_backward_inputs(grad_out, grad_mask, grad_features, conv, weight, bias, logits, noise,
+                                 temperature, eps, coarse_size);
   const auto fmt = merge_memory_format(conv);
   const auto acc = acc_dtype(conv);
   const int64_t n = conv.size(0), c = conv.size(1), hw = conv.size(2) * conv.size(3);

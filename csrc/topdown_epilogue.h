@@ -18,6 +18,13 @@ void check_epilogue_inputs(const Tensor& conv, const Tensor& weight, const Tenso
                            const Tensor& logits, const std::optional<Tensor>& coarse,
                            const std::optional<Tensor>& noise, double temperature, double eps);
 
+// The same for the backward's arguments (the forward's plus the incoming gradients).
+void check_epilogue_backward_inputs(const Tensor& grad_out, const std::optional<Tensor>& grad_mask,
+                                    const std::optional<Tensor>& grad_features, const Tensor& conv,
+                                    const Tensor& weight, const Tensor& bias, const Tensor& logits,
+                                    const std::optional<Tensor>& noise, double temperature, double eps,
+                                    at::IntArrayRef coarse_size);
+
 // Checked, laid-out inputs and allocated outputs. conv, coarse, out and features share conv's
 // memory format (merge_memory_format); weight and bias are contiguous in the accumulation type;
 // z = (logits + noise) / temperature is (N, H*W) in the accumulation type.

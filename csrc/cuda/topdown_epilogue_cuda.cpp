@@ -41,14 +41,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topdown_epilogue_backward_cud
     const std::optional<Tensor>& grad_features, const Tensor& conv, const Tensor& weight,
     const Tensor& bias, const Tensor& logits, const std::optional<Tensor>& noise,
     double temperature, double eps, at::IntArrayRef coarse_size) {
-  check_epilogue_inputs(conv, weight, bias, logits, std::nullopt, noise, temperature, eps);
-  check_merge_backward_inputs(grad_out, grad_mask, conv, logits, noise, temperature, coarse_size,
-                              "topdown_epilogue", "conv");
-  if (grad_features.has_value()) {
-    TORCH_CHECK(grad_features->sizes() == conv.sizes() && grad_features->device() == conv.device(),
-                "topdown_epilogue_backward: grad_features ", grad_features->sizes(),
-                " does not match conv ", conv.sizes());
-  }
+  check_epilogue_backward_inputs(grad_out, grad_mask, grad_features, conv, weight, bias, logits, noise,
+                                 temperature, eps, coarse_size);
   const c10::cuda::CUDAGuard guard(conv.device());
   const auto fmt = merge_memory_format(conv);
   const auto acc = acc_dtype(conv);
