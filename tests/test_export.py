@@ -3,10 +3,15 @@ PyTorch. Logits within 1e-4 (fp32); masks identical except where |A| < 1e-4."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
 import torch
+from mixed_masks import mixed_mask_model
 
 import aim_ext
 from aim_ext.cli.export import main as export_main
@@ -28,22 +33,23 @@ from aim_ext.export import (
 pytestmark = pytest.mark.slow
 
 
-def _model(name="resnet18", stop_stage=3, num_classes=10, seed=0):
-    torch.manual_seed(seed)
-    return aim_ext.create_model(name, num_classes=num_classes, stop_stage=stop_stage).eval()
+def _model(name="resnet18", stop_stage=3, num_classes=10, seed=0, image_size=(99, 99)):
+    return mixed_mask_model(name, stop_stage, num_classes, image_size, seed)
 
 
 def _assert_agrees(model, image, outputs, dtype="float32"):
     reference, mask_logits = reference_outputs(model, image)
     checks = compare_outputs(output_names(model), reference, outputs, mask_logits, dtype=dtype)
     assert all(c.ok for c in checks), checks
+    for mask in reference[1:]:
+        assert 0 < mask.float().mean() < 1, "a mask is all 0 or all 1: comparing it would prove little"
     return checks
 
 
 @pytest.fixture(scope="module")
 def resnet_onnx(tmp_path_factory):
     """resnet18+AIM[3] at 299 x 299 (resize ratios 10 -> 19, not 2), dynamic batch."""
-    model = _model()
+    model = _model(image_size=(299, 299))
     path = export_onnx(
         model, tmp_path_factory.mktemp("onnx") / "r18.onnx", image_size=(299, 299), dynamic_batch=True
     )
@@ -81,12 +87,17 @@ def test_onnx_is_plain_onnx_with_named_outputs_and_a_dynamic_batch(resnet_onnx):
 
 
 def test_onnx_convnext_with_three_stages_and_odd_size(tmp_path):
-    """ConvNeXt (LayerNorm everywhere, the fused epilogue in PyTorch) with AIM[1], 67 x 67."""
-    model = _model("convnext_atto", stop_stage=1, num_classes=5)
-    path = export_onnx(model, tmp_path / "c.onnx", image_size=(67, 67), batch_size=2)
-    image = example_image(2, (67, 67), seed=3)
+    """ConvNeXt (LayerNorm everywhere, the fused epilogue in PyTorch) with AIM[1] at 104 x 104:
+    stage 1 is 13 x 13 and stage 2 6 x 6, so the last merge resizes by 13/6."""
+    model = _model("convnext_atto", stop_stage=1, num_classes=5, image_size=(104, 104))
+    path = export_onnx(model, tmp_path / "c.onnx", image_size=(104, 104), batch_size=3)
+    image = example_image(3, (104, 104), seed=3)
     checks = _assert_agrees(model, image, run_onnxruntime(path, image.numpy()))
-    assert [c.name for c in checks] == ["logits", "mask_stage3", "mask_stage2", "mask_stage1"]
+    assert [(c.name, c.shape[-1]) for c in checks[1:]] == [
+        ("mask_stage3", 3),
+        ("mask_stage2", 6),
+        ("mask_stage1", 13),
+    ]
     _assert_agrees(model, image, run_onnx_reference(path, image.numpy()))
 
 
@@ -140,7 +151,7 @@ def test_comparison_fails_on_a_real_mask_flip_and_allows_one_at_the_threshold():
 
 
 def test_cli_exports_a_checkpoint_and_checks_it(tmp_path, capsys):
-    model = _model(num_classes=3, seed=7)
+    model = _model(num_classes=3, seed=7, image_size=(64, 64))
     torch.save({"architecture": "resnet18+AIM[3]", "model": model.state_dict()}, tmp_path / "best.pt")
     argv = ["--model", "resnet18", "--stop-stage", "3", "--num-classes", "3", "--image-size", "64"]
     code = export_main([*argv, "--checkpoint", str(tmp_path / "best.pt"), "--onnx", str(tmp_path / "m.onnx")])
@@ -203,3 +214,11 @@ def test_tensorrt_engine_matches_pytorch(tmp_path, fp16):
     image = example_image(3, (99, 99)).cuda()
     outputs = TensorRTRunner(plan)(image.half() if fp16 else image)
     _assert_agrees(model, image, outputs, dtype="float16" if fp16 else "float32")
+
+
+def test_aim_export_is_installed_as_a_command():
+    script = Path(sys.executable).parent / "aim-export"
+    assert script.exists(), f"{script} missing: reinstall the package (pip install -e .)"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--onnx" in result.stdout and "--tensorrt" in result.stdout
