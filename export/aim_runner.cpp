@@ -214,7 +214,9 @@ struct Package {
   Metadata metadata;
   std::vector<std::string> names;  // of the outputs: logits, then the masks, top stage first
   int64_t height = 0, width = 0;
-  bool cuda = false, fp16 = false;
+  bool cuda = false;
+  std::string dtype_name = "float32";
+  at::ScalarType dtype = at::kFloat;  // of the input the package takes
 };
 
 Package describe(const Metadata& metadata) {
@@ -224,12 +226,14 @@ Package describe(const Metadata& metadata) {
   const auto device = metadata.find("AOTI_DEVICE_KEY");
   p.cuda = device != metadata.end() && device->second == "cuda";
   const auto dtype = metadata.find("aim_ext.dtype");  // float32 when absent
-  p.fp16 = dtype != metadata.end() && dtype->second == "float16";
-  if (dtype != metadata.end() && !p.fp16 && dtype->second != "float32") {
-    fail("unsupported package dtype " + dtype->second);
-  }
+  if (dtype != metadata.end()) p.dtype_name = dtype->second;
+  const std::unordered_map<std::string, at::ScalarType> dtypes = {
+      {"float32", at::kFloat}, {"float16", at::kHalf}, {"bfloat16", at::kBFloat16}};
+  const auto found = dtypes.find(p.dtype_name);
+  if (found == dtypes.end()) fail("unsupported package dtype " + p.dtype_name);
+  p.dtype = found->second;
   std::printf("model %s (%s, %s): %s classes, image %ldx%ld, mean %s, std %s, outputs %s\n",
-              meta(metadata, "model").c_str(), p.cuda ? "cuda" : "cpu", p.fp16 ? "float16" : "float32",
+              meta(metadata, "model").c_str(), p.cuda ? "cuda" : "cpu", p.dtype_name.c_str(),
               meta(metadata, "num_classes").c_str(), p.height, p.width, meta(metadata, "mean").c_str(),
               meta(metadata, "std").c_str(), meta(metadata, "outputs").c_str());
   return p;
@@ -288,7 +292,7 @@ void run(const Args& args) {
   const Package p = describe(loader.get_metadata());
   const Tensor batch = make_batch(args, p);
   const std::vector<Tensor> outputs =
-      loader.run({batch.to(p.cuda ? at::kCUDA : at::kCPU, p.fp16 ? at::kHalf : at::kFloat).contiguous()});
+      loader.run({batch.to(p.cuda ? at::kCUDA : at::kCPU, p.dtype).contiguous()});
   if (outputs.size() != p.names.size()) {
     fail("the package returned " + std::to_string(outputs.size()) + " outputs, its metadata names " +
          std::to_string(p.names.size()));

@@ -135,7 +135,7 @@ def test_runner_resizes_and_normalises_ppm_images_as_pytorch(runner, package, mo
 @pytest.mark.slow
 def test_runner_feeds_an_fp16_package_half_precision(runner, model, tmp_path):
     package = export_aoti(
-        model, tmp_path / "r18_fp16.pt2", image_size=IMAGE_SIZE, dynamic_batch=True, fp16=True
+        model, tmp_path / "r18_fp16.pt2", image_size=IMAGE_SIZE, dynamic_batch=True, dtype=torch.float16
     )
     image = torch.randn(2, 3, *IMAGE_SIZE, generator=torch.Generator().manual_seed(2))
     save_tensor(tmp_path / "batch.aimt", image)

@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             f"onnxruntime ({providers[0]})", "cpu", lambda x: run_onnxruntime(onnx_path, x.numpy(), providers)
         )
     if args.aot:
-        export_aoti(model, args.aot, fp16=args.fp16, device=device, **options)
+        export_aoti(
+            model, args.aot, dtype=torch.float16 if args.fp16 else torch.float32, device=device, **options
+        )
         print(f"wrote {args.aot} (AOTInductor package for {device})")
         checks.run(f"AOTInductor ({device})", device, lambda x: run_aoti(args.aot, x))
     if args.tensorrt:

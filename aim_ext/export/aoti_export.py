@@ -38,14 +38,14 @@ def export_aoti(
     image_size: tuple[int, int] | None = None,
     batch_size: int = 1,
     dynamic_batch: bool = False,
-    fp16: bool = False,
+    dtype: torch.dtype = torch.float32,
     device: str = "cpu",
 ) -> Path:
-    """torch.export the evaluation graph, compile it with AOTInductor and write the .pt2 package."""
+    """torch.export the evaluation graph, compile it with AOTInductor and write the .pt2 package
+    (weights and input in ``dtype``: float32, float16 or bfloat16)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image_size = image_size or image_size_of(model)
-    dtype = torch.float16 if fp16 else torch.float32
     graph = prepare_graph(model, dtype=dtype, device=device)
     args, dynamic_shapes = trace_inputs(
         image_size, batch_size=batch_size, dynamic_batch=dynamic_batch, dtype=dtype, device=device

@@ -1,0 +1,42 @@
+"""The models aim-bench compares: each vanilla backbone with its AIM variants (paper Table 6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from aim_ext.models import create_model
+
+
+@dataclass(frozen=True)
+class Variant:
+    backbone: str
+    stop_stage: int | None = None  # None: the vanilla timm model
+
+    @property
+    def name(self) -> str:
+        return self.backbone if self.stop_stage is None else f"{self.backbone}+AIM[{self.stop_stage}]"
+
+    @property
+    def is_vanilla(self) -> bool:
+        return self.stop_stage is None
+
+    def build(self, num_classes: int) -> nn.Module:
+        return create_model(self.backbone, num_classes=num_classes, stop_stage=self.stop_stage).eval()
+
+
+# Vanilla first: every AIM row's overhead_ratio divides by its family's vanilla row.
+FAMILIES: dict[str, list[int | None]] = {
+    "convnext_tiny": [None, 2, 1],
+    "resnet50": [None, 3, 2],
+    "mobilenetv2_100": [None, 3, 2],
+}
+
+
+def family_variants(backbone: str, quick: bool = False) -> list[Variant]:
+    """The vanilla model and its AIM variants; `quick` keeps the vanilla model and the first one."""
+    if backbone not in FAMILIES:
+        raise ValueError(f"unknown backbone family {backbone!r}; aim-bench knows {', '.join(FAMILIES)}")
+    stops = FAMILIES[backbone][:2] if quick else FAMILIES[backbone]
+    return [Variant(backbone, stop) for stop in stops]

@@ -1,0 +1,216 @@
+"""`aim-bench`: latency, throughput and memory of AIM models against their vanilla backbones.
+
+    aim-bench                                  # GPU: every family, runtime, batch size and dtype
+    aim-bench --device cpu --quick             # a smoke run: under 3 minutes on 2 cores
+    aim-bench --families convnext_tiny --runtimes eager,cudagraphs --batch-sizes 1 --dtypes bfloat16
+
+Each comparison (one family, runtime, batch and dtype) prepares the vanilla model and its AIM
+variants, then times them in alternating rounds, so every overhead_ratio compares figures of the
+same run. Writes DIR/results.json, results.md and overhead.png (default DIR: runs/bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from aim_ext.bench import report
+from aim_ext.bench.cost import gmacs, parameters_m
+from aim_ext.bench.runtimes import BATCH_ONE_ONLY, OUTSIDE_TORCH_MEMORY, RUNTIMES, Setting, Unavailable
+from aim_ext.bench.timing import peak_memory_mib, time_interleaved
+from aim_ext.bench.train_step import prepare_train_step
+from aim_ext.bench.variants import FAMILIES, family_variants
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --quick: small enough for 2 CPU cores in under 3 minutes, every family and kind of row present.
+QUICK = {
+    "runtimes": ["eager", "onnxruntime"],
+    "batch_sizes": [1],
+    "dtypes": ["float32"],
+    "image_size": 160,
+    "train_batch": 8,
+    "train_runtimes": ["eager"],
+    "warmup": 2,
+    "rounds": 3,
+    "per_round": 3,
+}
+FULL = {
+    "runtimes": list(RUNTIMES),
+    "batch_sizes": [1, 32, 256],
+    "dtypes": list(DTYPES),
+    "image_size": 224,
+    "train_batch": 64,
+    "train_runtimes": ["eager", "compile"],
+    "warmup": 10,
+    "rounds": 5,
+    "per_round": 20,
+}
+
+
+def _names(text: str) -> list[str]:
+    return [t for t in text.split(",") if t]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aim-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if present")
+    parser.add_argument("--quick", action="store_true", help="few rows and calls (a smoke run)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--families", type=_names, default=list(FAMILIES), help=", ".join(FAMILIES))
+    parser.add_argument("--runtimes", type=_names, help=", ".join(RUNTIMES))
+    parser.add_argument("--batch-sizes", type=lambda t: [int(b) for b in _names(t)])
+    parser.add_argument("--dtypes", type=_names, help=", ".join(DTYPES))
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument(
+        "--train", action=argparse.BooleanOptionalAction, default=True, help="time training steps"
+    )
+    parser.add_argument("--train-batch", type=int)
+    parser.add_argument("--train-runtimes", type=_names, help="eager, compile")
+    parser.add_argument("--warmup", type=int, help="untimed calls per model before timing")
+    parser.add_argument("--rounds", type=int, help="alternating rounds over the models of a comparison")
+    parser.add_argument("--per-round", type=int, help="timed calls per model and round")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill what the command line left open from the quick or the full preset, and check it."""
+    preset = QUICK if args.quick else FULL
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for name, known, given in (
+        ("runtime", RUNTIMES, args.runtimes),
+        ("dtype", DTYPES, args.dtypes),
+        ("family", FAMILIES, args.families),
+        ("training runtime", ("eager", "compile"), args.train_runtimes),
+    ):
+        unknown = [g for g in given if g not in known]
+        if unknown:
+            raise SystemExit(f"aim-bench: unknown {name} {', '.join(unknown)}; known: {', '.join(known)}")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("aim-bench: --device cuda, but torch sees no CUDA device")
+    return args
+
+
+def _row(kind, variant, runtime, setting: Setting, cost: dict, **measured) -> dict:
+    return {
+        "kind": kind,
+        "family": variant.backbone,
+        "model": variant.name,
+        "variant": "vanilla" if variant.is_vanilla else f"AIM[{variant.stop_stage}]",
+        "runtime": runtime,
+        "batch": setting.batch,
+        "dtype": str(setting.dtype).removeprefix("torch."),
+        "device": setting.device,
+        "channels_last": setting.channels_last,
+        "image_size": list(setting.image_size),
+        **cost,
+        **measured,
+    }
+
+
+def _measure(calls: list, setting: Setting, args, memory: bool) -> list[dict]:
+    timings = time_interleaved(
+        calls, setting.device, warmup=args.warmup, rounds=args.rounds, per_round=args.per_round
+    )
+    rows = []
+    for call, t in zip(calls, timings, strict=True):
+        rows.append(
+            {
+                "status": "ok",
+                "median_ms": t.median_ms,
+                "p25_ms": t.p25_ms,
+                "p75_ms": t.p75_ms,
+                "calls": t.calls,
+                "throughput_img_s": setting.batch / (t.median_ms / 1e3),
+                "peak_mem_mib": peak_memory_mib(call, setting.device) if memory else None,
+            }
+        )
+    return rows
+
+
+def _compare(kind, runtime, variants, models, costs, setting, args, prepare) -> list[dict]:
+    """Prepare every variant's call; time those that could be prepared, in alternating rounds."""
+    calls, statuses = {}, {}
+    for v in variants:
+        try:
+            calls[v] = prepare(models[v], v, setting)
+        except Unavailable as reason:
+            statuses[v] = f"unavailable: {reason}"
+        except Exception as error:  # noqa: BLE001 - a failed row must not end a long run
+            traceback.print_exc()
+            statuses[v] = f"error: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    memory = setting.device == "cuda" and runtime not in OUTSIDE_TORCH_MEMORY
+    measured = (
+        dict(zip(calls, _measure(list(calls.values()), setting, args, memory), strict=True)) if calls else {}
+    )
+    rows = [
+        _row(kind, v, runtime, setting, costs[v], **(measured.get(v) or {"status": statuses[v]}))
+        for v in variants
+    ]
+    if setting.device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    size = (args.image_size, args.image_size)
+    jobs = []
+    for family in args.families:
+        for dtype in args.dtypes:
+            for batch in args.batch_sizes:
+                jobs += [
+                    ("inference", family, dtype, batch, r)
+                    for r in args.runtimes
+                    if batch == 1 or r not in BATCH_ONE_ONLY
+                ]
+            if args.train:
+                jobs += [("train", family, dtype, args.train_batch, r) for r in args.train_runtimes]
+    rows: list[dict] = []
+    models, costs = {}, {}
+    with tempfile.TemporaryDirectory(prefix="aim-bench-") as workdir:
+        for kind, family, dtype, batch, runtime in tqdm(jobs, desc="aim-bench", unit="comparison"):
+            variants = family_variants(family, quick=args.quick)
+            for v in variants:
+                if v not in models:
+                    models[v] = v.build(args.num_classes)
+                    costs[v] = {"params_m": parameters_m(models[v]), "gmacs": gmacs(models[v], size)}
+            setting = Setting(args.device, DTYPES[dtype], batch, size, args.channels_last, Path(workdir))
+            if kind == "inference":
+
+                def prepare(model, variant, s, runtime=runtime):
+                    return RUNTIMES[runtime](model, variant.name, s)
+            else:
+
+                def prepare(model, variant, s, compiled=runtime == "compile"):
+                    return prepare_train_step(variant.build(args.num_classes), s, compiled=compiled)
+
+            rows += _compare(kind, runtime, variants, models, costs, setting, args, prepare)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _settings(build_parser().parse_args(argv))
+    rows = run(args)
+    report.add_ratios(rows)
+    env = report.environment(args.device, argv)
+    report.write(rows, env, args.out)
+    print(report.markdown(rows, env))
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'overhead.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

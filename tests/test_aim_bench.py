@@ -1,0 +1,124 @@
+"""aim-bench: the quick CPU run end to end (rows, ratios, files), and its parts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from aim_ext.bench.cost import gmacs, parameters_m
+from aim_ext.bench.report import add_ratios
+from aim_ext.bench.timing import Timing, time_interleaved
+from aim_ext.bench.variants import Variant
+from aim_ext.cli.bench import main as bench_main
+
+
+@pytest.mark.slow
+def test_quick_cpu_run_writes_every_row_with_ratios(tmp_path, capsys):
+    assert bench_main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows, env = results["rows"], results["env"]
+    assert env["device"] == "cpu" and env["card"].startswith("CPU") and env["versions"]["torch"]
+    inference = [r for r in rows if r["kind"] == "inference"]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert {(r["model"], r["runtime"]) for r in inference} == {
+        (m, rt)
+        for m in (
+            "convnext_tiny",
+            "convnext_tiny+AIM[2]",
+            "resnet50",
+            "resnet50+AIM[3]",
+            "mobilenetv2_100",
+            "mobilenetv2_100+AIM[3]",
+        )
+        for rt in ("eager", "onnxruntime")
+    }
+    assert len(train) == 6
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    by_key = {(r["kind"], r["model"], r["runtime"]): r for r in rows}
+    for r in rows:
+        assert r["p25_ms"] <= r["median_ms"] <= r["p75_ms"]
+        assert r["throughput_img_s"] == pytest.approx(r["batch"] * 1e3 / r["median_ms"])
+        if r["variant"] == "vanilla":
+            assert r["overhead_ratio"] is None
+        else:
+            base = by_key[(r["kind"], r["family"], r["runtime"])]
+            assert r["overhead_ratio"] == pytest.approx(r["median_ms"] / base["median_ms"])
+            assert r["params_m"] > base["params_m"] and r["gmacs"] > base["gmacs"]
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| resnet50+AIM[3] | onnxruntime | 1 | float32 |" in markdown
+    assert (tmp_path / "overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_runtimes_that_cannot_run_here_are_rows_with_the_reason(tmp_path):
+    argv = ["--device", "cpu", "--quick", "--no-train", "--families", "mobilenetv2_100", "--image-size", "64"]
+    assert bench_main([*argv, "--runtimes", "cudagraphs,eager", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    graphs = [r for r in rows if r["runtime"] == "cudagraphs"]
+    assert len(graphs) == 2 and all(
+        r["status"] == "unavailable: needs a CUDA device (CUDA graphs)" for r in graphs
+    )
+    assert all(r["status"] == "ok" for r in rows if r["runtime"] == "eager")
+
+
+def test_unknown_names_are_refused():
+    with pytest.raises(SystemExit, match="unknown runtime warp; known: eager"):
+        bench_main(["--device", "cpu", "--runtimes", "warp"])
+
+
+def test_ratios_divide_by_the_vanilla_row_of_the_same_comparison():
+    def row(model, variant, runtime, ms, kind="inference", batch=1):
+        return {
+            "kind": kind,
+            "family": "f",
+            "model": model,
+            "variant": variant,
+            "runtime": runtime,
+            "batch": batch,
+            "dtype": "float32",
+            "status": "ok",
+            "median_ms": ms,
+        }
+
+    rows = [
+        row("f", "vanilla", "eager", 10.0),
+        row("f+AIM[2]", "AIM[2]", "eager", 12.0),
+        row("f", "vanilla", "compile", 5.0),
+        row("f+AIM[2]", "AIM[2]", "compile", 8.0),
+        row("f+AIM[2]", "AIM[2]", "eager", 30.0, batch=32),  # no vanilla row at batch 32
+        row("f", "vanilla", "eager", 20.0, kind="train"),
+        row("f", "vanilla", "compile", 16.0, kind="train"),
+        row("f+AIM[2]", "AIM[2]", "compile", 40.0, kind="train"),
+    ]
+    add_ratios(rows)
+    assert [r["overhead_ratio"] for r in rows] == [None, 1.2, None, 1.6, None, None, None, 2.5]
+    assert rows[-1]["ratio_to_fastest_vanilla"] == 2.5 and rows[5]["ratio_to_fastest_vanilla"] == 1.25
+
+
+def test_timing_statistics_and_interleaving():
+    t = Timing.of([4.0, 1.0, 3.0, 2.0, 100.0])
+    assert t.median_ms == 3.0 and t.p25_ms <= 2.0 and t.p75_ms >= 4.0 and t.calls == 5
+    order = []
+    timings = time_interleaved(
+        [lambda: order.append("a"), lambda: order.append("b")], "cpu", warmup=1, rounds=2, per_round=2
+    )
+    assert order == ["a", "b", "a", "a", "b", "b", "a", "a", "b", "b"]
+    assert [t.calls for t in timings] == [4, 4]
+
+
+def test_parameters_and_macs_match_the_papers_table_6():
+    """Table 6 (200 classes): ConvNeXt-T 4.5 GFLOPs (multiply-adds), +AIM[2] 4.6, +AIM[1] 5.2;
+    ResNet-50 4.1, +AIM[3] 4.4, +AIM[2] 5.1."""
+    table = {
+        ("convnext_tiny", None): 4.5,
+        ("convnext_tiny", 2): 4.6,
+        ("convnext_tiny", 1): 5.2,
+        ("resnet50", None): 4.1,
+        ("resnet50", 3): 4.4,
+        ("resnet50", 2): 5.1,
+    }
+    for (backbone, stop), expected in table.items():
+        model = Variant(backbone, stop).build(200)
+        assert gmacs(model, (224, 224)) == pytest.approx(expected, abs=0.1), (backbone, stop)
+    assert parameters_m(Variant("convnext_tiny", 2).build(200)) == pytest.approx(29.9, abs=0.1)
