@@ -4,12 +4,7 @@
 # training step at batch 64, eager and compiled. Builds the extension first (as gpu_check.sh).
 # Results go to $OUT/bench_b1, $OUT/bench_b256 and $OUT/bench_train (results.json, .md, .png).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/aim-gpu-bench}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD MAX_JOBS=${MAX_JOBS:-16}
-PY=${PYTHON:-python3}
-if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
+source "$(dirname "$0")/gpu_env.sh" /tmp/aim-gpu-bench
 BENCH=("$PY" -m aim_ext.cli.bench --device cuda --families convnext_tiny,resnet50 --dtypes bfloat16)
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"

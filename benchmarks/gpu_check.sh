@@ -4,15 +4,7 @@
 # the eager and compiled references (benchmarks/bench_ops.py), print a summary.
 # Logs go to $OUT (the device tool's output folder) or /tmp/aim-gpu-check.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/aim-gpu-check}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD MAX_JOBS=${MAX_JOBS:-16}
-PY=${PYTHON:-python3}
-# The GPU image's /opt/gcc/bin/g++ (first on PATH) is a wrapper that links its own libstdc++ into
-# the extension; that copy clashes with torch's and crashes formatting a c10::Error message.
-# The system compiler links libstdc++ dynamically, as torch does.
-if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
+source "$(dirname "$0")/gpu_env.sh" /tmp/aim-gpu-check
 declare -a summary
 
 step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record status and time

@@ -41,9 +41,19 @@ def add_ratios(rows: list[dict]) -> None:
             )
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment(device: str, argv: list[str]) -> dict:
     """The card (or CPU), versions and the commit, so that figures can be traced."""
-    card = torch.cuda.get_device_name() if device == "cuda" else f"CPU: {platform.processor() or 'unknown'}"
+    card = torch.cuda.get_device_name() if device == "cuda" else f"CPU: {_cpu_name()}"
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -80,12 +90,44 @@ def _ms(row: dict) -> str:
     return f"{row['median_ms']:.2f} ({row['p25_ms']:.2f}-{row['p75_ms']:.2f})"
 
 
-def _head(row: dict) -> str:
-    return f"| {row['model']} | {row['runtime']} | {row['batch']} | {row['dtype']} |"
-
-
 def _ratio(value) -> str:
     return "" if value is None else f"{value:.2f}"
+
+
+def _memory(row: dict) -> str:
+    return "" if row["peak_mem_mib"] is None else f"{row['peak_mem_mib']:.0f}"
+
+
+# The columns after model, runtime, batch and dtype: (header, cell of an "ok" row).
+INFERENCE_COLUMNS = [
+    ("ms", _ms),
+    ("img/s", lambda r: f"{r['throughput_img_s']:.1f}"),
+    ("peak MiB", _memory),
+    ("params M", lambda r: f"{r['params_m']:.1f}"),
+    ("GMACs", lambda r: f"{r['gmacs']:.2f}"),
+    ("overhead", lambda r: _ratio(r["overhead_ratio"])),
+]
+TRAIN_COLUMNS = [
+    ("ms", _ms),
+    ("peak MiB", _memory),
+    ("overhead", lambda r: _ratio(r["overhead_ratio"])),
+    ("/ fastest vanilla", lambda r: _ratio(r["ratio_to_fastest_vanilla"])),
+]
+
+
+def _table(rows: list[dict], columns, dtype_header: str = "dtype") -> list[str]:
+    headers = ["model", "runtime", "batch", dtype_header, *(h for h, _ in columns)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for r in rows:
+        cells = (
+            [cell(r) for _, cell in columns]
+            if r["status"] == "ok"
+            else [r["status"]] + [""] * (len(columns) - 1)
+        )
+        lines.append(
+            "| " + " | ".join([r["model"], r["runtime"], str(r["batch"]), r["dtype"], *cells]) + " |"
+        )
+    return lines
 
 
 def markdown(rows: list[dict], env: dict) -> str:
@@ -101,40 +143,16 @@ def markdown(rows: list[dict], env: dict) -> str:
         "",
         "## Inference",
         "",
-        "| model | runtime | batch | dtype | ms | img/s | peak MiB | params M | GMACs | overhead |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *_table([r for r in rows if r["kind"] == "inference"], INFERENCE_COLUMNS),
     ]
-    for r in (r for r in rows if r["kind"] == "inference"):
-        if r["status"] != "ok":
-            lines.append(
-                f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['dtype']} | {r['status']} ||||||"
-            )
-            continue
-        memory = "" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
-        lines.append(
-            f"{_head(r)} {_ms(r)} | {r['throughput_img_s']:.1f} | {memory} | {r['params_m']:.1f} | "
-            f"{r['gmacs']:.2f} | {_ratio(r['overhead_ratio'])} |"
-        )
     train = [r for r in rows if r["kind"] == "train"]
     if train:
         lines += [
             "",
             "## Training step (forward, loss, backward, AdamW)",
             "",
-            "| model | runtime | batch | dtype (autocast) | ms | peak MiB | overhead | / fastest vanilla |",
-            "|---|---|---|---|---|---|---|---|",
+            *_table(train, TRAIN_COLUMNS, "dtype (autocast)"),
         ]
-        for r in train:
-            if r["status"] != "ok":
-                lines.append(
-                    f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['dtype']} | {r['status']} ||||"
-                )
-                continue
-            memory = "" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
-            lines.append(
-                f"{_head(r)} {_ms(r)} | {memory} | "
-                f"{_ratio(r['overhead_ratio'])} | {_ratio(r['ratio_to_fastest_vanilla'])} |"
-            )
     return "\n".join(lines) + "\n"
 
 
