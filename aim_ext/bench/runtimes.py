@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from aim_ext.export import EvalGraph, example_image, export_aoti, export_onnx, tensorrt_available
+from aim_ext.export import INPUT_NAME, EvalGraph, example_image, export_aoti, export_onnx, tensorrt_available
 from aim_ext.export.onnx_export import onnxruntime_providers
 
 
@@ -131,11 +131,11 @@ def prepare_onnxruntime(model: nn.Module, name: str, s: Setting) -> Callable[[],
     )
     image = s.image(channels_last=False)
     if s.device != "cuda":
-        feed = {"image": image.numpy()}
+        feed = {INPUT_NAME: image.numpy()}
         return lambda: session.run(None, feed)
     binding = session.io_binding()
     element = np.float16 if s.dtype == torch.float16 else np.float32
-    binding.bind_input("image", "cuda", 0, element, tuple(image.shape), image.data_ptr())
+    binding.bind_input(INPUT_NAME, "cuda", 0, element, tuple(image.shape), image.data_ptr())
     for output in session.get_outputs():
         binding.bind_output(output.name, "cuda")
     return lambda: session.run_with_iobinding(binding)

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import Tensor
 
 # fp32: the acceptance bounds. fp16: logits relative to their scale, and a margin that
@@ -95,7 +94,3 @@ def format_checks(title: str, checks: Sequence[OutputCheck]) -> str:
             f"{'yes' if c.ok else 'NO'} |"
         )
     return "\n".join(lines)
-
-
-def torch_dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "float32", torch.float16: "float16"}[dtype]
