@@ -1,20 +1,82 @@
 #!/usr/bin/env bash
-# aim-bench on an H100/H200 for the targets of the benchmark issue (bf16, channels_last):
-# batch 1 in eager, CUDA graphs and AOTInductor; batch 256 in eager and torch.compile; the
-# training step at batch 64, eager and compiled. Builds the extension first (as gpu_check.sh).
-# Results go to $OUT/bench_b1, $OUT/bench_b256 and $OUT/bench_train (results.json, .md, .png).
+# aim-bench on one H100/H200 within one short lease, in order of what the benchmark issue needs:
+#   build the extension (sm_90 only), the CUDA tests of the ops and the concurrent branches,
+#   aim-bench batch 1 (eager, CUDA graphs; concurrent and one-stream branches), batches 32 and 256
+#   (eager), the training step at batch 64 (eager), where the time goes (profile_overhead.py),
+#   then, while time is left: compiled training steps, torch.compile with CUDA graphs and
+#   AOTInductor at batch 1, and the ops benchmark.
+# Every step has a time limit and all of them share BUDGET seconds (default 450); a step that
+# would start with under 20 s left is skipped and says so. Logs, results.json/.md/.png and the
+# profiles go to $OUT/results.tgz (rewritten after every step, so a cut-off run still returns
+# what it finished; the device tool returns at most 8 files) and the summary to $OUT/summary.md.
+# Set AIM_EXT_COMMIT to the commit when the tree travels without .git.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh" /tmp/aim-gpu-bench
-BENCH=("$PY" -m aim_ext.cli.bench --device cuda --families convnext_tiny,resnet50 --dtypes bfloat16)
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+BUDGET=${BUDGET:-450}
+WORK=$(mktemp -d /tmp/aim-gpu-bench.XXXX)
+declare -a summary
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-"$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || { tail -n 30 "$OUT/build.log"; exit 1; }
-timeout 240 "${BENCH[@]}" --batch-sizes 1 --runtimes eager,cudagraphs,aoti --no-train \
-  --out "$OUT/bench_b1" >"$OUT/bench_b1.log" 2>&1
-timeout 240 "${BENCH[@]}" --batch-sizes 256 --runtimes eager,compile --no-train \
-  --out "$OUT/bench_b256" >"$OUT/bench_b256.log" 2>&1
-timeout 240 "${BENCH[@]}" --runtimes eager --batch-sizes 1 --train-runtimes eager,compile --train-batch 64 \
-  --out "$OUT/bench_train" >"$OUT/bench_train.log" 2>&1
-for part in b1 b256 train; do
-  echo "== $part"; grep -E "^\|" "$OUT/bench_$part.log" || tail -n 20 "$OUT/bench_$part.log"
-done
+step() {  # step NAME LIMIT COMMAND...: run with a limit inside the budget, log to $WORK/NAME.log
+  local name=$1 limit=$2; shift 2
+  local left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 20 ]; then summary+=("| $name | skipped: budget spent | |"); return 0; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
+  local rc=$?
+  local result=ok
+  [ $rc -eq 124 ] && result="TIMED OUT (${limit} s)"
+  [ $rc -ne 0 ] && [ $rc -ne 124 ] && result="FAILED ($rc)"
+  summary+=("| $name | $result | $((SECONDS - start)) s |")
+  echo "== $name: $result"
+  [ $rc -ne 0 ] && tail -n 25 "$WORK/$name.log"
+  printf '%s\n' "${summary[@]}" >"$WORK/summary.md"
+  tar czf "$OUT/results.tgz" -C "$WORK" .
+  return 0
+}
+
+BENCH=("$PY" -m aim_ext.cli.bench --device cuda --families convnext_tiny,resnet50 --dtypes bfloat16)
+PROFILE=("$PY" benchmarks/profile_overhead.py --dtype bfloat16)
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$WORK/gpu.txt"
+export AIM_EXT_COMMIT=${AIM_EXT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
+step build 240 "$PY" setup.py build_ext --inplace
+step tests 150 "$PY" -m pytest -q -p no:cacheprovider -n 4 --tb=short -k "cuda or concurrent" \
+  tests/test_concurrency.py tests/test_masked_merge.py tests/test_epilogue.py tests/test_models.py
+step bench_b1 120 "${BENCH[@]}" --families convnext_tiny,resnet50,mobilenetv2_100 --batch-sizes 1 --runtimes eager,cudagraphs --no-train --out "$WORK/bench_b1"
+step bench_b1_one_stream 60 "${BENCH[@]}" --batch-sizes 1 --runtimes cudagraphs --no-train \
+  --no-concurrent-branches --out "$WORK/bench_b1_one_stream"
+step bench_b256 120 "${BENCH[@]}" --batch-sizes 32,256 --runtimes eager --no-train --out "$WORK/bench_b256"
+step profile_convnext_b1 60 "${PROFILE[@]}" --model convnext_tiny --stop-stages 2,1 --batch 1 \
+  --out "$WORK/profile_convnext_b1.md"
+step profile_resnet_b1 45 "${PROFILE[@]}" --model resnet50 --stop-stages 3 --batch 1 \
+  --out "$WORK/profile_resnet_b1.md"
+step bench_train 120 "${BENCH[@]}" --runtimes "" --train-runtimes eager --train-batch 64 --out "$WORK/bench_train"
+step profile_convnext_b256 60 "${PROFILE[@]}" --model convnext_tiny --stop-stages 1 --batch 256 --eager \
+  --reps 20 --out "$WORK/profile_convnext_b256.md"
+step profile_train 60 "${PROFILE[@]}" --model convnext_tiny --stop-stages 2 --train-batch 64 --reps 50 \
+  --out "$WORK/profile_train.md"
+step bench_train_compiled 240 "${BENCH[@]}" --families convnext_tiny --stop-stages vanilla,2 --runtimes "" \
+  --train-runtimes compile --train-batch 64 --out "$WORK/bench_train_compiled"
+step bench_b1_compiled 200 "${BENCH[@]}" --families convnext_tiny --batch-sizes 1 \
+  --runtimes compile-cudagraphs,aoti --no-train --out "$WORK/bench_b1_compiled"
+step bench_ops 90 "$PY" benchmarks/bench_ops.py --no-compile --repeats 30 --json "$WORK/bench_ops.json"
+
+echo
+echo "aim-bench on $(cut -d, -f1 "$WORK/gpu.txt"), commit ${AIM_EXT_COMMIT:-unknown}"
+echo "| step | result | time |"
+echo "|---|---|---|"
+cat "$WORK/summary.md"
+cp "$WORK/summary.md" "$OUT/summary.md"
+grep -hE "[0-9]+ (passed|failed)" "$WORK/tests.log" | tail -n 1
+"$PY" - "$WORK" <<'PYTHON'
+import json, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*/results.json")):
+    for r in json.loads(path.read_text())["rows"]:
+        ms = f"{r['median_ms']:.3f}" if r["status"] == "ok" else r["status"][:60]
+        ratio = r.get("overhead_ratio")
+        fastest = r.get("ratio_to_fastest_vanilla")
+        print(f"{path.parent.name} | {r['kind']} | {r['model']} | {r['runtime']} | b{r['batch']} | {ms} | "
+              f"{'' if ratio is None else f'{ratio:.3f}'} | {'' if fastest is None else f'{fastest:.3f}'}")
+PYTHON

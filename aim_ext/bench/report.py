@@ -64,6 +64,8 @@ def environment(device: str, argv: list[str]) -> dict:
         ).stdout.strip()
     except OSError:
         commit = ""
+    # A copy of the tree without .git (a GPU machine's) names its commit in AIM_EXT_COMMIT.
+    commit = commit or os.environ.get("AIM_EXT_COMMIT", "")
     versions = {
         "torch": torch.__version__,
         "aim_ext": aim_ext.__version__,
@@ -130,6 +132,14 @@ def _table(rows: list[dict], columns, dtype_header: str = "dtype") -> list[str]:
     return lines
 
 
+def _branches_note(env: dict) -> list[str]:
+    if env.get("concurrent_branches") is None or env["device"] != "cuda":
+        return []
+    if env["concurrent_branches"]:
+        return ["AIM's branches run on concurrent CUDA streams in the eager and CUDA graph rows."]
+    return ["AIM's branches run on one CUDA stream (--no-concurrent-branches)."]
+
+
 def markdown(rows: list[dict], env: dict) -> str:
     lines = [
         "# aim-bench",
@@ -140,11 +150,11 @@ def markdown(rows: list[dict], env: dict) -> str:
         "Latency: median (25th-75th percentile) over all timed calls; overhead = AIM / vanilla of the",
         "same runtime, batch and dtype, timed in alternating rounds of the same run. GMACs: Table 6's",
         '"GFLOPs" (multiply-adds) for one image.',
-        "",
-        "## Inference",
-        "",
-        *_table([r for r in rows if r["kind"] == "inference"], INFERENCE_COLUMNS),
+        *_branches_note(env),
     ]
+    inference = [r for r in rows if r["kind"] == "inference"]
+    if inference:
+        lines += ["", "## Inference", "", *_table(inference, INFERENCE_COLUMNS)]
     train = [r for r in rows if r["kind"] == "train"]
     if train:
         lines += [

@@ -25,7 +25,8 @@ from aim_ext.bench.cost import gmacs, parameters_m
 from aim_ext.bench.runtimes import BATCH_ONE_ONLY, OUTSIDE_TORCH_MEMORY, RUNTIMES, Setting, Unavailable
 from aim_ext.bench.timing import peak_memory_mib, time_interleaved
 from aim_ext.bench.train_step import prepare_train_step
-from aim_ext.bench.variants import FAMILIES, family_variants
+from aim_ext.bench.variants import FAMILIES, Variant, family_variants
+from aim_ext.models import AIM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # --quick: small enough for 2 CPU cores in under 3 minutes, every family and kind of row present.
@@ -65,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="few rows and calls (a smoke run)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--families", type=_names, default=list(FAMILIES), help=", ".join(FAMILIES))
+    parser.add_argument(
+        "--stop-stages",
+        type=_names,
+        help="keep these variants of each family, e.g. vanilla,2 (default: all of FAMILIES)",
+    )
     parser.add_argument("--runtimes", type=_names, help=", ".join(RUNTIMES))
     parser.add_argument("--batch-sizes", type=lambda t: [int(b) for b in _names(t)])
     parser.add_argument("--dtypes", type=_names, help=", ".join(DTYPES))
@@ -79,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, help="alternating rounds over the models of a comparison")
     parser.add_argument("--per-round", type=int, help="timed calls per model and round")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--concurrent-branches",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run AIM's mask estimators and feature branches on CUDA side streams in eager and CUDA "
+        "graph rows (AIM.concurrent_branches); --no-concurrent-branches: one stream",
+    )
     return parser
 
 
@@ -101,6 +114,13 @@ def _settings(args: argparse.Namespace) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("aim-bench: --device cuda, but torch sees no CUDA device")
     return args
+
+
+def _selected(variants: list[Variant], stop_stages: list[str] | None) -> list[Variant]:
+    """The variants named by --stop-stages ("vanilla" or a stage number), all when not given."""
+    if stop_stages is None:
+        return variants
+    return [v for v in variants if ("vanilla" if v.is_vanilla else str(v.stop_stage)) in stop_stages]
 
 
 def _row(kind, variant, runtime, setting: Setting, cost: dict, **measured) -> dict:
@@ -181,7 +201,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     models, costs = {}, {}
     with tempfile.TemporaryDirectory(prefix="aim-bench-") as workdir:
         for kind, family, dtype, batch, runtime in tqdm(jobs, desc="aim-bench", unit="comparison"):
-            variants = family_variants(family, quick=args.quick)
+            variants = _selected(family_variants(family, quick=args.quick), args.stop_stages)
             for v in variants:
                 if v not in models:
                     models[v] = v.build(args.num_classes)
@@ -203,9 +223,11 @@ def run(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _settings(build_parser().parse_args(argv))
+    AIM.concurrent_branches = args.concurrent_branches
     rows = run(args)
     report.add_ratios(rows)
     env = report.environment(args.device, argv)
+    env["concurrent_branches"] = args.concurrent_branches
     report.write(rows, env, args.out)
     print(report.markdown(rows, env))
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'overhead.png'}")

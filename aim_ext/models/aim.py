@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import timm
 from torch import Tensor, nn
 
+from aim_ext.models.concurrency import can_run_concurrently, fork, join
 from aim_ext.models.heads import ClassifierHead, masked_avg_pool
 from aim_ext.models.topdown import TOPDOWN_WIDTH, StageOutput, TopDownStage
 
@@ -73,6 +75,10 @@ class AIM(nn.Module):
         self.pretrained_cfg = dict(self.backbone.pretrained_cfg)
         self.default_cfg = self.pretrained_cfg
 
+    # Run the stages' mask estimators and feature branches concurrently on CUDA side streams in
+    # eager mode (same results; see aim_ext.models.concurrency). Set False for one stream.
+    concurrent_branches = True
+
     def set_gumbel(self, *, temperature: float | None = None, noise: bool | None = None) -> None:
         """Set the Gumbel temperature and whether training draws noise (evaluation never does)."""
         if temperature is not None:
@@ -85,10 +91,32 @@ class AIM(nn.Module):
     def forward_topdown(self, x: Tensor) -> list[StageOutput]:
         """Run the backbone and the top-down pathway; the last stage's `merged` is P_T."""
         feats = self.backbone(x)
+        inputs = [feats[index] for index in self.stage_indices]
+        if self.concurrent_branches and can_run_concurrently(x):
+            return self._merge_concurrent_branches(inputs)
         outputs: list[StageOutput] = []
         coarse = None
-        for index, stage in zip(self.stage_indices, self.stages, strict=True):
-            out = stage(feats[index], coarse, temperature=self.temperature, noise=self.gumbel_noise)
+        for stage, s in zip(self.stages, inputs, strict=True):
+            out = stage(s, coarse, temperature=self.temperature, noise=self.gumbel_noise)
+            outputs.append(out)
+            coarse = out.merged
+        return outputs
+
+    def _merge_concurrent_branches(self, inputs: list[Tensor]) -> list[StageOutput]:
+        """`forward_topdown`'s loop with every stage's M_l and T_l started at once on side streams
+        (`aim_ext.models.concurrency`); the merges run in order on the current stream."""
+        launched = fork(
+            [
+                job
+                for stage, s in zip(self.stages, inputs, strict=True)
+                for job in (partial(stage.mask_estimator, s), partial(stage.feature_branch, s))
+            ]
+        )
+        outputs: list[StageOutput] = []
+        coarse = None
+        for k, stage in enumerate(self.stages):
+            logits, branch = join(*launched[2 * k]), join(*launched[2 * k + 1])
+            out = stage.merge(logits, branch, coarse, temperature=self.temperature, noise=self.gumbel_noise)
             outputs.append(out)
             coarse = out.merged
         return outputs

@@ -70,29 +70,43 @@ class TopDownStage(nn.Module):
         self.mask_estimator = MaskEstimator(in_channels)
 
     def forward(self, s: Tensor, coarse: Tensor | None, *, temperature: float, noise: bool) -> StageOutput:
-        logits = self.mask_estimator(s)
+        return self.merge(
+            self.mask_estimator(s), self.feature_branch(s), coarse, temperature=temperature, noise=noise
+        )
+
+    def uses_fused_epilogue(self) -> bool:
+        return self.fused_epilogue and self.features.fusable()
+
+    def feature_branch(self, s: Tensor) -> Tensor:
+        """T_l(S_l), or only its convolutions when the epilogue op finishes it in `merge`.
+
+        This and the mask estimator depend on S_l alone, so they can run concurrently (see
+        `aim_ext.models.concurrency`); `merge` needs both and the stage above."""
+        return self.features.convolutions(s) if self.uses_fused_epilogue() else self.features(s)
+
+    def merge(
+        self, logits: Tensor, branch: Tensor, coarse: Tensor | None, *, temperature: float, noise: bool
+    ) -> StageOutput:
+        """Eq. 2, Eq. 3 and the top-down merge, from A_l = `logits` and `feature_branch`'s output."""
         sample = None  # evaluation: the deterministic mask 1[A >= 0]
         if self.training:  # noise off still trains the estimator through the straight-through gradient
             sample = logistic_noise(logits) if noise else torch.zeros_like(logits, dtype=torch.float32)
-        branch = self.features
-        if self.fused_epilogue and branch.fusable():
-            conv = branch.convolutions(s)
-            coarse = _same_dtype(coarse, conv)
+        coarse = _same_dtype(coarse, branch)
+        if self.uses_fused_epilogue():
+            norm = self.features.norm
             merged, mask, feat = topdown_epilogue(
-                conv,
-                branch.norm.weight,
-                branch.norm.bias,
+                branch,
+                norm.weight,
+                norm.bias,
                 logits,
                 coarse,
                 noise=sample,
                 temperature=temperature,
-                eps=branch.norm.eps,
+                eps=norm.eps,
             )
         else:
-            feat = branch(s)
-            merged, mask = masked_merge(
-                feat, logits, _same_dtype(coarse, feat), noise=sample, temperature=temperature
-            )
+            feat = branch
+            merged, mask = masked_merge(feat, logits, coarse, noise=sample, temperature=temperature)
         return StageOutput(merged, mask, logits, feat)
 
 
