@@ -1,8 +1,10 @@
 """Builds aim_ext._C: the op schema and CPU kernel always, the CUDA kernel when it can.
 
 CUDA is built when torch is a CUDA build and nvcc is found (or FORCE_CUDA=1); set
-AIM_EXT_CPU_ONLY=1 to skip it. Build with `pip install --no-build-isolation .` so the
-extension is compiled against the torch it will run with.
+AIM_EXT_CPU_ONLY=1 to skip it. AIM_EXT_NVCC_THREADS=N passes --split-compile=N to nvcc, which
+runs its optimizer on N threads (0: every CPU); the merge kernels' file takes minutes on one.
+Build with `pip install --no-build-isolation .` so the extension is compiled against the torch
+it will run with.
 """
 
 import json
@@ -31,7 +33,18 @@ from torch.utils.cpp_extension import (  # noqa: E402
 # Architectures compiled when no GPU is visible: A100, H100/H200, plus PTX for newer cards.
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 ROOT = Path(__file__).parent
+# csrc/cuda/masked_merge_kernel_<type>.cu: one file per element type, compiled in parallel.
+MERGE_KERNEL_TYPES = ("float", "double", "half", "bfloat16")
 CSRC = "csrc"
+
+
+def nvcc_threads() -> list[str]:
+    threads = os.environ.get("AIM_EXT_NVCC_THREADS", "").strip()
+    if not threads:
+        return []
+    if not threads.isdigit():
+        raise RuntimeError(f"AIM_EXT_NVCC_THREADS must be a number of threads, got {threads!r}")
+    return [f"--split-compile={threads}"]
 
 
 def log(message: str) -> None:
@@ -103,6 +116,7 @@ def extension():
     sources += [
         f"{CSRC}/cuda/masked_merge_cuda.cpp",
         f"{CSRC}/cuda/masked_merge_kernel.cu",
+        *(f"{CSRC}/cuda/masked_merge_kernel_{t}.cu" for t in MERGE_KERNEL_TYPES),
         f"{CSRC}/cuda/topdown_epilogue_cuda.cpp",
         f"{CSRC}/cuda/topdown_epilogue_kernel.cu",
     ]
@@ -110,7 +124,7 @@ def extension():
         "aim_ext._C",
         sources,
         define_macros=[("AIM_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", abi]},
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", abi, *nvcc_threads()]},
         extra_link_args=["-fopenmp"],
     )
 

@@ -1,0 +1,4 @@
+// The masked_merge kernels for double (see masked_merge_kernels.h).
+#include "masked_merge_kernels.cuh"
+
+template struct aim::cuda::MergeKernels<double>;
