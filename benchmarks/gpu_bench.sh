@@ -62,10 +62,12 @@ step bench_b1_one_stream 30 "${BENCH[@]}" --batch-sizes 1 --runtimes cudagraphs 
   --no-concurrent-branches --out "$WORK/bench_b1_one_stream"
 step profile_resnet_b1 25 "${PROFILE[@]}" --model resnet50 --stop-stages 3 --batch 1 \
   --out "$WORK/profile_resnet_b1.md"
+step profile_train 45 "${PROFILE[@]}" --model convnext_tiny --stop-stages 2 --train-batch 64 --reps 20 \
+  --out "$WORK/profile_train.md"
+step profile_convnext_b256 30 "${PROFILE[@]}" --model convnext_tiny --stop-stages 1 --batch 256 --eager \
+  --reps 10 --out "$WORK/profile_convnext_b256.md"
 step bench_train_compiled 200 "${BENCH[@]}" --families convnext_tiny --stop-stages vanilla,2 --runtimes "" \
   --train-runtimes compile --train-batch 64 --out "$WORK/bench_train_compiled"
-step profile_train 60 "${PROFILE[@]}" --model convnext_tiny --stop-stages 2 --train-batch 64 --reps 50 \
-  --out "$WORK/profile_train.md"
 step bench_b1_compiled 200 "${BENCH[@]}" --families convnext_tiny --batch-sizes 1 \
   --runtimes compile-cudagraphs,aoti --no-train --out "$WORK/bench_b1_compiled"
 step bench_ops 90 "$PY" benchmarks/bench_ops.py --no-compile --repeats 30 --json "$WORK/bench_ops.json"
