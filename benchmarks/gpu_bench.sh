@@ -10,7 +10,8 @@
 # would start with under 20 s left is skipped and says so. Logs, results.json/.md/.png and the
 # profiles go to $OUT/results.tgz (rewritten after every step, so a cut-off run still returns
 # what it finished; the device tool returns at most 8 files) and the summary to $OUT/summary.md.
-# Set AIM_EXT_COMMIT to the commit when the tree travels without .git.
+# Set AIM_EXT_COMMIT to the commit: the tree travels to the GPU machine with a .git that may be
+# a stale copy (a run at 2ea2429 reported ddd888d from it).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh" /tmp/aim-gpu-bench
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}

@@ -30,7 +30,9 @@ def outputs_and_grads(model, x, *, concurrent, seed=0):
     labels = torch.arange(x.shape[0], device=x.device) % model.num_classes
     aim_loss(out, labels, tau=0.5).total.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return [out.logits, *out.aux_logits, *out.masks, *out.mask_logits], grads
+    # Detached, so that no autograd graph (and its gradient accumulators) outlives the step.
+    outputs = [out.logits, *out.aux_logits, *out.masks, *out.mask_logits]
+    return [t.detach() for t in outputs], grads
 
 
 @pytest.mark.parametrize("training", [False, True])

@@ -51,11 +51,9 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def environment(device: str, argv: list[str]) -> dict:
-    """The card (or CPU), versions and the commit, so that figures can be traced."""
-    card = torch.cuda.get_device_name() if device == "cuda" else f"CPU: {_cpu_name()}"
+def _git_commit() -> str:
     try:
-        commit = subprocess.run(
+        return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
             capture_output=True,
             text=True,
@@ -63,9 +61,15 @@ def environment(device: str, argv: list[str]) -> dict:
             cwd=Path(aim_ext.__file__).parent,
         ).stdout.strip()
     except OSError:
-        commit = ""
-    # A copy of the tree without .git (a GPU machine's) names its commit in AIM_EXT_COMMIT.
-    commit = commit or os.environ.get("AIM_EXT_COMMIT", "")
+        return ""
+
+
+def environment(device: str, argv: list[str]) -> dict:
+    """The card (or CPU), versions and the commit, so that figures can be traced."""
+    card = torch.cuda.get_device_name() if device == "cuda" else f"CPU: {_cpu_name()}"
+    # A copy of the tree on another machine names its commit in AIM_EXT_COMMIT: its .git, if it
+    # has one, may be a stale copy.
+    commit = os.environ.get("AIM_EXT_COMMIT", "") or _git_commit()
     versions = {
         "torch": torch.__version__,
         "aim_ext": aim_ext.__version__,
