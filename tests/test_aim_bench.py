@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 
 from aim_ext.bench.cost import gmacs, parameters_m
 from aim_ext.bench.report import add_ratios
+from aim_ext.bench.runtimes import RUNTIMES, Setting
 from aim_ext.bench.timing import Timing, time_interleaved
+from aim_ext.bench.train_step import prepare_train_step
 from aim_ext.bench.variants import Variant
 from aim_ext.cli.bench import main as bench_main
+from aim_ext.models import create_model
 
 
 @pytest.mark.slow
@@ -122,3 +127,28 @@ def test_parameters_and_macs_match_the_papers_table_6():
         model = Variant(backbone, stop).build(200)
         assert gmacs(model, (224, 224)) == pytest.approx(expected, abs=0.1), (backbone, stop)
     assert parameters_m(Variant("convnext_tiny", 2).build(200)) == pytest.approx(29.9, abs=0.1)
+
+
+@pytest.mark.slow
+def test_compiled_runtimes_run_the_evaluation_model(tmp_path):
+    """torch.compile and AOTInductor rows on the CPU: each prepared call returns the evaluation
+    graph's outputs (logits and masks) as the eager model computes them."""
+    model = create_model("resnet18", num_classes=4, stop_stage=3).eval()
+    s = Setting("cpu", torch.float32, 2, (64, 64), True, tmp_path)
+    with torch.inference_mode():
+        expected = RUNTIMES["eager"](model, "resnet18+AIM[3]", s)()
+    for runtime in ("compile", "aoti"):
+        got = RUNTIMES[runtime](model, "resnet18+AIM[3]", s)()
+        assert len(got) == len(expected) == 1 + len(model.stages), runtime
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=runtime)
+
+
+@pytest.mark.slow
+def test_compiled_training_step_runs_and_learns(tmp_path):
+    """The compiled training row's step (torch.compile, the AIM loss, AdamW) lowers the loss."""
+    torch.manual_seed(0)
+    s = Setting("cpu", torch.float32, 4, (48, 48), False, tmp_path)
+    step = prepare_train_step(create_model("resnet18", num_classes=3, stop_stage=4), s, compiled=True)
+    losses = [step().detach().item() for _ in range(6)]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
