@@ -140,7 +140,7 @@ def _branches_note(env: dict) -> list[str]:
     if env.get("concurrent_branches") is None or env["device"] != "cuda":
         return []
     if env["concurrent_branches"]:
-        return ["AIM's branches run on concurrent CUDA streams in the eager and CUDA graph rows."]
+        return ["AIM's branches run on concurrent CUDA streams in the eager and CUDA graph inference rows."]
     return ["AIM's branches run on one CUDA stream (--no-concurrent-branches)."]
 
 

@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrent-branches",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="run AIM's mask estimators and feature branches on CUDA side streams in eager and CUDA "
-        "graph rows (AIM.concurrent_branches); --no-concurrent-branches: one stream",
+        help="run AIM's mask estimators and feature branches on CUDA side streams in the eager and "
+        "CUDA graph inference rows (AIM.concurrent_branches); --no-concurrent-branches: one stream",
     )
     return parser
 
@@ -223,8 +223,11 @@ def run(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _settings(build_parser().parse_args(argv))
-    AIM.concurrent_branches = args.concurrent_branches
-    rows = run(args)
+    previous, AIM.concurrent_branches = AIM.concurrent_branches, args.concurrent_branches
+    try:
+        rows = run(args)
+    finally:
+        AIM.concurrent_branches = previous
     report.add_ratios(rows)
     env = report.environment(args.device, argv)
     env["concurrent_branches"] = args.concurrent_branches

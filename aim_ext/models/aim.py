@@ -75,8 +75,8 @@ class AIM(nn.Module):
         self.pretrained_cfg = dict(self.backbone.pretrained_cfg)
         self.default_cfg = self.pretrained_cfg
 
-    # Run the stages' mask estimators and feature branches concurrently on CUDA side streams in
-    # eager mode (same results; see aim_ext.models.concurrency). Set False for one stream.
+    # In inference on CUDA, run the stages' mask estimators and feature branches concurrently on
+    # side streams (same results; see aim_ext.models.concurrency). Set False for one stream.
     concurrent_branches = True
 
     def set_gumbel(self, *, temperature: float | None = None, noise: bool | None = None) -> None:

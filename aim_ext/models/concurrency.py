@@ -8,9 +8,11 @@ from the current stream after the backbone and joined back just before its stage
 top-down pathway adds becomes its longest branch plus the merges, not the sum of all branches.
 
 The same ops run on the same data, so the results are the same bits; only the launch order
-differs. It applies on CUDA in eager mode and under CUDA graph capture (the fork and join become
-graph edges), and it steps aside while torch.compile, torch.export, tracing or ONNX export runs,
-since those want one stream. Autograd runs each branch's backward on the stream of its forward.
+differs. It applies to inference on CUDA (autograd off), eager or under CUDA graph capture (the
+fork and join become graph edges). It steps aside while torch.compile, torch.export, tracing or
+ONNX export runs, since those want one stream, and while autograd records: the eager training
+step is bound by the host's launches rather than the GPU (benchmarks/RESULTS.md), and DDP's
+gradient hooks, made on one stream, would have to synchronise with every side stream.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ def side_streams(device: torch.device, count: int) -> list[torch.cuda.Stream]:
 
 
 def can_run_concurrently(x: Tensor) -> bool:
-    """Whether `x` is a real CUDA tensor in eager execution (not traced, compiled or exported)."""
-    if not x.is_cuda or isinstance(x, torch._subclasses.FakeTensor):
+    """Whether `x` is a real CUDA tensor in eager inference: autograd off, and not traced,
+    compiled or exported."""
+    if not x.is_cuda or torch.is_grad_enabled() or isinstance(x, torch._subclasses.FakeTensor):
         return False
     return not (
         torch.compiler.is_compiling()
