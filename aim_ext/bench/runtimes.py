@@ -5,6 +5,8 @@ records (a runtime that is not installed, a dtype it lacks, a device it needs).
 Inference runs the model in the row's dtype (weights and input cast, as deployment does; the
 training step uses autocast instead). Eager, torch.compile and CUDA graphs take channels_last
 input when asked; the exported formats take the contiguous batch and choose their own layouts.
+torch.compile rows compile static (`dynamic=False`), one specialisation per row as a deployment
+at a fixed size would: otherwise a later row's new batch or size would make them symbolic.
 """
 
 from __future__ import annotations
@@ -69,12 +71,12 @@ def prepare_eager(model: nn.Module, name: str, s: Setting) -> Callable[[], objec
 
 
 def prepare_compile(model: nn.Module, name: str, s: Setting) -> Callable[[], object]:
-    return _inference(torch.compile(_module(model, s)), s.image())
+    return _inference(torch.compile(_module(model, s), dynamic=False), s.image())
 
 
 def prepare_compile_cudagraphs(model: nn.Module, name: str, s: Setting) -> Callable[[], object]:
     _needs_cuda(s, "torch.compile(mode='reduce-overhead')")
-    return _inference(torch.compile(_module(model, s), mode="reduce-overhead"), s.image())
+    return _inference(torch.compile(_module(model, s), mode="reduce-overhead", dynamic=False), s.image())
 
 
 def prepare_cudagraphs(model: nn.Module, name: str, s: Setting) -> Callable[[], object]:

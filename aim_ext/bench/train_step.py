@@ -26,7 +26,7 @@ def prepare_train_step(model: nn.Module, s: Setting, *, compiled: bool) -> Calla
     images = s.image().float()
     labels = torch.randint(0, model.num_classes, (s.batch,), generator=torch.Generator().manual_seed(0))
     labels = labels.to(s.device)
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model, dynamic=False) if compiled else model
     autocast = (
         torch.autocast(s.device, dtype=s.dtype) if s.dtype != torch.float32 else contextlib.nullcontext()
     )
