@@ -5,8 +5,7 @@ records (a runtime that is not installed, a dtype it lacks, a device it needs).
 Inference runs the model in the row's dtype (weights and input cast, as deployment does; the
 training step uses autocast instead). Eager, torch.compile and CUDA graphs take channels_last
 input when asked; the exported formats take the contiguous batch and choose their own layouts.
-torch.compile rows compile static (`dynamic=False`), one specialisation per row as a deployment
-at a fixed size would: otherwise a later row's new batch or size would make them symbolic.
+torch.compile rows, and the compiled training step, compile through `compile_static`.
 """
 
 from __future__ import annotations
@@ -53,6 +52,13 @@ def _module(model: nn.Module, s: Setting) -> nn.Module:
     return module.to(memory_format=torch.channels_last) if s.channels_last else module
 
 
+def compile_static(module: nn.Module, **options) -> Callable:
+    """`torch.compile` with `dynamic=False`: one specialisation per row, as a deployment at a fixed
+    size would. Otherwise a later row's new batch or size makes the sizes symbolic, and torch
+    2.14.1's inductor fails on timm's ConvNeXt with symbolic sizes and gradients on."""
+    return torch.compile(module, dynamic=False, **options)
+
+
 def _inference(fn: Callable, *args) -> Callable[[], object]:
     def call():
         with torch.inference_mode():
@@ -71,12 +77,12 @@ def prepare_eager(model: nn.Module, name: str, s: Setting) -> Callable[[], objec
 
 
 def prepare_compile(model: nn.Module, name: str, s: Setting) -> Callable[[], object]:
-    return _inference(torch.compile(_module(model, s), dynamic=False), s.image())
+    return _inference(compile_static(_module(model, s)), s.image())
 
 
 def prepare_compile_cudagraphs(model: nn.Module, name: str, s: Setting) -> Callable[[], object]:
     _needs_cuda(s, "torch.compile(mode='reduce-overhead')")
-    return _inference(torch.compile(_module(model, s), mode="reduce-overhead", dynamic=False), s.image())
+    return _inference(compile_static(_module(model, s), mode="reduce-overhead"), s.image())
 
 
 def prepare_cudagraphs(model: nn.Module, name: str, s: Setting) -> Callable[[], object]:

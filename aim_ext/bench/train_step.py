@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from aim_ext.bench.runtimes import Setting, Unavailable
+from aim_ext.bench.runtimes import Setting, Unavailable, compile_static
 from aim_ext.losses import aim_loss
 
 
@@ -26,7 +26,7 @@ def prepare_train_step(model: nn.Module, s: Setting, *, compiled: bool) -> Calla
     images = s.image().float()
     labels = torch.randint(0, model.num_classes, (s.batch,), generator=torch.Generator().manual_seed(0))
     labels = labels.to(s.device)
-    forward = torch.compile(model, dynamic=False) if compiled else model
+    forward = compile_static(model) if compiled else model
     autocast = (
         torch.autocast(s.device, dtype=s.dtype) if s.dtype != torch.float32 else contextlib.nullcontext()
     )
