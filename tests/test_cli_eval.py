@@ -128,9 +128,9 @@ def test_compare(runs, evaluated):
     assert (
         row == f"| avg_acc | {a['avg_acc']:.4f} | {b['avg_acc']:.4f} | {b['avg_acc'] - a['avg_acc']:+.4f} |"
     )
-    _check_pngs(out, ["gradcam_compare.png", "epg_scatter_gradcam.png"])
+    _check_pngs(out, ["gradcam_compare.png", "gradcam_and_masks.png", "epg_scatter_gradcam.png"])
     links = _check_links(out / "report.md")
-    assert {"gradcam_compare.png", "epg_scatter_gradcam.png"} <= set(links)
+    assert {"gradcam_compare.png", "gradcam_and_masks.png", "epg_scatter_gradcam.png"} <= set(links)
     assert {"A_vanilla/report.md", "B_aim/report.md"} <= set(links)
     _check_links(out / "B_aim" / "report.md")
     # The comparison's own evaluations leave the runs' full evaluations alone.

@@ -79,7 +79,7 @@ def test_demo_refuses_fewer_than_two_epochs(capsys):
 
 
 def test_counterfactual_images_must_be_positive():
-    from aim_ext.explain.report import EvalError, EvalOptions
+    from aim_ext.explain.run import EvalError, EvalOptions
 
     with pytest.raises(EvalError, match="counterfactual_images must be at least 1, got 0"):
         EvalOptions(counterfactual_images=0)

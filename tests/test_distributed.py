@@ -8,7 +8,8 @@ import torch
 import torch.multiprocessing as mp
 from test_engine import Blobs, make_model, tiny_config
 
-from aim_ext.engine import TrainConfig, fit, load_checkpoint
+from aim_ext.engine import TrainConfig, fit
+from aim_ext.models import load_checkpoint
 
 
 def _free_port() -> int:

@@ -9,8 +9,9 @@ from torch.utils.data import Dataset
 
 import aim_ext.engine.train as train_module
 from aim_ext import create_model
-from aim_ext.engine import TrainConfig, TrainingError, fit, load_checkpoint, load_config, load_model_state
+from aim_ext.engine import TrainConfig, TrainingError, fit, load_config
 from aim_ext.engine.optim import parameter_groups
+from aim_ext.models import load_checkpoint, load_model_state
 
 
 class Blobs(Dataset):

@@ -1,21 +1,28 @@
-"""aim_ext.explain: EPG, accuracy and mask metrics, captum attributions, figures."""
+"""aim_ext.explain and aim_ext.metrics: EPG, accuracy and mask metrics, captum attributions, figures."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from aim_ext.explain import (
+from aim_ext.explain import energy_pointing_game
+from aim_ext.explain.attributions import METHODS, attribute, gradcam_layer
+from aim_ext.explain.figures import (
+    PANEL_INCHES,
+    epg_scatter,
+    gradcam_beside_masks,
+    gradcam_comparison,
+    mask_evolution,
+    mask_figure,
+)
+from aim_ext.metrics import (
     accuracy,
     classification_metrics,
-    energy_pointing_game,
     mask_areas,
     mask_sparsity,
     merged_mask,
     reweighted_accuracy,
 )
-from aim_ext.explain.attributions import METHODS, attribute, gradcam_layer
-from aim_ext.explain.figures import PANEL_INCHES, epg_scatter, gradcam_comparison, mask_evolution, mask_figure
 from aim_ext.models import AIM, create_model
 
 # ---------------------------------------------------------------- EPG
@@ -80,7 +87,7 @@ def test_non_square_indexing_is_y_x():
 def test_low_resolution_map_is_resized_bilinearly():
     maps = torch.rand(2, 1, 3, 5) - 0.2
     masks = random_masks(2, 12, 20)
-    # Negatives clamped first, then the bilinear resize (AIM_SPEC section 3).
+    # Negatives clamped first, then the bilinear resize.
     up = F.interpolate(maps.clamp_min(0), size=(12, 20), mode="bilinear", align_corners=False)[:, 0]
     expected = (up * masks).sum(dim=(1, 2)) / up.sum(dim=(1, 2))
     epg = energy_pointing_game(maps, masks)
@@ -308,6 +315,10 @@ def test_figures_write_pngs(tmp_path):
         images, maps_a, maps_b, epg_a, epg_b, tmp_path / "cmp.png", masks=fg, max_images=2
     )
     assert_png(path, panels(3, 2))
+    path = gradcam_beside_masks(
+        images, maps_a, epg_a, masks[:2], tmp_path / "beside.png", masks=fg, max_images=2
+    )
+    assert_png(path, panels(5, 2))  # image, GradCAM, two stage masks, the merged mask
 
     assert_png(epg_scatter(torch.rand(50), torch.rand(50), tmp_path / "scatter.png"), (450, 450))
 

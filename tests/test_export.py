@@ -16,7 +16,6 @@ from mixed_masks import mixed_mask_model
 import aim_ext
 from aim_ext.cli.export import main as export_main
 from aim_ext.export import (
-    build_model,
     check_onnx,
     compare_outputs,
     example_image,
@@ -29,6 +28,7 @@ from aim_ext.export import (
     run_onnxruntime,
     tensorrt_available,
 )
+from aim_ext.models import create_model, load_weights
 
 pytestmark = pytest.mark.slow
 
@@ -158,7 +158,7 @@ def test_cli_exports_a_checkpoint_and_checks_it(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "| logits | (1, 3) |" in out and "| mask_stage3 | (1, 1, 4, 4) |" in out
-    loaded = build_model("resnet18", 3, 3, tmp_path / "best.pt")
+    loaded = load_weights(create_model("resnet18", num_classes=3, stop_stage=3), tmp_path / "best.pt").eval()
     image = example_image(1, (64, 64), seed=3)  # the export's static batch
     _assert_agrees(model, image, run_onnxruntime(tmp_path / "m.onnx", image.numpy()))
     assert torch.equal(loaded(image), model(image))

@@ -1,1 +1,1 @@
-"""Command-line entry points: aim-train (more to come: aim-eval, aim-export, aim-bench, aim-demo)."""
+"""Command-line entry points: aim-train, aim-eval, aim-demo, aim-export and aim-bench."""

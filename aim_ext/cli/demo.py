@@ -24,6 +24,7 @@ from typing import Any
 
 from aim_ext.engine.config import TrainConfig
 from aim_ext.engine.train import resolve_device
+from aim_ext.models.offline_weights import MODEL as WEIGHTS_MODEL
 
 # MobileNetV2 has feature levels 0..4 (strides 2..32, channels 16/24/32/96/320). As the paper does
 # for ResNet (AIM[3]: its two top levels), AIM masks the two top levels, 4 and 3.
@@ -34,7 +35,7 @@ MODELS = {"vanilla": None, "aim": STOP_STAGE}
 # levels below the masked ones (strides 2-8, where most of the CPU time goes) stay frozen in both
 # models; tau anneals 1 -> 0.25 over the first half and checkpoints are selected only after that.
 QUICK = dict(
-    model="mobilenetv2_100",
+    model=WEIGHTS_MODEL,
     dataset="tuxbirds95",
     image_size=128,
     randaugment=None,
@@ -98,13 +99,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train one model, continuing its run folder where it stopped (a finished run is kept)."""
     import torch
 
-    from aim_ext.cli.train import build_datasets, build_model
-    from aim_ext.engine import fit
+    from aim_ext.engine import build_datasets, build_model, data_config, fit
 
+    train_set, val_set = build_datasets(cfg, data_config(cfg))
     torch.manual_seed(cfg.seed)
-    with torch.device("meta"):
-        normalisation = build_model(dataclasses.replace(cfg, pretrained_file=None), 1).pretrained_cfg
-    train_set, val_set = build_datasets(cfg, normalisation)
     model = build_model(cfg, train_set.num_classes)
     return fit(cfg, train_set, val_set, model, resume=True)
 
@@ -200,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     from aim_ext.data.tuxbirds import SourcesError, ensure_sources
     from aim_ext.engine import TrainingError
-    from aim_ext.explain.report import EvalError, EvalOptions, compare_runs
+    from aim_ext.explain.reports import compare_runs
+    from aim_ext.explain.run import EvalError, EvalOptions
     from aim_ext.models.offline_weights import WeightsError, mobilenet_v2_imagenet
 
     out: Path = args.out

@@ -4,7 +4,8 @@
     aim-eval runs/wb95_aim --split val --attribution gradcam --target pred --max-images 200
     aim-eval --compare runs/wb95_vanilla runs/wb95_aim   # writes runs/wb95_aim/compare_wb95_vanilla/
 
-The work is done by `aim_ext.explain.report`; this module only parses the command line.
+The work is done by `aim_ext.explain` (`run`, `evaluate`, `reports`); this module only parses the
+command line.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--compare takes two runs, got {len(args.runs)}")
     if not args.compare and len(args.runs) != 1:
         parser.error(f"evaluate one run at a time (or two with --compare), got {len(args.runs)}")
-    from aim_ext.explain.report import EvalError, EvalOptions, compare_runs, evaluate_run
+    from aim_ext.explain.reports import compare_runs, evaluate_run
+    from aim_ext.explain.run import EvalError, EvalOptions
 
     try:
         options = EvalOptions(

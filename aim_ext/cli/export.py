@@ -17,12 +17,14 @@ import sys
 from pathlib import Path
 
 import torch
+from timm.data import resolve_model_data_config
 
 from aim_ext.export.aoti_export import export_aoti, run_aoti
-from aim_ext.export.graph import build_model, example_image, image_size_of, output_names, reference_outputs
+from aim_ext.export.graph import example_image, output_names, reference_outputs
 from aim_ext.export.onnx_export import DEFAULT_OPSET, export_onnx, onnxruntime_providers, run_onnxruntime
 from aim_ext.export.tensorrt_export import MISSING, TensorRTRunner, build_engine, tensorrt_available
 from aim_ext.export.verify import compare_outputs, format_checks
+from aim_ext.models import create_model, load_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,11 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
     try:
-        model = build_model(args.model, args.num_classes, args.stop_stage, args.checkpoint)
+        model = create_model(args.model, num_classes=args.num_classes, stop_stage=args.stop_stage)
+        if args.checkpoint is not None:
+            load_weights(model, args.checkpoint)
+        model.eval()
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"aim-export: {error}", file=sys.stderr)
         return 1
-    size = (args.image_size, args.image_size) if args.image_size else image_size_of(model)
+    size = (
+        (args.image_size, args.image_size)
+        if args.image_size
+        else tuple(resolve_model_data_config(model)["input_size"][1:])
+    )
     options = {"image_size": size, "batch_size": args.batch_size, "dynamic_batch": args.dynamic_batch}
     checks = Checks(model, size, args)
     print(

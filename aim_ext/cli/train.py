@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from aim_ext.engine.build import build_datasets, build_model, data_config
 from aim_ext.engine.config import TrainConfig, config_fields, load_config
 
 
@@ -28,7 +29,6 @@ def _optional(kind):
 
 
 _TYPES = {"int": int, "float": float, "str": str}
-CHOICES = {"amp": ["none", "bf16", "fp16"]}
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -81,59 +81,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return load_config(base, overrides)
 
 
-def build_model(cfg: TrainConfig, num_classes: int):
-    """The model of a config, with pretrained backbone weights from timm or a local file."""
-    from aim_ext import create_model
-    from aim_ext.models.pretrained import load_backbone_weights
-
-    model = create_model(
-        cfg.model,
-        num_classes=num_classes,
-        pretrained=cfg.pretrained and not cfg.pretrained_file,  # a local file replaces the hub
-        stop_stage=cfg.stop_stage,
-        drop_rate=cfg.drop_rate,
-        drop_path_rate=cfg.drop_path_rate,
-    )
-    if cfg.pretrained_file:
-        load_backbone_weights(model, cfg.pretrained_file)
-    return model
-
-
-def build_split(cfg: TrainConfig, split: str, normalisation: dict, *, train: bool = False):
-    """One split of the run's dataset with its options, augmented when `train`."""
-    from aim_ext.data import build_dataset
-
-    options = {"skip_bad_images": cfg.skip_bad_images}
-    for option in ("cub_root", "imagenet_root"):
-        if getattr(cfg, option):
-            options[option] = getattr(cfg, option)
-    if train:
-        options["randaugment"] = cfg.randaugment
-    return build_dataset(
-        cfg.dataset,
-        cfg.data_root,
-        split,
-        train=train,
-        image_size=cfg.image_size,
-        mean=normalisation["mean"],
-        std=normalisation["std"],
-        **options,
-    )
-
-
-def build_datasets(cfg: TrainConfig, normalisation: dict):
-    """Train and validation splits with the recipe's transforms."""
-    return build_split(cfg, "train", normalisation, train=True), build_split(cfg, "val", normalisation)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from aim_ext.engine import TrainingError, fit
 
     cfg = config_from_args(args)
+    train, val = build_datasets(cfg, data_config(cfg))
     torch.manual_seed(cfg.seed)  # the new layers' initial weights follow the seed (the same on every rank)
-    probe = build_model(cfg, num_classes=1)  # for the input normalisation of the backbone
-    train, val = build_datasets(cfg, probe.pretrained_cfg)
     model = build_model(cfg, train.num_classes)
     try:
         best = fit(cfg, train, val, model, resume=args.resume)

@@ -209,9 +209,15 @@ def _decodes(path: Path) -> str | None:
 
 
 class MaskedImageDataset(Dataset):
-    """A list of records served as sample dicts, with masks and groups when the dataset has them."""
+    """A list of records served as sample dicts, with masks and groups when the dataset has them.
+
+    What a dataset can give beyond images and labels, evaluation reads from it: ``has_masks``
+    (object masks, for the EPG), ``groups`` (None without groups) and ``has_counterfactuals``
+    (``counterfactual(index)``: the same object on another background, and the background alone).
+    """
 
     binarize: Callable[[np.ndarray], np.ndarray] = staticmethod(binarize_half_max)
+    has_counterfactuals: bool = False
 
     def __init__(
         self,

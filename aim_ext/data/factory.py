@@ -53,14 +53,16 @@ def build_dataset(
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
     randaugment: tuple[int, int] | None = (3, 9),
+    prerender: bool = True,
     **kwargs: Any,
 ) -> MaskedImageDataset:
     """Build dataset ``name`` at ``root`` for ``split``, with augmentation when ``train``.
 
     ``train`` defaults to ``split == "train"``. Extra keyword arguments go to the dataset class
     (e.g. ``cub_root=``, ``imagenet_root=``, ``skip_bad_images=``). Generated datasets (TuxBirds)
-    are rendered at ``image_size`` and prerendered into the cache; ``skip_bad_images`` means
-    nothing to them.
+    are rendered at ``image_size`` and, with ``prerender``, rendered once into the cache (without
+    it they render each item on demand: enough to read the split's labels and groups);
+    ``skip_bad_images`` and ``prerender`` mean nothing to the file datasets.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(list_datasets())}")
@@ -68,7 +70,7 @@ def build_dataset(
         train = split == "train"
     if name in GENERATED:
         kwargs.pop("skip_bad_images", None)
-        kwargs.setdefault("prerendered", True)
+        kwargs.setdefault("prerendered", prerender)
         transform = (
             generated_train_transform(mean, std, randaugment) if train else normalise_transform(mean, std)
         )

@@ -384,6 +384,8 @@ def _choice(rng: random.Random, n: int) -> int:
 class TuxBirds(MaskedImageDataset):
     """TuxBirds-95 or -100: landbird vs waterbird, groups 2*y + place, exact masks, generated lazily."""
 
+    has_counterfactuals = True
+
     def __init__(
         self,
         split: str = "train",

@@ -1,17 +1,29 @@
-"""Training and evaluation loops, checkpoints and the training configuration."""
+"""Training: the loop, its configuration, building a config's model and data, training-state
+checkpoints."""
 
-from aim_ext.engine.checkpoint import load_checkpoint, load_model_state, save_atomic
+from aim_ext.engine.build import build_datasets, build_model, build_split, data_config
+from aim_ext.engine.checkpoint import save_atomic
 from aim_ext.engine.config import TrainConfig, load_config
-from aim_ext.engine.train import TrainingError, fit, predict_split, split_metrics, train_one_epoch
+from aim_ext.engine.train import (
+    TrainingError,
+    fit,
+    predict_split,
+    resolve_device,
+    split_metrics,
+    train_one_epoch,
+)
 
 __all__ = [
     "TrainConfig",
     "TrainingError",
+    "build_datasets",
+    "build_model",
+    "build_split",
+    "data_config",
     "fit",
-    "load_checkpoint",
     "load_config",
-    "load_model_state",
     "predict_split",
+    "resolve_device",
     "save_atomic",
     "split_metrics",
     "train_one_epoch",

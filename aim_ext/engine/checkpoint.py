@@ -1,4 +1,6 @@
-"""Checkpoints: written atomically, loaded with weights_only=True, checked against the model."""
+"""Training state: checkpoints written atomically, and every random generator a step draws from.
+
+Loading a trained model's weights is `aim_ext.models.checkpoint`'s job."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -50,36 +51,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def architecture(model: nn.Module) -> str:
-    """A name for the architecture, stored in checkpoints and checked on load."""
-    stop = getattr(model, "stop_stage", None)
-    name = getattr(model, "backbone_name", None) or model.pretrained_cfg.get(
-        "architecture", type(model).__name__
-    )
-    return f"{name}+AIM[{stop}]" if stop is not None else name
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint safely (weights_only=True), with a clear error when it is missing."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_model_state(model: nn.Module, state: dict[str, Any], source: str = "checkpoint") -> None:
-    """Load weights strictly; a checkpoint of another architecture or with other keys is an error."""
-    expected = architecture(model)
-    found = state.get("architecture")
-    if found is not None and found != expected:
-        raise ValueError(f"{source} holds a {found} model, not {expected}")
-    weights = state.get("model", state)
-    result = model.load_state_dict(weights, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{source} does not fit {expected}: missing keys {result.missing_keys[:10]}"
-            f"{' ...' if len(result.missing_keys) > 10 else ''}, unexpected keys "
-            f"{result.unexpected_keys[:10]}{' ...' if len(result.unexpected_keys) > 10 else ''}"
-        )

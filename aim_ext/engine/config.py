@@ -9,17 +9,20 @@ from typing import Any
 
 import yaml
 
+from aim_ext.losses import AREA_WEIGHT, LABEL_SMOOTHING
+from aim_ext.models.aim import HEAD_DROP_RATE
+
 
 @dataclass
 class TrainConfig:
-    """Every knob of a training run. Defaults follow the paper (AIM_SPEC section 2)."""
+    """Every knob of a training run. Defaults follow the paper's recipe (appendix A.1, Tables 4 and 5)."""
 
     # model
     model: str = "convnext_tiny"
     stop_stage: int | None = None  # None: the vanilla backbone
     pretrained: bool = False
     pretrained_file: str | None = None
-    drop_rate: float = 0.3
+    drop_rate: float = HEAD_DROP_RATE
     drop_path_rate: float = 0.3
     freeze_levels: int = 0  # backbone feature levels below this one are frozen (0: train everything)
     # data
@@ -40,14 +43,14 @@ class TrainConfig:
     weight_decay: float = 1e-3
     weight_decay_mask: float = 0.0
     warmup_epochs: int = 5
-    label_smoothing: float = 0.05
+    label_smoothing: float = LABEL_SMOOTHING
     accum_steps: int = 1
     grad_clip: float | None = None
     # AIM: active-area annealing (Eq. 6-7) and the binary Gumbel
     area_final: float | None = 0.25  # None: no annealing, no area loss
     area_start: int = 0
     area_duration: int | None = None  # None: half of training
-    area_weight: float = 6.0
+    area_weight: float = AREA_WEIGHT
     aux_weight: float = 1.0  # 0: the "no auxiliary losses" ablation
     temperature: float = 1.0
     noise_off_epoch: int | None = None  # from this epoch on, train without Gumbel noise

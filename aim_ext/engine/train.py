@@ -17,21 +17,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from aim_ext.engine.checkpoint import (
-    architecture,
-    load_checkpoint,
-    load_model_state,
-    rng_state,
-    save_atomic,
-    set_rng_state,
-)
+from aim_ext.engine.checkpoint import rng_state, save_atomic, set_rng_state
 from aim_ext.engine.config import TrainConfig
 from aim_ext.engine.distributed import World, unwrap
 from aim_ext.engine.freeze import freeze_levels, keep_frozen_in_eval
 from aim_ext.engine.optim import build_optimizer, build_scheduler
-from aim_ext.explain.metrics import classification_metrics
 from aim_ext.losses import AreaSchedule, LossTerms, active_area, aim_loss, area_target
-from aim_ext.models import AIM, AIMOutput
+from aim_ext.metrics import classification_metrics, mask_areas
+from aim_ext.models import AIM, AIMOutput, architecture, load_checkpoint, load_model_state
 
 
 class TrainingError(RuntimeError):
@@ -230,7 +223,7 @@ def predict_split(
         with autocast(cfg, device):
             if isinstance(model, AIM):
                 logits, masks = model.predict(images)
-                areas.append(torch.stack([m.float().mean(dim=(1, 2, 3)) for m in masks], 1).cpu())
+                areas.append(mask_areas(masks).cpu())
             else:
                 logits = model(images)
         labels.append(target.cpu())

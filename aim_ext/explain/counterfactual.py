@@ -1,7 +1,8 @@
 """Reliance on the background, measured with TuxBirds' counterfactual images.
 
-A photo dataset cannot show the same bird in the same pose and place on another background; TuxBirds
-can (`TuxBirds.counterfactual`). Two rates follow directly:
+A photo dataset cannot show the same bird in the same pose and place on another background; a
+generated one can: a dataset says so with `has_counterfactuals` and serves them from
+`counterfactual(index)` (TuxBirds does). Two rates follow directly:
 
 - background-swap flip rate: the share of images whose predicted class changes when only the
   background changes kind (water <-> land). A model that decides from the bird alone scores 0.
@@ -12,14 +13,12 @@ can (`TuxBirds.counterfactual`). Two rates follow directly:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-
-from aim_ext.data.tuxbirds import TuxBirds
 
 WATERBIRD = 1
 PLACES = {0: "land", 1: "water"}
@@ -27,10 +26,21 @@ IMAGES = ("image", "swapped", "background")  # the item, its background-swapped 
 FIELDS = ("label", "place", "index")
 
 
-class CounterfactualView(Dataset):
-    """The items of a TuxBirds dataset (or of a subset of it) with their counterfactual images."""
+class CounterfactualDataset(Protocol):
+    """A dataset with counterfactual images: each item, its background-swapped twin and its
+    background alone (``image``, ``swapped``, ``background``), with ``label``, ``place``, ``index``."""
 
-    def __init__(self, dataset: TuxBirds, indices: list[int] | None = None) -> None:
+    has_counterfactuals: bool
+
+    def __len__(self) -> int: ...
+
+    def counterfactual(self, index: int) -> dict[str, Any]: ...
+
+
+class CounterfactualView(Dataset):
+    """The items of a counterfactual dataset (or of a subset of it) with their counterfactual images."""
+
+    def __init__(self, dataset: CounterfactualDataset, indices: list[int] | None = None) -> None:
         self.dataset = dataset
         self.indices = list(range(len(dataset))) if indices is None else list(indices)
 
@@ -49,7 +59,7 @@ def _classes(model: nn.Module, images: Tensor, device: torch.device) -> Tensor:
 
 def counterfactual_predictions(
     model: nn.Module,
-    dataset: TuxBirds,
+    dataset: CounterfactualDataset,
     device: torch.device,
     *,
     indices: list[int] | None = None,

@@ -40,7 +40,8 @@ def energy_pointing_game(attributions: Tensor, masks: Tensor) -> Tensor:
     """Per-image EPG, (N,): the share of the positive attribution energy inside the foreground mask.
 
     Negatives are clamped to 0, then maps of any spatial size are resized bilinearly to the mask
-    (image) size (AIM_SPEC section 3's order; a resized clamped map stays non-negative).
+    (image) size: clamping first keeps the resized map non-negative, so no negative energy leaks
+    across the mask's edge.
     EPG = sum inside the mask / total sum. A map without positive energy scores 0 (and still
     counts in a mean). Both tensors are indexed [n, y, x].
     """

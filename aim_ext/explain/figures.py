@@ -1,5 +1,5 @@
 """PNG figures of the paper: masks (Fig. 6), GradCAM comparison (Fig. 3), EPG scatter (Fig. 5), mask
-evolution (Fig. 7).
+evolution (Fig. 7); and a vanilla model's GradCAM beside an AIM model's masks.
 
 Figures are built on `matplotlib.figure.Figure` and saved with the Agg canvas, never through pyplot:
 no global backend switch, no open-figure registry, safe in a headless training process.
@@ -20,7 +20,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 
 from aim_ext.explain.epg import resize_maps
-from aim_ext.explain.metrics import merged_mask
+from aim_ext.metrics import merged_mask
 
 Stats = Sequence[float]
 PANEL_INCHES = 2.2
@@ -141,6 +141,46 @@ def gradcam_comparison(
         _show(axes[row, 0], image, "image")
         for col, (label, heat, score) in enumerate(zip(labels, heats, scores, strict=True), start=1):
             _overlay(axes[row, col], image, heat[row], f"{label}  EPG {score[row]:.2f}", outline)
+    return _save(fig, path)
+
+
+def gradcam_beside_masks(
+    images: Tensor,
+    maps: Tensor,
+    epg: Tensor,
+    stage_masks: Sequence[Tensor],
+    path: str | Path,
+    *,
+    labels: tuple[str, str] = ("vanilla", "AIM"),
+    stage_names: Sequence[str] | None = None,
+    masks: Tensor | None = None,
+    max_images: int = 4,
+    mean: Stats = IMAGENET_DEFAULT_MEAN,
+    std: Stats = IMAGENET_DEFAULT_STD,
+) -> Path:
+    """Image | run A's attribution map (titled with its EPG) | run B's AIM masks, each stage's and
+    the merged one, per row: what a vanilla model's explanation shows beside what AIM's decision
+    can use at all. `masks` (N, H, W) bool, when given, outline the object."""
+    shown = to_display(images[:max_images], mean, std)
+    size = shown.shape[1:3]
+    heat = resize_maps(maps[: len(shown)].detach().cpu(), size).clamp_min(0).numpy()
+    scores = torch.as_tensor(epg).reshape(-1)[: len(shown)].tolist()
+    names = list(stage_names) if stage_names is not None else [f"stage {i}" for i in range(len(stage_masks))]
+    stage_masks = [m[: len(shown)] for m in stage_masks]
+    merged = merged_mask(stage_masks)
+    fig, axes = _grid(len(shown), len(stage_masks) + 3)
+    for row, image in enumerate(shown):
+        outline = masks[row].detach().cpu().reshape(size).numpy() if masks is not None else None
+        _show(axes[row, 0], image, "image")
+        _overlay(axes[row, 1], image, heat[row], f"{labels[0]} GradCAM  EPG {scores[row]:.2f}", outline)
+        for col, (name, mask) in enumerate(zip(names, stage_masks, strict=True), start=2):
+            m = mask[row]
+            title = f"{labels[1]} {name} {m.float().mean().item():.0%}"
+            _show(axes[row, col], _masked(image, _upsample_mask(m, size)), title)
+        area = merged[row].float().mean().item()
+        _show(
+            axes[row, -1], _masked(image, _upsample_mask(merged[row], size)), f"{labels[1]} merged {area:.0%}"
+        )
     return _save(fig, path)
 
 

@@ -5,7 +5,6 @@ from aim_ext.export.aoti_export import export_aoti, package_metadata, run_aoti
 from aim_ext.export.graph import (
     INPUT_NAME,
     EvalGraph,
-    build_model,
     example_image,
     output_names,
     reference_outputs,
@@ -21,7 +20,6 @@ __all__ = [
     "OutputCheck",
     "TensorRTRunner",
     "build_engine",
-    "build_model",
     "check_onnx",
     "compare_outputs",
     "example_image",

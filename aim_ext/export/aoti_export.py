@@ -11,15 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from timm.data import resolve_model_data_config
 from torch import Tensor, nn
 
-from aim_ext.engine.checkpoint import architecture
-from aim_ext.export.graph import image_size_of, normalization_of, prepare_graph, trace_inputs
+from aim_ext.export.graph import prepare_graph, trace_inputs
+from aim_ext.models import architecture
 
 
 def package_metadata(model: nn.Module, image_size: tuple[int, int], names: list[str], dtype: torch.dtype):
     """What a runner needs to know, as the strings AOTInductor stores: `aim_ext.*` keys."""
-    mean, std = normalization_of(model)
+    data = resolve_model_data_config(model)
+    mean, std = data["mean"], data["std"]
     return {
         "aim_ext.model": architecture(model),
         "aim_ext.num_classes": str(model.num_classes),
@@ -45,7 +47,7 @@ def export_aoti(
     (weights and input in ``dtype``: float32, float16 or bfloat16)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_size = image_size or image_size_of(model)
+    image_size = image_size or tuple(resolve_model_data_config(model)["input_size"][1:])
     graph = prepare_graph(model, dtype=dtype, device=device)
     args, dynamic_shapes = trace_inputs(
         image_size, batch_size=batch_size, dynamic_batch=dynamic_batch, dtype=dtype, device=device

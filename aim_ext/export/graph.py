@@ -9,13 +9,11 @@ deterministic, ``1[A_l >= 0]`` (no Gumbel noise).
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from aim_ext.engine.checkpoint import load_checkpoint, load_model_state
-from aim_ext.models import AIM, create_model
+from aim_ext.models import AIM
 
 INPUT_NAME = "image"
 MAX_BATCH = 4096  # the largest batch a dynamic-batch export accepts
@@ -55,29 +53,6 @@ def reference_outputs(model: nn.Module, image: Tensor) -> tuple[list[Tensor], li
     stages = model.forward_topdown(image)
     logits = model.forward_head(stages[-1].merged)
     return [logits, *(s.mask for s in stages)], [s.mask_logits for s in stages]
-
-
-def build_model(
-    name: str, num_classes: int, stop_stage: int | None = None, checkpoint: str | Path | None = None
-) -> nn.Module:
-    """`create_model` in evaluation mode, with the weights of an aim-train checkpoint or a plain
-    state_dict file; a file that does not fit names the missing and unexpected keys."""
-    model = create_model(name, num_classes=num_classes, stop_stage=stop_stage)
-    if checkpoint is not None:
-        load_model_state(model, load_checkpoint(checkpoint), source=str(checkpoint))
-    return model.eval()
-
-
-def image_size_of(model: nn.Module) -> tuple[int, int]:
-    """The input size the model was configured for (timm's pretrained_cfg), e.g. (224, 224)."""
-    _, height, width = model.pretrained_cfg.get("input_size", (3, 224, 224))
-    return int(height), int(width)
-
-
-def normalization_of(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The mean and std the model's images are normalised with (timm's pretrained_cfg)."""
-    cfg = model.pretrained_cfg
-    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
 
 
 def example_image(batch: int, image_size: tuple[int, int], *, seed: int = 0, dtype=torch.float32) -> Tensor:

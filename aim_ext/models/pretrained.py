@@ -13,8 +13,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from aim_ext.engine.checkpoint import load_checkpoint
 from aim_ext.models.aim import AIM
+from aim_ext.models.checkpoint import load_checkpoint
 
 TORCHVISION_MOBILENET_V2_FIRST_KEY = "features.0.0.weight"
 

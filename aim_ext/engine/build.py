@@ -1,0 +1,67 @@
+"""A training config made real: its model, the data config the model expects, its dataset splits.
+
+Training, evaluation and the demo build through these functions alone, so a run is evaluated with
+exactly the model and data it was trained with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from aim_ext.data import MaskedImageDataset, build_dataset
+from aim_ext.engine.config import TrainConfig
+from aim_ext.models import create_model, model_data_config
+from aim_ext.models.pretrained import load_backbone_weights
+
+
+def data_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The input size and normalisation of the config's model (timm's data config), without
+    building its weights."""
+    return model_data_config(cfg.model, cfg.stop_stage)
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The model of a config, with pretrained backbone weights from timm or a local file."""
+    model = create_model(
+        cfg.model,
+        num_classes=num_classes,
+        pretrained=cfg.pretrained and not cfg.pretrained_file,  # a local file replaces the hub
+        stop_stage=cfg.stop_stage,
+        drop_rate=cfg.drop_rate,
+        drop_path_rate=cfg.drop_path_rate,
+    )
+    if cfg.pretrained_file:
+        load_backbone_weights(model, cfg.pretrained_file)
+    return model
+
+
+def build_split(
+    cfg: TrainConfig, split: str, data: dict[str, Any], *, train: bool = False, prerender: bool = True
+) -> MaskedImageDataset:
+    """One split of the run's dataset, normalised with ``data``'s mean and std, augmented when
+    ``train``. ``prerender=False`` leaves a generated dataset unrendered: enough to read its labels
+    and groups."""
+    options: dict[str, Any] = {"skip_bad_images": cfg.skip_bad_images}
+    for option in ("cub_root", "imagenet_root"):
+        if getattr(cfg, option):
+            options[option] = getattr(cfg, option)
+    if train:
+        options["randaugment"] = cfg.randaugment
+    return build_dataset(
+        cfg.dataset,
+        cfg.data_root,
+        split,
+        train=train,
+        image_size=cfg.image_size,
+        mean=data["mean"],
+        std=data["std"],
+        prerender=prerender,
+        **options,
+    )
+
+
+def build_datasets(cfg: TrainConfig, data: dict[str, Any]) -> tuple[MaskedImageDataset, MaskedImageDataset]:
+    """Train and validation splits with the recipe's transforms."""
+    return build_split(cfg, "train", data, train=True), build_split(cfg, "val", data)

@@ -1,0 +1,130 @@
+"""A training run opened for evaluation: its config, its model with a checkpoint loaded, and the
+dataset split to evaluate. A run folder is what `aim_ext.engine.fit` writes: config.yaml,
+best.pt/last.pt, metrics.jsonl and, for AIM runs, masks/epoch_XXXX.pt snapshots of a fixed
+validation batch."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from aim_ext.engine import TrainConfig, build_model, build_split, data_config, load_config, resolve_device
+from aim_ext.explain.attributions import METHODS
+from aim_ext.models import AIM, load_checkpoint, load_model_state
+
+
+class EvalError(RuntimeError):
+    """A run cannot be evaluated as asked (missing folder, config or checkpoint; mismatched runs)."""
+
+
+@dataclass
+class EvalOptions:
+    """How to evaluate: which checkpoint and split, attribution methods and targets, limits."""
+
+    checkpoint: str = "best"
+    split: str = "test"
+    methods: Sequence[str] = METHODS
+    target: str = "label"
+    batch_size: int = 32  # attributions need a backward pass: not the (large) training batch
+    max_images: int | None = None
+    figures: int = 4
+    device: str = "auto"
+    num_workers: int | None = None  # None: the run's setting
+    counterfactuals: bool = True  # TuxBirds: background-swap and background-only rates
+    counterfactual_images: int | None = None  # None: every evaluated image
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise EvalError(f"unknown attribution methods {unknown}; choose from {', '.join(METHODS)}")
+        if self.target not in ("label", "pred"):
+            raise EvalError(f"target must be 'label' or 'pred', got {self.target!r}")
+        if self.counterfactual_images is not None and self.counterfactual_images < 1:
+            raise EvalError(f"counterfactual_images must be at least 1, got {self.counterfactual_images}")
+        if self.split not in ("test", "val"):
+            raise EvalError(f"split must be 'test' or 'val', got {self.split!r}")
+        self.methods = tuple(dict.fromkeys(self.methods))
+
+
+@dataclass
+class Run:
+    """A training run ready to evaluate: its config, model with the checkpoint loaded, and dataset."""
+
+    folder: Path
+    cfg: TrainConfig
+    checkpoint: Path
+    epoch: int | None
+    model: nn.Module
+    dataset: Dataset
+    split: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    device: torch.device
+    train_group_counts: dict[int, int] | None
+
+    @property
+    def name(self) -> str:
+        return self.folder.resolve().name
+
+    @property
+    def is_aim(self) -> bool:
+        return isinstance(self.model, AIM)
+
+    @property
+    def stage_names(self) -> list[str]:
+        """AIM stage names, top stage first, after the backbone feature stages they mask."""
+        return [f"stage_{i}" for i in self.model.stage_indices] if self.is_aim else []
+
+
+def _checkpoint_path(folder: Path, checkpoint: str) -> Path:
+    path = folder / f"{checkpoint}.pt" if checkpoint in ("best", "last") else Path(checkpoint)
+    if not path.is_file():
+        found = sorted(p.name for p in folder.glob("*.pt"))
+        raise EvalError(
+            f"checkpoint not found: {path} (checkpoints in {folder}: {', '.join(found) or 'none'})"
+        )
+    return path
+
+
+def open_run(folder: str | Path, options: EvalOptions) -> Run:
+    """Load a run's config and checkpoint, build its model and the dataset split to evaluate."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EvalError(f"run folder not found: {folder}")
+    config = folder / "config.yaml"
+    if not config.is_file():
+        raise EvalError(f"no config.yaml in {folder}: not a run folder written by aim-train")
+    try:
+        cfg = load_config(config)
+    except ValueError as error:
+        raise EvalError(f"{config}: {error}") from error
+    path = _checkpoint_path(folder, options.checkpoint)
+    # The checkpoint replaces every weight: never fetch or read the pretrained ones again.
+    cfg = dataclasses.replace(cfg, pretrained=False, pretrained_file=None)
+    data = data_config(cfg)
+    mean, std = tuple(data["mean"]), tuple(data["std"])
+    dataset = build_split(cfg, options.split, data)
+    model = build_model(cfg, num_classes=dataset.num_classes)
+    state = load_checkpoint(path)
+    try:
+        load_model_state(model, state, source=str(path))
+    except (ValueError, RuntimeError) as error:  # RuntimeError: tensor sizes (e.g. number of classes)
+        raise EvalError(f"cannot load {path}: {error}") from error
+    device = resolve_device(options.device)
+    # Attributions need gradients of activations and inputs only, never of the weights: skipping
+    # the weight gradients saves a third of the backward pass.
+    model.to(device).eval().requires_grad_(False)
+    train_counts = None
+    if getattr(dataset, "groups", None) is not None:
+        # Only the training split's groups are read: a generated dataset need not be rendered.
+        train_groups = build_split(cfg, "train", data, prerender=False).groups
+        train_counts = {g: train_groups.count(g) for g in sorted(set(train_groups))}
+    return Run(
+        folder, cfg, path, state.get("epoch"), model, dataset, options.split, mean, std, device, train_counts
+    )

@@ -1,0 +1,49 @@
+"""A trained model's weights: loaded safely (weights_only=True) and checked against the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def architecture(model: nn.Module) -> str:
+    """A name for the architecture, stored in checkpoints and checked on load."""
+    stop = getattr(model, "stop_stage", None)
+    name = getattr(model, "backbone_name", None) or model.pretrained_cfg.get(
+        "architecture", type(model).__name__
+    )
+    return f"{name}+AIM[{stop}]" if stop is not None else name
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint safely (weights_only=True), with a clear error when it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_model_state(model: nn.Module, state: dict[str, Any], source: str = "checkpoint") -> None:
+    """Load weights strictly; a checkpoint of another architecture or with other keys is an error."""
+    expected = architecture(model)
+    found = state.get("architecture")
+    if found is not None and found != expected:
+        raise ValueError(f"{source} holds a {found} model, not {expected}")
+    weights = state.get("model", state)
+    result = model.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{source} does not fit {expected}: missing keys {result.missing_keys[:10]}"
+            f"{' ...' if len(result.missing_keys) > 10 else ''}, unexpected keys "
+            f"{result.unexpected_keys[:10]}{' ...' if len(result.unexpected_keys) > 10 else ''}"
+        )
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """The weights of an aim-train checkpoint or a plain state_dict file, loaded into ``model``
+    strictly; a file that does not fit names the missing and unexpected keys."""
+    load_model_state(model, load_checkpoint(path), source=str(path))
+    return model
