@@ -33,9 +33,21 @@ from torch.utils.cpp_extension import (  # noqa: E402
 # Architectures compiled when no GPU is visible: A100, H100/H200, plus PTX for newer cards.
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 ROOT = Path(__file__).parent
-# csrc/cuda/masked_merge_kernel_<type>.cu: one file per element type, compiled in parallel.
-MERGE_KERNEL_TYPES = ("float", "double", "half", "bfloat16")
-CSRC = "csrc"
+# The list of sources CMakeLists.txt reads too.
+SOURCE_LIST = "csrc/sources.txt"
+
+
+def kernel_sources() -> dict[str, list[str]]:
+    """The sources in SOURCE_LIST by kind: "cpu" (built always) and "cuda"."""
+    sources: dict[str, list[str]] = {"cpu": [], "cuda": []}
+    for number, line in enumerate((ROOT / SOURCE_LIST).read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = line.split()
+        if len(fields) != 2 or fields[0] not in sources:
+            raise RuntimeError(f"{SOURCE_LIST}:{number}: expected 'cpu PATH' or 'cuda PATH', got {line!r}")
+        sources[fields[0]].append(fields[1])
+    return sources
 
 
 def nvcc_threads() -> list[str]:
@@ -90,12 +102,8 @@ def cuda_decision() -> tuple[bool, str]:
 
 
 def extension():
-    sources = [
-        f"{CSRC}/ops.cpp",
-        f"{CSRC}/python_module.cpp",
-        f"{CSRC}/cpu/masked_merge_cpu.cpp",
-        f"{CSRC}/cpu/topdown_epilogue_cpu.cpp",
-    ]
+    listed = kernel_sources()
+    sources = ["csrc/python_module.cpp", *listed["cpu"]]
     # The C++ standard is torch's choice. The string ABI must be torch's: newer torch no longer
     # passes it, and a compiler defaulting to the other ABI breaks c10::Error (a crash on bad input).
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
@@ -113,13 +121,7 @@ def extension():
         f"building the CPU and CUDA kernels: {why}; "
         f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'the visible GPUs')}"
     )
-    sources += [
-        f"{CSRC}/cuda/masked_merge_cuda.cpp",
-        f"{CSRC}/cuda/masked_merge_kernel.cu",
-        *(f"{CSRC}/cuda/masked_merge_kernel_{t}.cu" for t in MERGE_KERNEL_TYPES),
-        f"{CSRC}/cuda/topdown_epilogue_cuda.cpp",
-        f"{CSRC}/cuda/topdown_epilogue_kernel.cu",
-    ]
+    sources += listed["cuda"]
     return CUDAExtension(
         "aim_ext._C",
         sources,

@@ -2,12 +2,14 @@
 //   features = GELU(LayerNorm_C(conv))            rounded once to conv's dtype
 //   mask     = 1[(logits + noise) / temperature >= 0]
 //   out      = features * mask + nearest_resize(coarse, (H, W))
-// Declarations shared by the schema (ops.cpp) and the CPU / CUDA kernels.
+// The argument checks and the layout of the tensors (topdown_epilogue.cpp), shared by the CPU and
+// CUDA kernels.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 #include "masked_merge.h"
 
@@ -25,36 +27,29 @@ void check_epilogue_backward_inputs(const Tensor& grad_out, const std::optional<
                                     const std::optional<Tensor>& noise, double temperature, double eps,
                                     at::IntArrayRef coarse_size);
 
-// Checked, laid-out inputs and allocated outputs. conv, coarse, out and features share conv's
-// memory format (merge_memory_format); weight and bias are contiguous in the accumulation type;
-// z = (logits + noise) / temperature is (N, H*W) in the accumulation type.
-struct EpilogueForward {
-  Tensor conv, weight, bias, coarse, z, out, mask, features;  // coarse undefined when absent
+// The merge's tensors (input is conv), plus the LayerNorm parameters, contiguous in the
+// accumulation type, and the features, laid out like conv.
+struct EpilogueForward : MergeForward {
+  Tensor weight, bias, features;
 };
-EpilogueForward prepare_epilogue_forward(const Tensor& conv, const Tensor& weight,
-                                         const Tensor& bias, const Tensor& logits,
-                                         const std::optional<Tensor>& coarse,
-                                         const std::optional<Tensor>& noise, double temperature,
-                                         double eps);
+EpilogueForward epilogue_forward_layout(const Tensor& conv, const Tensor& weight, const Tensor& bias,
+                                        const std::optional<Tensor>& coarse);
 
-// The same for the backward. grad_mask and grad_z are (N, H*W) in the accumulation type;
-// grad_features is undefined when absent; grad_weight and grad_bias are (C,) in the
-// accumulation type (cast back by grads_from); grad_coarse is empty when coarse_size is [].
-struct EpilogueBackward {
-  Tensor grad_out, grad_mask, grad_features, conv, weight, bias, z;
-  Tensor grad_conv, grad_weight, grad_bias, grad_z, grad_coarse;
-  int64_t h, w;  // coarse size, 0 when absent
+// The same for the backward. grad_features is undefined when absent; grad_weight and grad_bias
+// are (C,) in the accumulation type (cast back by epilogue_grads).
+struct EpilogueBackward : MergeBackward {
+  Tensor weight, bias, grad_features, grad_weight, grad_bias;
 };
-EpilogueBackward prepare_epilogue_backward(
-    const Tensor& grad_out, const std::optional<Tensor>& grad_mask,
-    const std::optional<Tensor>& grad_features, const Tensor& conv, const Tensor& weight,
-    const Tensor& bias, const Tensor& logits, const std::optional<Tensor>& noise,
-    double temperature, double eps, at::IntArrayRef coarse_size);
+EpilogueBackward epilogue_backward_layout(const Tensor& grad_out,
+                                          const std::optional<Tensor>& grad_features,
+                                          const Tensor& conv, const Tensor& weight,
+                                          const Tensor& bias, at::IntArrayRef coarse_size);
 
-// The op's five outputs, each cast to its input's dtype and shape.
+// The op's five outputs, each in its input's dtype; grad_logits is already in the logits' shape
+// and dtype.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> epilogue_grads(const EpilogueBackward& b,
                                                                   const Tensor& weight,
                                                                   const Tensor& bias,
-                                                                  const Tensor& logits);
+                                                                  const Tensor& grad_logits);
 
 }  // namespace aim

@@ -445,6 +445,14 @@ def test_empty_maps(device, shape):
     assert all(g.abs().sum() == 0 for g in grads)
 
 
+@pytest.mark.skipif(not kernels_available()["cpu"], reason="the check is the compiled kernels'")
+@pytest.mark.parametrize("coarse_size", [[3, 0], [0, 2]])
+def test_backward_refuses_an_empty_coarse_size(coarse_size):
+    feat, logits = torch.randn(1, 2, 4, 4), torch.randn(1, 1, 4, 4)
+    with pytest.raises(RuntimeError, match=r"coarse_size must be \[\] or \[h, w\] with h, w > 0"):
+        torch.ops.aim.masked_merge_backward(torch.ones_like(feat), None, feat, logits, None, 1.0, coarse_size)
+
+
 def test_double_backward_is_refused():
     feat = torch.randn(1, 2, 4, 4, requires_grad=True)
     out, _ = masked_merge(feat, torch.randn(1, 1, 4, 4), noise=torch.zeros(1, 1, 4, 4))

@@ -5,9 +5,9 @@ Two ops, each with a forward and a backward op:
     aim::masked_merge            Eq. 2-3 and the top-down merge        (aim_ext.ops.masked_merge)
     aim::topdown_epilogue        LayerNorm, GELU, then the same merge   (aim_ext.ops.topdown_epilogue)
 
-csrc/ops.cpp defines the schemas; the strings below repeat them only for a process without the
-compiled extension (a test checks that both agree). The Python modules next to this one register
-the reference kernels, fake kernels and autograd formulas on top.
+csrc/masked_merge.cpp and csrc/topdown_epilogue.cpp define the schemas; the strings below repeat
+them only for a process without the compiled extension (a test checks that both agree). The Python
+modules next to this one register the reference kernels, fake kernels and autograd formulas on top.
 """
 
 from __future__ import annotations

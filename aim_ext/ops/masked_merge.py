@@ -24,7 +24,9 @@ from aim_ext.ops.library import impl_library, no_context, refuse_double_backward
 __all__ = [
     "acc_dtype",
     "check_merge_inputs",
+    "empty_coarse_grad",
     "logistic_noise",
+    "mask_and_coarse_grads",
     "masked_merge",
     "masked_merge_reference",
     "memory_format",
@@ -174,6 +176,52 @@ def memory_format(feat: Tensor) -> torch.memory_format:
     return torch.channels_last if fmt == torch.channels_last else torch.contiguous_format
 
 
+def mask_and_coarse_grads(
+    grad_out: Tensor,
+    grad_mask: Tensor | None,
+    features: Tensor,
+    logits: Tensor,
+    z: Tensor,
+    noise: Tensor | None,
+    temperature: float,
+    coarse_size: list[int],
+    fmt: torch.memory_format,
+) -> tuple[Tensor, Tensor]:
+    """The gradients of the merge's tail, which both ops end with: ``(grad_logits, grad_coarse)``.
+
+    ``grad_logits`` is the straight-through gradient of sum_C(grad_out * features) + grad_mask
+    (zero in evaluation, where the mask is a constant); ``grad_coarse`` the adjoint of the nearest
+    resize in memory format ``fmt`` (empty when ``coarse_size`` is []). ``grad_out`` and
+    ``features`` are in the features' dtype, ``z`` is the mask's pre-activation in the accumulation
+    type.
+    """
+    if noise is None:
+        grad_logits = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+    else:
+        acc = z.dtype
+        soft = torch.sigmoid(z)
+        dot = (grad_out.to(acc) * features.to(acc)).sum(1, keepdim=True)
+        if grad_mask is not None:
+            dot = dot + grad_mask.to(acc)
+        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad_logits.copy_(dot * soft * (1 - soft) / temperature)
+    if coarse_size:
+        grad_coarse = nearest_resize_adjoint(grad_out, coarse_size).contiguous(memory_format=fmt)
+    else:
+        grad_coarse = features.new_empty(0)
+    return grad_logits, grad_coarse
+
+
+def empty_coarse_grad(feat: Tensor, coarse_size: list[int]) -> Tensor:
+    """An uninitialised grad_coarse shaped and laid out as the kernels return it (fake kernels)."""
+    if not coarse_size:
+        return feat.new_empty(0)
+    n, c = feat.shape[:2]
+    return torch.empty(
+        (n, c, *coarse_size), dtype=feat.dtype, device=feat.device, memory_format=memory_format(feat)
+    )
+
+
 def _forward_fallback(
     feat: Tensor, logits: Tensor, coarse: Tensor | None, noise: Tensor | None, temperature: float
 ) -> tuple[Tensor, Tensor]:
@@ -193,23 +241,12 @@ def _backward_fallback(
     coarse_size: list[int],
 ) -> tuple[Tensor, Tensor, Tensor]:
     fmt = memory_format(feat)
-    acc = acc_dtype(feat)
-    z = _preactivation(logits, noise, temperature, acc)
+    z = _preactivation(logits, noise, temperature, acc_dtype(feat))
     grad_out = grad_out.to(feat.dtype)
     grad_feat = (grad_out * (z >= 0).to(feat.dtype)).contiguous(memory_format=fmt)
-    if noise is None:
-        grad_logits = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
-    else:
-        soft = torch.sigmoid(z)
-        dot = (grad_out.to(acc) * feat.to(acc)).sum(1, keepdim=True)
-        if grad_mask is not None:
-            dot = dot + grad_mask.to(acc)
-        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        grad_logits.copy_(dot * soft * (1 - soft) / temperature)
-    if coarse_size:
-        grad_coarse = nearest_resize_adjoint(grad_out, coarse_size).contiguous(memory_format=fmt)
-    else:
-        grad_coarse = feat.new_empty(0)
+    grad_logits, grad_coarse = mask_and_coarse_grads(
+        grad_out, grad_mask, feat, logits, z, noise, temperature, coarse_size, fmt
+    )
     return grad_feat, grad_logits, grad_coarse
 
 
@@ -234,14 +271,9 @@ def _backward_fake(
     temperature: float,
     coarse_size: list[int],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    fmt = memory_format(feat)
-    n, c = feat.shape[:2]
-    like = {"dtype": feat.dtype, "device": feat.device}
-    grad_coarse = (
-        torch.empty((n, c, *coarse_size), **like, memory_format=fmt) if coarse_size else feat.new_empty(0)
-    )
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    return torch.empty_like(feat, memory_format=fmt), grad_logits, grad_coarse
+    grad_feat = torch.empty_like(feat, memory_format=memory_format(feat))
+    return grad_feat, grad_logits, empty_coarse_grad(feat, coarse_size)
 
 
 def _setup_context(ctx, inputs, output) -> None:

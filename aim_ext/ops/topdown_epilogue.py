@@ -28,9 +28,10 @@ from aim_ext.ops.masked_merge import (
     _preactivation,
     acc_dtype,
     check_merge_inputs,
+    empty_coarse_grad,
+    mask_and_coarse_grads,
     masked_merge_reference,
     memory_format,
-    nearest_resize_adjoint,
 )
 
 __all__ = [
@@ -131,8 +132,8 @@ def _backward_fallback(
     gelu_grad = cdf + y * torch.exp(-0.5 * y * y) / math.sqrt(2 * math.pi)
     features = (y * cdf).to(conv.dtype)  # T_l(S_l) as the forward stored it
     z = _preactivation(logits, noise, temperature, acc)
-    go = grad_out.to(conv.dtype).to(acc)
-    grad_f = go * (z >= 0).to(acc)
+    grad_out = grad_out.to(conv.dtype)
+    grad_f = grad_out.to(acc) * (z >= 0).to(acc)
     if grad_features is not None:
         grad_f = grad_f + grad_features.to(acc)
     grad_y = grad_f * gelu_grad
@@ -143,20 +144,9 @@ def _backward_fallback(
         grad_xhat - grad_xhat.mean(1, keepdim=True) - xhat * (grad_xhat * xhat).mean(1, keepdim=True)
     )
     grad_conv = grad_x.to(conv.dtype).contiguous(memory_format=fmt)
-    if noise is None:  # evaluation: the mask is a constant
-        grad_logits = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
-    else:
-        soft = torch.sigmoid(z)
-        dot = (go * features.to(acc)).sum(1, keepdim=True)
-        if grad_mask is not None:
-            dot = dot + grad_mask.to(acc)
-        grad_logits = (dot * soft * (1 - soft) / temperature).to(logits.dtype).contiguous()
-    if coarse_size:
-        grad_coarse = nearest_resize_adjoint(grad_out.to(conv.dtype), coarse_size).contiguous(
-            memory_format=fmt
-        )
-    else:
-        grad_coarse = conv.new_empty(0)
+    grad_logits, grad_coarse = mask_and_coarse_grads(
+        grad_out, grad_mask, features, logits, z, noise, temperature, coarse_size, fmt
+    )
     return grad_conv, grad_weight, grad_bias, grad_logits, grad_coarse
 
 
@@ -171,19 +161,12 @@ def _forward_fake(conv, weight, bias, logits, coarse, noise, temperature, eps):
 def _backward_fake(
     grad_out, grad_mask, grad_features, conv, weight, bias, logits, noise, temperature, eps, coarse_size
 ):
-    fmt = memory_format(conv)
-    n, c = conv.shape[:2]
-    grad_coarse = (
-        torch.empty((n, c, *coarse_size), dtype=conv.dtype, device=conv.device, memory_format=fmt)
-        if coarse_size
-        else conv.new_empty(0)
-    )
     return (
-        torch.empty_like(conv, memory_format=fmt),
+        torch.empty_like(conv, memory_format=memory_format(conv)),
         torch.empty_like(weight),
         torch.empty_like(bias),
         torch.empty(logits.shape, dtype=logits.dtype, device=logits.device),
-        grad_coarse,
+        empty_coarse_grad(conv, coarse_size),
     )
 
 

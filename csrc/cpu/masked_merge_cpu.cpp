@@ -15,6 +15,7 @@
 #include "../gumbel.h"
 #include "../masked_merge.h"
 #include "../nearest.h"
+#include "merge_common.h"
 
 namespace aim {
 namespace {
@@ -207,12 +208,14 @@ void backward_kernel(const Geometry& g, const scalar_t* grad_out, const typename
 std::tuple<Tensor, Tensor> masked_merge_cpu(const Tensor& feat, const Tensor& logits,
                                             const std::optional<Tensor>& coarse,
                                             const std::optional<Tensor>& noise, double temperature) {
-  const ForwardBuffers b = prepare_forward(feat, logits, coarse, noise, temperature);
+  check_merge_inputs(feat, logits, coarse, noise, temperature);
+  const MergeForward b = merge_forward_layout(feat, coarse);
+  const Tensor z = mask_preactivation(logits, noise, temperature, acc_dtype(feat));
   const bool has_coarse = b.coarse.defined();
-  const Geometry g(b.feat, has_coarse ? b.coarse.size(2) : 0, has_coarse ? b.coarse.size(3) : 0);
+  const Geometry g(b.input, has_coarse ? b.coarse.size(2) : 0, has_coarse ? b.coarse.size(3) : 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "masked_merge_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    forward_kernel<scalar_t>(g, b.feat.const_data_ptr<scalar_t>(), b.z.const_data_ptr<acc_t>(),
+    forward_kernel<scalar_t>(g, b.input.const_data_ptr<scalar_t>(), z.const_data_ptr<acc_t>(),
                              has_coarse ? b.coarse.const_data_ptr<scalar_t>() : nullptr,
                              b.out.mutable_data_ptr<scalar_t>(), b.mask.mutable_data_ptr<scalar_t>());
   });
@@ -223,17 +226,19 @@ std::tuple<Tensor, Tensor, Tensor> masked_merge_backward_cpu(
     const Tensor& grad_out, const std::optional<Tensor>& grad_mask, const Tensor& feat,
     const Tensor& logits, const std::optional<Tensor>& noise, double temperature,
     at::IntArrayRef coarse_size) {
-  const BackwardBuffers b = prepare_backward(grad_out, grad_mask, feat, logits, noise, temperature, coarse_size);
-  const Geometry g(b.feat, b.h, b.w);
+  check_merge_backward_inputs(grad_out, grad_mask, feat, logits, noise, temperature, coarse_size);
+  const MergeBackward b = merge_backward_layout(grad_out, feat, coarse_size);
+  const MaskGrads m = mask_grads(grad_mask, logits, noise, temperature, acc_dtype(feat));
+  const Geometry g(b.input, b.h, b.w);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "masked_merge_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    backward_kernel<scalar_t>(g, b.grad_out.const_data_ptr<scalar_t>(), b.grad_mask.const_data_ptr<acc_t>(),
-                              b.feat.const_data_ptr<scalar_t>(), b.z.const_data_ptr<acc_t>(), noise.has_value(),
-                              temperature, b.grad_feat.mutable_data_ptr<scalar_t>(),
-                              b.grad_z.mutable_data_ptr<acc_t>(),
+    backward_kernel<scalar_t>(g, b.grad_out.const_data_ptr<scalar_t>(), m.grad_mask.const_data_ptr<acc_t>(),
+                              b.input.const_data_ptr<scalar_t>(), m.z.const_data_ptr<acc_t>(), noise.has_value(),
+                              temperature, b.grad_input.mutable_data_ptr<scalar_t>(),
+                              m.grad_z.mutable_data_ptr<acc_t>(),
                               g.has_coarse() ? b.grad_coarse.mutable_data_ptr<scalar_t>() : nullptr);
   });
-  return {b.grad_feat, grad_logits_from(b.grad_z, logits), b.grad_coarse};
+  return {b.grad_input, grad_logits_from(m.grad_z, logits), b.grad_coarse};
 }
 
 }  // namespace

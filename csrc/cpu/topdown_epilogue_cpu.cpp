@@ -19,6 +19,7 @@
 #include "../layer_norm_gelu.h"
 #include "../nearest.h"
 #include "../topdown_epilogue.h"
+#include "merge_common.h"
 
 namespace aim {
 namespace {
@@ -57,20 +58,20 @@ void tile_statistics(const Tiles& g, const scalar_t* x, int64_t len, double eps,
 }
 
 template <typename scalar_t>
-void forward_kernel(const EpilogueForward& b, double eps) {
+void forward_kernel(const EpilogueForward& b, const Tensor& preactivation, double eps) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Tiles g(b.conv);
+  const Tiles g(b.input);
   const bool has_coarse = b.coarse.defined();
   const int64_t h = has_coarse ? b.coarse.size(2) : 0, w = has_coarse ? b.coarse.size(3) : 0;
-  const std::vector<int64_t> src_h = has_coarse ? nearest_source_indices(h, b.conv.size(2)) : std::vector<int64_t>{};
+  const std::vector<int64_t> src_h = has_coarse ? nearest_source_indices(h, b.input.size(2)) : std::vector<int64_t>{};
   const std::vector<int64_t> src_w = has_coarse ? nearest_source_indices(w, g.W) : std::vector<int64_t>{};
   const int64_t ccs = g.cs == 1 ? 1 : h * w, cps = g.cs == 1 ? g.C : 1;  // coarse strides
 
-  const scalar_t* conv = b.conv.const_data_ptr<scalar_t>();
+  const scalar_t* conv = b.input.const_data_ptr<scalar_t>();
   const scalar_t* coarse = has_coarse ? b.coarse.const_data_ptr<scalar_t>() : nullptr;
   const acc_t* weight = b.weight.const_data_ptr<acc_t>();
   const acc_t* bias = b.bias.const_data_ptr<acc_t>();
-  const acc_t* z = b.z.const_data_ptr<acc_t>();
+  const acc_t* z = preactivation.const_data_ptr<acc_t>();
   scalar_t* out = b.out.mutable_data_ptr<scalar_t>();
   scalar_t* features = b.features.mutable_data_ptr<scalar_t>();
   scalar_t* mask = b.mask.mutable_data_ptr<scalar_t>();
@@ -108,18 +109,19 @@ void forward_kernel(const EpilogueForward& b, double eps) {
 }
 
 template <typename scalar_t>
-void backward_kernel(EpilogueBackward& b, bool training, double temperature, double eps) {
+void backward_kernel(const EpilogueBackward& b, const MaskGrads& mask, bool training, double temperature,
+                     double eps) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Tiles g(b.conv);
-  const scalar_t* conv = b.conv.const_data_ptr<scalar_t>();
+  const Tiles g(b.input);
+  const scalar_t* conv = b.input.const_data_ptr<scalar_t>();
   const scalar_t* grad_out = b.grad_out.const_data_ptr<scalar_t>();
   const scalar_t* grad_features = b.grad_features.defined() ? b.grad_features.const_data_ptr<scalar_t>() : nullptr;
   const acc_t* weight = b.weight.const_data_ptr<acc_t>();
   const acc_t* bias = b.bias.const_data_ptr<acc_t>();
-  const acc_t* z = b.z.const_data_ptr<acc_t>();
-  const acc_t* grad_mask = b.grad_mask.const_data_ptr<acc_t>();
-  scalar_t* grad_conv = b.grad_conv.mutable_data_ptr<scalar_t>();
-  acc_t* grad_z = b.grad_z.mutable_data_ptr<acc_t>();
+  const acc_t* z = mask.z.const_data_ptr<acc_t>();
+  const acc_t* grad_mask = mask.grad_mask.const_data_ptr<acc_t>();
+  scalar_t* grad_conv = b.grad_input.mutable_data_ptr<scalar_t>();
+  acc_t* grad_z = mask.grad_z.mutable_data_ptr<acc_t>();
   // Per-tile sums of d weight (row 2t) and d bias (row 2t + 1).
   Tensor partials = at::empty({g.count() * 2, g.C}, b.weight.options());
   acc_t* part = partials.mutable_data_ptr<acc_t>();
@@ -198,9 +200,11 @@ std::tuple<Tensor, Tensor, Tensor> topdown_epilogue_cpu(const Tensor& conv, cons
                                                         const std::optional<Tensor>& coarse,
                                                         const std::optional<Tensor>& noise,
                                                         double temperature, double eps) {
-  const EpilogueForward b = prepare_epilogue_forward(conv, weight, bias, logits, coarse, noise, temperature, eps);
+  check_epilogue_inputs(conv, weight, bias, logits, coarse, noise, temperature, eps);
+  const EpilogueForward b = epilogue_forward_layout(conv, weight, bias, coarse);
+  const Tensor z = mask_preactivation(logits, noise, temperature, acc_dtype(conv));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, conv.scalar_type(), "topdown_epilogue_cpu",
-                                  [&] { forward_kernel<scalar_t>(b, eps); });
+                                  [&] { forward_kernel<scalar_t>(b, z, eps); });
   return {b.out, b.mask, b.features};
 }
 
@@ -209,11 +213,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topdown_epilogue_backward_cpu
     const std::optional<Tensor>& grad_features, const Tensor& conv, const Tensor& weight,
     const Tensor& bias, const Tensor& logits, const std::optional<Tensor>& noise,
     double temperature, double eps, at::IntArrayRef coarse_size) {
-  EpilogueBackward b = prepare_epilogue_backward(grad_out, grad_mask, grad_features, conv, weight, bias,
-                                                 logits, noise, temperature, eps, coarse_size);
+  check_epilogue_backward_inputs(grad_out, grad_mask, grad_features, conv, weight, bias, logits, noise,
+                                 temperature, eps, coarse_size);
+  const EpilogueBackward b = epilogue_backward_layout(grad_out, grad_features, conv, weight, bias, coarse_size);
+  const MaskGrads m = mask_grads(grad_mask, logits, noise, temperature, acc_dtype(conv));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, conv.scalar_type(), "topdown_epilogue_backward_cpu",
-                                  [&] { backward_kernel<scalar_t>(b, noise.has_value(), temperature, eps); });
-  return epilogue_grads(b, weight, bias, logits);
+                                  [&] { backward_kernel<scalar_t>(b, m, noise.has_value(), temperature, eps); });
+  return epilogue_grads(b, weight, bias, grad_logits_from(m.grad_z, logits));
 }
 
 }  // namespace

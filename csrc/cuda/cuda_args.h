@@ -48,6 +48,16 @@ inline Tensor readable_pixels(const Tensor& t) {
   const bool known = dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
   return dense_pixels(known ? t : t.to(at::kFloat));
 }
+inline Tensor readable_pixels(const std::optional<Tensor>& t) {
+  return t.has_value() ? readable_pixels(*t) : Tensor();
+}
+
+// An optional input as the launchers take it: null data when absent (undefined), its dtype then
+// unread.
+inline const void* data_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+inline cuda::DType dtype_or_float(const Tensor& t) {
+  return t.defined() ? kernel_dtype(t.scalar_type()) : cuda::DType::Float;
+}
 
 // The mask's inputs as the kernels read them; keeps the dense tensors alive.
 struct MaskArgs {
@@ -56,11 +66,25 @@ struct MaskArgs {
 
   MaskArgs(const Tensor& logits_in, const std::optional<Tensor>& noise_in, double temperature)
       : logits(readable_pixels(logits_in)),
-        noise(noise_in.has_value() ? readable_pixels(*noise_in) : Tensor()) {
-    input = {logits.const_data_ptr(), kernel_dtype(logits.scalar_type()),
-             noise.defined() ? noise.const_data_ptr() : nullptr,
-             noise.defined() ? kernel_dtype(noise.scalar_type()) : cuda::DType::Float, temperature};
+        noise(readable_pixels(noise_in)) {
+    input = {logits.const_data_ptr(), kernel_dtype(logits.scalar_type()), data_or_null(noise),
+             dtype_or_float(noise), temperature};
   }
+};
+
+// The backward's mask side: the mask's inputs, grad_mask as the kernels read it, and grad_logits
+// in the dtype the kernel writes (the logits' own, unless MaskArgs had to widen them).
+struct MaskGradArgs : MaskArgs {
+  Tensor grad_mask, grad_logits;
+
+  MaskGradArgs(const Tensor& logits_in, const std::optional<Tensor>& noise_in, double temperature,
+               const std::optional<Tensor>& grad_mask_in)
+      : MaskArgs(logits_in, noise_in, temperature),
+        grad_mask(readable_pixels(grad_mask_in)),
+        grad_logits(at::empty(logits_in.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous))) {}
+
+  // grad_logits in the logits' own dtype.
+  Tensor grad_logits_like(const Tensor& logits_in) const { return grad_logits.to(logits_in.scalar_type()); }
 };
 
 }  // namespace aim

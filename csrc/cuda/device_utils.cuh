@@ -1,5 +1,6 @@
 // Helpers shared by the CUDA kernels of aim_ext: element types and conversions, vector access,
-// warp reductions, the mask pre-activation, launch sizes. No torch headers (see launch.h).
+// warp reductions, the mask and the merge of one element (both ops end with the same merge), launch
+// sizes. No torch headers (see launch.h).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,6 +11,7 @@
 #include <initializer_list>
 #include <type_traits>
 
+#include "../gumbel.h"
 #include "launch.h"
 
 namespace aim::cuda {
@@ -78,6 +80,36 @@ __device__ __forceinline__ acc_t preactivation(const MaskInput& in, int64_t p) {
   acc_t z = load_as<acc_t>(in.logits, in.logits_dtype, p);
   if (in.noise != nullptr) z = (z + load_as<acc_t>(in.noise, in.noise_dtype, p)) / static_cast<acc_t>(in.temperature);
   return z;
+}
+
+// The binary Gumbel mask of pixel p (paper Eq. 2), 0 or 1 in acc_t.
+template <typename acc_t>
+__device__ __forceinline__ acc_t mask_at(const MaskInput& in, int64_t p) {
+  return preactivation<acc_t>(in, p) >= acc_t(0) ? acc_t(1) : acc_t(0);
+}
+
+// One element of the merge (paper Eq. 3 and the top-down merge), rounded as the reference rounds
+// it: f * mask in T first, then + the coarse value c when there is a coarse map.
+template <typename T>
+__device__ __forceinline__ T merged(T f, acc_type<T> m, bool has_coarse, T c) {
+  const acc_type<T> masked = rounded<T>(to_acc(f) * m);
+  return has_coarse ? from_acc<T>(masked + to_acc(c)) : from_acc<T>(masked);
+}
+
+// The same for a caller that holds a pointer to the coarse value, null without a coarse map.
+template <typename T>
+__device__ __forceinline__ T merged(T f, acc_type<T> m, const T* c) {
+  return c == nullptr ? merged<T>(f, m, false, T{}) : merged<T>(f, m, true, *c);
+}
+
+// The straight-through gradient of pixel p's mask logit, given dot = sum over C of grad_out * the
+// masked features; grad_mask may be null (zero). Zero in evaluation, where the mask is a constant.
+template <typename acc_t>
+__device__ __forceinline__ acc_t logit_grad(const MaskInput& in, int64_t p, acc_t dot, const void* grad_mask,
+                                            DType grad_mask_dtype) {
+  if (in.noise == nullptr) return acc_t(0);
+  if (grad_mask != nullptr) dot += load_as<acc_t>(grad_mask, grad_mask_dtype, p);
+  return straight_through_grad<acc_t>(dot, preactivation<acc_t>(in, p), static_cast<acc_t>(in.temperature));
 }
 
 // V elements of T loaded or stored at once (16 bytes for V * sizeof(T) = 16).

@@ -1,7 +1,7 @@
-// The masked_merge kernels of one element type T. Each type's kernels are compiled in a file of
-// their own (masked_merge_kernel_<dtype>.cu, which instantiates MergeKernels<T> from
-// masked_merge_kernels.cuh), so that a parallel build compiles the four at once; the launchers
-// in launch.h (masked_merge_kernel.cu) pick the type at run time.
+// The masked_merge kernels of one element type T, declared. Each type's kernels are compiled in a
+// file of their own (masked_merge_kernels_<dtype>.cu, which instantiates MergeKernels<T> from the
+// definitions in masked_merge_kernels_impl.cuh), so that a parallel build compiles the four at
+// once; the launchers of launch.h (masked_merge_launch.cu) pick the type at run time.
 #pragma once
 
 #include <cuda_bf16.h>

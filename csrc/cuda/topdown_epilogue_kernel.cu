@@ -7,7 +7,6 @@
 // version does not cover: one thread per pixel looping over the channel planes (a warp reads 32
 // consecutive pixels of each plane). The weight and bias gradients are summed per warp, then
 // per block in warp order, then over a fixed number of blocks in block order: deterministic.
-#include "../gumbel.h"
 #include "../layer_norm_gelu.h"
 #include "../nearest.h"
 #include "device_utils.cuh"
@@ -22,22 +21,10 @@ __device__ __forceinline__ acc_t finish_rstd(acc_t sq, int64_t C, double eps) {
   return acc_t(1) / sqrt(sq / static_cast<acc_t>(C) + static_cast<acc_t>(eps));
 }
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t mask_of(const MaskInput& in, int64_t p) {
-  return preactivation<acc_t>(in, p) >= acc_t(0) ? acc_t(1) : acc_t(0);
-}
-
 // The coarse pixel (n, sy, sx) feeding fine pixel p, as an index into (N, h, w).
 __device__ __forceinline__ int64_t coarse_pixel(const MergeShape& s, int64_t p, float sh, float sw) {
   const int64_t HW = s.H * s.W, n = p / HW, y = (p % HW) / s.W, x = p % s.W;
   return (n * s.h + nearest_source_index(y, sh, s.h)) * s.w + nearest_source_index(x, sw, s.w);
-}
-
-// Rounds as the reference does: features, then features * mask, then + coarse.
-template <typename T>
-__device__ __forceinline__ T merged(T f, acc_type<T> m, bool has_coarse, T c) {
-  const acc_type<T> masked = rounded<T>(to_acc(f) * m);
-  return has_coarse ? from_acc<T>(masked + to_acc(c)) : from_acc<T>(masked);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -74,7 +61,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     const acc_t rstd = finish_rstd<acc_t>(warp_sum(sq), C, eps);
-    const acc_t m = mask_of<acc_t>(in, p);
+    const acc_t m = mask_at<acc_t>(in, p);
     if (lane == 0) mask[p] = from_acc<T>(m);
     const int64_t q = coarse ? coarse_pixel(s, p, sh, sw) : 0;
 #pragma unroll
@@ -116,7 +103,7 @@ __global__ void __launch_bounds__(kThreads)
       sq += d * d;
     }
     const acc_t rstd = finish_rstd<acc_t>(sq, C, eps);
-    const acc_t m = mask_of<acc_t>(in, p);
+    const acc_t m = mask_at<acc_t>(in, p);
     mask[p] = from_acc<T>(m);
     const int64_t cbase = coarse ? n * C * hw + (coarse_pixel(s, p, sh, sw) - n * hw) * cps : 0;
     for (int64_t c = 0; c < C; ++c) {
@@ -148,13 +135,6 @@ struct BackwardArgs {
   void* partials;     // [gridDim.x][2][C], or [gridDim.x][kWarpsPerBlock][2][C] with warp_rows_in_global
   bool warp_rows_in_global;  // the per-warp sums live in partials, not shared memory (large C)
 };
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t logit_grad(const MaskInput& in, const BackwardArgs& a, int64_t p, acc_t dot) {
-  if (in.noise == nullptr) return acc_t(0);
-  if (a.grad_mask != nullptr) dot += load_as<acc_t>(a.grad_mask, a.grad_mask_dtype, p);
-  return straight_through_grad<acc_t>(dot, preactivation<acc_t>(in, p), static_cast<acc_t>(in.temperature));
-}
 
 // Adds the block's per-warp sums (smem [kWarpsPerBlock][2][C]) in warp order into its row of
 // the partial sums.
@@ -214,7 +194,7 @@ __global__ void __launch_bounds__(kThreads) backward_cl(MergeShape s, MaskInput 
       }
     }
     const acc_t rstd = finish_rstd<acc_t>(warp_sum(sq), C, a.eps);
-    const acc_t m = mask_of<acc_t>(in, p);
+    const acc_t m = mask_at<acc_t>(in, p);
     acc_t s1 = 0, s2 = 0, dot = 0;
 #pragma unroll
     for (int kk = 0; kk < K; ++kk) {
@@ -250,7 +230,9 @@ __global__ void __launch_bounds__(kThreads) backward_cl(MergeShape s, MaskInput 
       for (int k = 0; k < V; ++k) gc.v[k] = from_acc<T>(rstd * (gx[kk][k] - s1 - xhat[kk][k] * s2));
       store_vec<T, V>(grad_conv + p * C + j * V, gc);
     }
-    if (lane == 0) store_as<acc_t>(a.grad_logits, in.logits_dtype, p, logit_grad<acc_t>(in, a, p, dot));
+    if (lane == 0)
+      store_as<acc_t>(a.grad_logits, in.logits_dtype, p,
+                      logit_grad<acc_t>(in, p, dot, a.grad_mask, a.grad_mask_dtype));
   }
   // Each lane owns its channels in its warp's row: no two threads write the same element.
 #pragma unroll
@@ -300,7 +282,7 @@ __global__ void __launch_bounds__(kThreads) backward_strided(MergeShape s, MaskI
         sq += d * d;
       }
       rstd = finish_rstd<acc_t>(sq, C, a.eps);
-      m = mask_of<acc_t>(in, p);
+      m = mask_at<acc_t>(in, p);
     }
     // g of element (p, c), with xhat and y.
     auto grad_y = [&](int64_t c, acc_t& xh, acc_t& y) {
@@ -333,7 +315,8 @@ __global__ void __launch_bounds__(kThreads) backward_strided(MergeShape s, MaskI
         const acc_t gx = grad_y(c, xh, y) * weight[c];
         grad_conv[base + c * cs] = from_acc<T>(rstd * (gx - s1 - xh * s2));
       }
-      store_as<acc_t>(a.grad_logits, in.logits_dtype, p, logit_grad<acc_t>(in, a, p, dot));
+      store_as<acc_t>(a.grad_logits, in.logits_dtype, p,
+                      logit_grad<acc_t>(in, p, dot, a.grad_mask, a.grad_mask_dtype));
     }
   }
   if (!a.warp_rows_in_global) write_block_partials(rows, C, static_cast<acc_t*>(a.partials));

@@ -1,5 +1,5 @@
 #pragma once
-// CUDA kernels of aim::masked_merge (included by masked_merge_kernel_<dtype>.cu, one element
+// CUDA kernels of aim::masked_merge (included by masked_merge_kernels_<dtype>.cu, one element
 // type per file so that nvcc compiles them in parallel), written for memory bandwidth: one pass over the feature
 // map, vector loads and stores of up to 16 bytes along the contiguous run (C for channels_last,
 // the H * W plane for NCHW), 32-bit index arithmetic where the map allows, the mask computed from the logits
@@ -7,25 +7,12 @@
 // gradient sums each source pixel's footprint in one thread, without atomics.
 #include <limits>
 
-#include "../gumbel.h"
 #include "../nearest.h"
 #include "device_utils.cuh"
 #include "masked_merge_kernels.h"
 
 namespace aim::cuda {
 namespace merge_detail {
-
-template <typename index_t, typename acc_t>
-__device__ __forceinline__ acc_t mask_at(const MaskInput& in, index_t p) {
-  return preactivation<acc_t>(in, p) >= acc_t(0) ? acc_t(1) : acc_t(0);
-}
-
-// Rounds as the reference does: feat * mask, then + coarse.
-template <typename T>
-__device__ __forceinline__ T merged(T f, acc_type<T> m, const T* c) {
-  const acc_type<T> masked = rounded<T>(to_acc(f) * m);
-  return c == nullptr ? from_acc<T>(masked) : from_acc<T>(masked + to_acc(*c));
-}
 
 // channels_last: thread i covers channels [c0, c0 + V) of pixel p.
 template <typename T, int V, typename index_t>
@@ -36,7 +23,7 @@ __global__ void __launch_bounds__(kThreads) forward_cl(MergeShape s, MaskInput i
   const float sh = coarse ? nearest_scale(s.h, s.H) : 0.f, sw = coarse ? nearest_scale(s.w, s.W) : 0.f;
   for (index_t i = blockIdx.x * index_t(blockDim.x) + threadIdx.x; i < total; i += index_t(gridDim.x) * blockDim.x) {
     const index_t p = i / chunks, c0 = (i - p * chunks) * V;
-    const acc_t m = mask_at<index_t, acc_t>(in, p);
+    const acc_t m = mask_at<acc_t>(in, p);
     if (c0 == 0) mask[p] = from_acc<T>(m);
     const Vec<T, V> f = load_vec<T, V>(feat + p * C + c0);
     Vec<T, V> o;
@@ -71,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) forward_nchw(MergeShape s, MaskInput
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const index_t p = n * HW + o + k;
-      const acc_t m = mask_at<index_t, acc_t>(in, p);
+      const acc_t m = mask_at<acc_t>(in, p);
       if (c == 0) mask[p] = from_acc<T>(m);
       const T* cp = cplane ? cplane + index_t(nearest_source_index(y, sh, s.h)) * index_t(s.w) +
                                  index_t(nearest_source_index(x, sw, s.w))
@@ -81,15 +68,6 @@ __global__ void __launch_bounds__(kThreads) forward_nchw(MergeShape s, MaskInput
     }
     store_vec<T, V>(out + nc * HW + o, v);
   }
-}
-
-// The straight-through gradient of one pixel's mask logit, zero in evaluation.
-template <typename acc_t>
-__device__ __forceinline__ acc_t logit_grad(const MaskInput& in, int64_t p, acc_t dot, const void* grad_mask,
-                                            DType grad_mask_dtype) {
-  if (in.noise == nullptr) return acc_t(0);
-  if (grad_mask != nullptr) dot += load_as<acc_t>(grad_mask, grad_mask_dtype, p);
-  return straight_through_grad<acc_t>(dot, preactivation<acc_t>(in, p), static_cast<acc_t>(in.temperature));
 }
 
 // channels_last backward: one warp per pixel, lanes over vectors of channels.
@@ -102,7 +80,7 @@ __global__ void __launch_bounds__(kThreads) backward_cl(MergeShape s, MaskInput 
   const int64_t chunks = s.C / V, pixels = s.N * s.H * s.W;
   const int64_t warps = int64_t(gridDim.x) * kWarpsPerBlock;
   for (int64_t p = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarp; p < pixels; p += warps) {
-    const acc_t m = mask_at<int64_t, acc_t>(in, p);
+    const acc_t m = mask_at<acc_t>(in, p);
     acc_t dot = 0;
     for (int64_t j = lane; j < chunks; j += kWarp) {
       const int64_t e = p * s.C + j * V;
@@ -133,7 +111,7 @@ __global__ void __launch_bounds__(kThreads) backward_nchw(MergeShape s, MaskInpu
     acc_t m[V], dot[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      m[k] = mask_at<int64_t, acc_t>(in, n * HW + yx0 + k);
+      m[k] = mask_at<acc_t>(in, n * HW + yx0 + k);
       dot[k] = 0;
     }
     for (int64_t c = 0; c < s.C; ++c) {

@@ -1,5 +1,5 @@
 // The launchers of launch.h for aim::masked_merge: they pick the element type and call the
-// kernels of that type, compiled in masked_merge_kernel_<dtype>.cu.
+// kernels of that type, compiled in masked_merge_kernels_<dtype>.cu.
 #include "device_utils.cuh"
 #include "masked_merge_kernels.h"
 
