@@ -7,9 +7,16 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+from PIL import Image
+
+from aim_ext.cli.demo import COMPARISON, DEFAULT_OUT
+from aim_ext.explain.reports import GRADCAM_AND_MASKS_PNG
 
 ROOT = Path(__file__).parents[1]
 README_MAX_LINES = 220
+# The README's picture is aim-demo's own output (derived from photos the repository never
+# redistributes): it exists once the quick start has run, at the path the demo writes it to.
+DEMO_PICTURE = (DEFAULT_OUT / COMPARISON / GRADCAM_AND_MASKS_PNG).as_posix()
 
 FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", re.MULTILINE | re.DOTALL)
 INLINE_CODE = re.compile(r"(`+).+?\1", re.DOTALL)
@@ -37,6 +44,8 @@ def broken_links(path: Path, root: Path = ROOT) -> list[str]:
     for target in link_targets(path.read_text()):
         if SCHEME.match(target) or target.startswith("#"):
             continue  # http(s), mailto and other URLs; anchors within the page
+        if path == root / "README.md" and target == DEMO_PICTURE:
+            continue  # made by aim-demo (test_readme_shows_the_demo_picture)
         relative = unquote(target.split("#", 1)[0])
         resolved = root / relative.lstrip("/") if relative.startswith("/") else path.parent / relative
         if not resolved.exists():
@@ -47,6 +56,15 @@ def broken_links(path: Path, root: Path = ROOT) -> list[str]:
 @pytest.mark.parametrize("path", markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve(path):
     assert broken_links(path) == [], f"{path.relative_to(ROOT)} links to missing files"
+
+
+def test_readme_shows_the_demo_picture():
+    assert f"]({DEMO_PICTURE})" in (ROOT / "README.md").read_text()
+    picture = ROOT / DEMO_PICTURE
+    if picture.exists():  # after the quick start's aim-demo
+        with Image.open(picture) as image:
+            image.verify()
+            assert image.format == "PNG"
 
 
 def test_readme_is_short():

@@ -26,6 +26,9 @@ from aim_ext.engine.config import TrainConfig
 from aim_ext.engine.train import resolve_device
 from aim_ext.models.offline_weights import MODEL as WEIGHTS_MODEL
 
+# Where aim-demo writes by default; the comparison of the two runs goes into its COMPARISON folder.
+DEFAULT_OUT = Path("runs/demo")
+COMPARISON = "compare"
 # MobileNetV2 has feature levels 0..4 (strides 2..32, channels 16/24/32/96/320). As the paper does
 # for ResNet (AIM[3]: its two top levels), AIM masks the two top levels, 4 and 3.
 STOP_STAGE = 3
@@ -180,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)"
+        "--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})"
     )
     parser.add_argument(
         "--full", action="store_true", help="the larger configuration (224 px, 20 epochs), for a GPU"
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             counterfactual_images=COUNTERFACTUAL_IMAGES[configuration],
         )
-        vanilla, aim, comparison = compare_runs(out / "vanilla", out / "aim", options, out=out / "compare")
+        vanilla, aim, comparison = compare_runs(out / "vanilla", out / "aim", options, out=out / COMPARISON)
     except (TrainingError, EvalError, ValueError) as error:
         print(f"aim-demo: {error}", file=sys.stderr)
         return 1

@@ -21,6 +21,8 @@ from aim_ext.explain.evaluate import DEFINITIONS, Evaluation, Shown, evaluate, f
 from aim_ext.explain.run import EvalError, EvalOptions, Run, open_run
 from aim_ext.models import load_checkpoint
 
+# The comparison's figure of run A's GradCAM beside run B's AIM masks (the README shows aim-demo's).
+GRADCAM_AND_MASKS_PNG = "gradcam_and_masks.png"
 METHOD_TITLES = {
     "gradcam": "GradCAM",
     "guided_gradcam": "Guided GradCAM",
@@ -279,7 +281,7 @@ def write_comparison(
             a.shown.maps["gradcam"],
             _figure_epg(a.shown, "gradcam")[:n],
             b.shown.stage_masks,
-            out / "gradcam_and_masks.png",
+            out / GRADCAM_AND_MASKS_PNG,
             labels=labels,
             stage_names=b.run.stage_names,
             masks=a.shown.object_masks,
