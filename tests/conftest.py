@@ -5,6 +5,11 @@ import torch
 
 from aim_ext.ops import kernels_available
 
+# The suite runs on pytest-xdist workers (pyproject's addopts): one intra-op thread each, so that two
+# workers on two cores do not oversubscribe them (OpenMP threads spinning against each other).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 CUDA_REASON = "needs a CUDA device and the compiled CUDA kernels (aim_ext.ops.kernels_available()['cuda'])"
 
 
