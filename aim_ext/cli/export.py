@@ -17,10 +17,9 @@ import sys
 from pathlib import Path
 
 import torch
-from timm.data import resolve_model_data_config
 
 from aim_ext.export.aoti_export import export_aoti, run_aoti
-from aim_ext.export.graph import example_image, output_names, reference_outputs
+from aim_ext.export.graph import example_image, image_size_of, output_names, reference_outputs
 from aim_ext.export.onnx_export import DEFAULT_OPSET, export_onnx, onnxruntime_providers, run_onnxruntime
 from aim_ext.export.tensorrt_export import MISSING, TensorRTRunner, build_engine, tensorrt_available
 from aim_ext.export.verify import compare_outputs, format_checks
@@ -73,11 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"aim-export: {error}", file=sys.stderr)
         return 1
-    size = (
-        (args.image_size, args.image_size)
-        if args.image_size
-        else tuple(resolve_model_data_config(model)["input_size"][1:])
-    )
+    size = (args.image_size, args.image_size) if args.image_size else image_size_of(model)
     options = {"image_size": size, "batch_size": args.batch_size, "dynamic_batch": args.dynamic_batch}
     checks = Checks(model, size, args)
     print(

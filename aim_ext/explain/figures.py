@@ -55,6 +55,30 @@ def _masked(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return image * (DIMMED + (1 - DIMMED) * mask[..., None])
 
 
+def _stage_mask_panels(
+    axes: Sequence[Axes],
+    image: np.ndarray,
+    stage_masks: Sequence[Tensor],
+    names: Sequence[str],
+    prefix: str = "",
+) -> None:
+    """One image's stage masks (each (1, h, w), top stage first), then their merge, one panel each,
+    titled with the stage name, (with `prefix`: the mask's size) and the active share."""
+    merged = merged_mask([m.unsqueeze(0) for m in stage_masks])[0]
+    size = image.shape[:2]
+    for ax, name, mask in zip(axes, [*names, "merged"], [*stage_masks, merged], strict=True):
+        shape = "" if prefix or name == "merged" else f" {tuple(mask.shape[-2:])}"
+        title = f"{prefix}{name}{shape} {mask.float().mean().item():.0%}"
+        _show(ax, _masked(image, _upsample_mask(mask, size)), title)
+
+
+def _stage_names(stage_names: Sequence[str] | None, count: int) -> list[str]:
+    names = list(stage_names) if stage_names is not None else [f"stage {i}" for i in range(count)]
+    if len(names) != count:
+        raise ValueError(f"{len(names)} stage names for {count} masks")
+    return names
+
+
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,24 +105,11 @@ def mask_figure(
 ) -> Path:
     """Image | per-stage masks (top stage first) | merged mask, one row per image (paper Fig. 6)."""
     shown = to_display(images[:max_images], mean, std)
-    names = list(stage_names) if stage_names is not None else [f"stage {i}" for i in range(len(masks))]
-    if len(names) != len(masks):
-        raise ValueError(f"{len(names)} stage names for {len(masks)} masks")
-    merged = merged_mask([m[: len(shown)] for m in masks])
+    names = _stage_names(stage_names, len(masks))
     fig, axes = _grid(len(shown), len(masks) + 2)
-    size = shown.shape[1:3]
     for row, image in enumerate(shown):
         _show(axes[row, 0], image, "image")
-        for col, (name, mask) in enumerate(zip(names, masks, strict=True), start=1):
-            m = mask[row]
-            area = m.float().mean().item()
-            _show(
-                axes[row, col],
-                _masked(image, _upsample_mask(m, size)),
-                f"{name} {tuple(m.shape[-2:])} {area:.0%}",
-            )
-        area = merged[row].float().mean().item()
-        _show(axes[row, -1], _masked(image, _upsample_mask(merged[row], size)), f"merged {area:.0%}")
+        _stage_mask_panels(axes[row, 1:], image, [m[row] for m in masks], names)
     return _save(fig, path)
 
 
@@ -165,22 +176,13 @@ def gradcam_beside_masks(
     size = shown.shape[1:3]
     heat = resize_maps(maps[: len(shown)].detach().cpu(), size).clamp_min(0).numpy()
     scores = torch.as_tensor(epg).reshape(-1)[: len(shown)].tolist()
-    names = list(stage_names) if stage_names is not None else [f"stage {i}" for i in range(len(stage_masks))]
-    stage_masks = [m[: len(shown)] for m in stage_masks]
-    merged = merged_mask(stage_masks)
+    names = _stage_names(stage_names, len(stage_masks))
     fig, axes = _grid(len(shown), len(stage_masks) + 3)
     for row, image in enumerate(shown):
         outline = masks[row].detach().cpu().reshape(size).numpy() if masks is not None else None
         _show(axes[row, 0], image, "image")
         _overlay(axes[row, 1], image, heat[row], f"{labels[0]} GradCAM  EPG {scores[row]:.2f}", outline)
-        for col, (name, mask) in enumerate(zip(names, stage_masks, strict=True), start=2):
-            m = mask[row]
-            title = f"{labels[1]} {name} {m.float().mean().item():.0%}"
-            _show(axes[row, col], _masked(image, _upsample_mask(m, size)), title)
-        area = merged[row].float().mean().item()
-        _show(
-            axes[row, -1], _masked(image, _upsample_mask(merged[row], size)), f"{labels[1]} merged {area:.0%}"
-        )
+        _stage_mask_panels(axes[row, 2:], image, [m[row] for m in stage_masks], names, prefix=f"{labels[1]} ")
     return _save(fig, path)
 
 

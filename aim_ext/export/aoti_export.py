@@ -14,7 +14,7 @@ import torch
 from timm.data import resolve_model_data_config
 from torch import Tensor, nn
 
-from aim_ext.export.graph import prepare_graph, trace_inputs
+from aim_ext.export.graph import image_size_of, prepare_graph, trace_inputs
 from aim_ext.models import architecture
 
 
@@ -47,7 +47,7 @@ def export_aoti(
     (weights and input in ``dtype``: float32, float16 or bfloat16)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_size = image_size or tuple(resolve_model_data_config(model)["input_size"][1:])
+    image_size = image_size or image_size_of(model)
     graph = prepare_graph(model, dtype=dtype, device=device)
     args, dynamic_shapes = trace_inputs(
         image_size, batch_size=batch_size, dynamic_batch=dynamic_batch, dtype=dtype, device=device

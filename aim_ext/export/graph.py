@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from timm.data import resolve_model_data_config
 from torch import Tensor, nn
 
 from aim_ext.models import AIM
@@ -53,6 +54,12 @@ def reference_outputs(model: nn.Module, image: Tensor) -> tuple[list[Tensor], li
     stages = model.forward_topdown(image)
     logits = model.forward_head(stages[-1].merged)
     return [logits, *(s.mask for s in stages)], [s.mask_logits for s in stages]
+
+
+def image_size_of(model: nn.Module) -> tuple[int, int]:
+    """The (height, width) the model was configured for, from timm's data config (e.g. (224, 224))."""
+    _, height, width = resolve_model_data_config(model)["input_size"]
+    return int(height), int(width)
 
 
 def example_image(batch: int, image_size: tuple[int, int], *, seed: int = 0, dtype=torch.float32) -> Tensor:
