@@ -1,7 +1,7 @@
 """aim-ext: inherently interpretable CNN classifiers with AIM (self-supervised top-down masking)."""
 
 from aim_ext import losses, ops
-from aim_ext.models import AIM, AIMOutput, create_model
+from aim_ext.models import AIM, AIMOutput, create_model, fuse_for_inference
 
 __version__ = "0.1.0"
-__all__ = ["AIM", "AIMOutput", "__version__", "create_model", "losses", "ops"]
+__all__ = ["AIM", "AIMOutput", "__version__", "create_model", "fuse_for_inference", "losses", "ops"]

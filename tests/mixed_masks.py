@@ -8,11 +8,16 @@ import torch
 import aim_ext
 
 
-def mixed_mask_model(name="resnet18", stop_stage=3, num_classes=10, image_size=(99, 99), seed=0):
+def mixed_mask_model(
+    name="resnet18", stop_stage=3, num_classes=10, image_size=(99, 99), seed=0, prepare=None
+):
     """A seeded AIM model in evaluation mode, each mask estimator's logits scaled by 20 and centred
-    on a calibration batch (other images than the tests use), so masks are about half active."""
+    on a calibration batch (other images than the tests use), so masks are about half active.
+    ``prepare(model)``, if given, runs before the calibration."""
     torch.manual_seed(seed)
     model = aim_ext.create_model(name, stop_stage=stop_stage, num_classes=num_classes).eval()
+    if prepare is not None:
+        prepare(model)
     calibration = torch.randn(4, 3, *image_size, generator=torch.Generator().manual_seed(100))
     with torch.no_grad():
         for index, stage in enumerate(model.stages):

@@ -3,8 +3,10 @@
 from aim_ext.models.aim import AIM, AIMOutput
 from aim_ext.models.checkpoint import architecture, load_checkpoint, load_model_state, load_weights
 from aim_ext.models.factory import create_model, model_data_config
+from aim_ext.models.fusion import fold_batch_norms, is_inference_only
 from aim_ext.models.heads import ClassifierHead, masked_avg_pool
-from aim_ext.models.mask_estimator import MaskEstimator
+from aim_ext.models.inference import fuse_for_inference
+from aim_ext.models.mask_estimator import InferenceMaskEstimator, MaskEstimator
 from aim_ext.models.topdown import FeatureBranch, StageOutput, TopDownStage, use_fused_epilogue
 
 __all__ = [
@@ -15,8 +17,12 @@ __all__ = [
     "MaskEstimator",
     "StageOutput",
     "TopDownStage",
+    "InferenceMaskEstimator",
     "architecture",
     "create_model",
+    "fold_batch_norms",
+    "fuse_for_inference",
+    "is_inference_only",
     "load_checkpoint",
     "load_model_state",
     "load_weights",

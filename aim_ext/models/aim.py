@@ -6,11 +6,17 @@ from functools import partial
 from typing import NamedTuple
 
 import timm
+import torch
+from timm.utils.model import reparameterize_model
 from torch import Tensor, nn
 
 from aim_ext.models.concurrency import can_run_concurrently, fork, join
+from aim_ext.models.fusion import fold_batch_norms, is_inference_only, make_inference_only
 from aim_ext.models.heads import ClassifierHead, masked_avg_pool
+from aim_ext.models.mask_estimator import MaskEstimator
+from aim_ext.models.sparsity import check_sparse_mode, prefer_sparse, tracing
 from aim_ext.models.topdown import TOPDOWN_WIDTH, StageOutput, TopDownStage
+from aim_ext.ops import pool_weights
 
 HEAD_DROP_RATE = 0.3
 
@@ -29,6 +35,12 @@ class AIM(nn.Module):
 
     In training mode `forward` returns an `AIMOutput`; in evaluation mode the final logits, as a
     timm model does. `predict` gives the evaluation logits and the binary masks.
+
+    Evaluation computes the logits with the pooled head: mean(P_T) as each stage's masked features
+    weighted by their footprint in P_T (aim_ext.ops.pooled_head), so P_T itself is never built.
+    It is built, and the logits read from it, when something looks at it: a hook on
+    `merged_map` (GradCAM), `predict(x, merged_map=True)`, or autograd recording (the pooled
+    ops compute no gradients). Both give the same logits to rounding.
     """
 
     def __init__(
@@ -72,12 +84,16 @@ class AIM(nn.Module):
         self.merged_map = nn.Identity()
         self.temperature = temperature
         self.gumbel_noise = gumbel_noise
+        self._weights_cache: dict = {}  # the pooled head's w_l per (stage sizes, device, dtype)
         self.pretrained_cfg = dict(self.backbone.pretrained_cfg)
         self.default_cfg = self.pretrained_cfg
 
     # In inference on CUDA, run the stages' mask estimators and feature branches concurrently on
     # side streams (same results; see aim_ext.models.concurrency). Set False for one stream.
     concurrent_branches = True
+    # How evaluation computes each stage's feature branch: "auto" (aim_ext.models.sparsity's
+    # measured policy), "on" (sparse wherever the branch allows) or "off" (dense).
+    sparse_inference = "auto"
 
     def set_gumbel(self, *, temperature: float | None = None, noise: bool | None = None) -> None:
         """Set the Gumbel temperature and whether training draws noise (evaluation never does)."""
@@ -88,10 +104,14 @@ class AIM(nn.Module):
         if noise is not None:
             self.gumbel_noise = bool(noise)
 
+    def stage_inputs(self, x: Tensor) -> list[Tensor]:
+        """S_l of every top-down stage, top stage first: the backbone's feature maps."""
+        feats = self.backbone(x)
+        return [feats[index] for index in self.stage_indices]
+
     def forward_topdown(self, x: Tensor) -> list[StageOutput]:
         """Run the backbone and the top-down pathway; the last stage's `merged` is P_T."""
-        feats = self.backbone(x)
-        inputs = [feats[index] for index in self.stage_indices]
+        inputs = self.stage_inputs(x)
         if self.concurrent_branches and can_run_concurrently(x):
             return self._merge_concurrent_branches(inputs)
         outputs: list[StageOutput] = []
@@ -125,7 +145,75 @@ class AIM(nn.Module):
         """The final classifier f_final on the merged top-down map P_T (Eq. 5)."""
         return self.head(self.merged_map(merged).mean(dim=(2, 3)))
 
+    def builds_merged_map(self) -> bool:
+        """Whether evaluation builds P_T: something hooks `merged_map`, or autograd records."""
+        hooked = bool(
+            self.merged_map._forward_hooks
+            or self.merged_map._forward_pre_hooks
+            or nn.modules.module._global_forward_hooks
+            or nn.modules.module._global_forward_pre_hooks
+        )
+        return hooked or (torch.is_grad_enabled() and not is_inference_only(self))
+
+    def forward_pooled(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Evaluation logits and masks by the pooled head: f_final(sum_l sum_p w_l(p) O_l(p))."""
+        inputs = self.stage_inputs(x)
+        weights = self._pool_weights(inputs)
+        if self.concurrent_branches and can_run_concurrently(x):
+            branches = self._launch_pool_inputs(inputs)
+        else:
+            branches = [
+                partial(self._pool_input, stage, s) for stage, s in zip(self.stages, inputs, strict=True)
+            ]
+        total, masks = None, []
+        for stage, weight, branch in zip(self.stages, weights, branches, strict=True):
+            pooled, mask = stage.pool(*branch(), weight)
+            total = pooled if total is None else total + pooled
+            masks.append(mask)
+        return self.head(total.to(inputs[-1].dtype)), masks
+
+    def _pool_input(self, stage: TopDownStage, s: Tensor) -> tuple[Tensor, Tensor, bool]:
+        """A stage's mask logits, then its choice of branch and that branch's input to `pool`."""
+        logits = stage.mask_estimator(s)
+        sparse = self._sparse(stage, s, logits)
+        return logits, stage.pool_input(s, sparse), sparse
+
+    def _launch_pool_inputs(self, inputs: list[Tensor]) -> list:
+        """`_pool_input` of every stage started at once on side streams (the choice of branch on
+        CUDA needs no logits, sparsity.py); each result is joined when its stage pools."""
+        sparse = [self._sparse(stage, s, None) for stage, s in zip(self.stages, inputs, strict=True)]
+        launched = fork(
+            [
+                job
+                for stage, s, sp in zip(self.stages, inputs, sparse, strict=True)
+                for job in (partial(stage.mask_estimator, s), partial(stage.pool_input, s, sp))
+            ]
+        )
+        return [
+            partial(lambda k: (join(*launched[2 * k]), join(*launched[2 * k + 1]), sparse[k]), k)
+            for k in range(len(inputs))
+        ]
+
+    def _sparse(self, stage: TopDownStage, s: Tensor, logits: Tensor | None) -> bool:
+        mode = check_sparse_mode(self.sparse_inference)
+        if mode == "off" or not stage.can_run_sparse():
+            return False
+        return mode == "on" or (logits is not None and prefer_sparse(s, logits))
+
+    def _pool_weights(self, inputs: list[Tensor]) -> list[Tensor]:
+        """w_l in the accumulation type on the input's device, kept per sizes, device and dtype;
+        while a tracer runs (export, compile, fake tensors) made afresh and not kept."""
+        acc = torch.float64 if inputs[-1].dtype == torch.float64 else torch.float32
+        key = (tuple(tuple(s.shape[-2:]) for s in inputs), inputs[-1].device, acc)
+        if tracing() or isinstance(inputs[-1], torch._subclasses.FakeTensor):
+            return [w.to(device=key[1], dtype=acc) for w in pool_weights(key[0])]
+        if key not in self._weights_cache:
+            self._weights_cache[key] = [w.to(device=key[1], dtype=acc) for w in pool_weights(key[0])]
+        return self._weights_cache[key]
+
     def forward(self, x: Tensor) -> AIMOutput | Tensor:
+        if not self.training and not self.builds_merged_map():
+            return self.forward_pooled(x)[0]
         stages = self.forward_topdown(x)
         logits = self.forward_head(stages[-1].merged)
         if not self.training:
@@ -135,9 +223,28 @@ class AIM(nn.Module):
         ]
         return AIMOutput(logits, aux, [s.mask for s in stages], [s.mask_logits for s in stages])
 
-    def predict(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Evaluation logits and the binary masks (N, 1, h, w), top stage first."""
+    def predict(
+        self, x: Tensor, *, merged_map: bool = False
+    ) -> tuple[Tensor, list[Tensor]] | tuple[Tensor, list[Tensor], Tensor]:
+        """Evaluation logits and the binary masks (N, 1, h, w), top stage first; with
+        ``merged_map=True`` also P_T (N, 256, h, w), the map the logits are read from."""
         if self.training:
             raise RuntimeError("predict() runs the evaluation model: call model.eval() first")
+        if not merged_map and not self.builds_merged_map():
+            return self.forward_pooled(x)
         stages = self.forward_topdown(x)
-        return self.forward_head(stages[-1].merged), [s.mask for s in stages]
+        logits, masks = self.forward_head(stages[-1].merged), [s.mask for s in stages]
+        return (logits, masks, stages[-1].merged) if merged_map else (logits, masks)
+
+    def fuse(self) -> AIM:
+        """Fuse this model for inference, in place, and return it (timm's ``reparameterize_model``
+        calls this on an AIM model nested in another): the backbone's BatchNorms folded into their
+        convolutions, each mask estimator replaced by its inference form, `.train()` refused.
+        `aim_ext.fuse_for_inference` does the same on a copy."""
+        self.eval()
+        reparameterize_model(self.backbone, inplace=True)
+        fold_batch_norms(self.backbone)
+        for stage in self.stages:
+            if isinstance(stage.mask_estimator, MaskEstimator):
+                stage.mask_estimator = stage.mask_estimator.fuse()
+        return make_inference_only(self)

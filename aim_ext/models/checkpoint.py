@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from aim_ext.models.fusion import INFERENCE_ONLY
+
 
 def architecture(model: nn.Module) -> str:
     """A name for the architecture, stored in checkpoints and checked on load."""
@@ -15,7 +17,8 @@ def architecture(model: nn.Module) -> str:
     name = getattr(model, "backbone_name", None) or model.pretrained_cfg.get(
         "architecture", type(model).__name__
     )
-    return f"{name}+AIM[{stop}]" if stop is not None else name
+    name = f"{name}+AIM[{stop}]" if stop is not None else name
+    return f"{name} (fused for inference)" if getattr(model, INFERENCE_ONLY, False) else name
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

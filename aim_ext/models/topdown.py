@@ -21,7 +21,7 @@ from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
 from aim_ext.models.mask_estimator import MaskEstimator
-from aim_ext.ops import logistic_noise, masked_merge, topdown_epilogue
+from aim_ext.ops import logistic_noise, masked_merge, pooled_epilogue, sparse_pooled_branch, topdown_epilogue
 
 TOPDOWN_WIDTH = 256
 
@@ -108,6 +108,51 @@ class TopDownStage(nn.Module):
             feat = branch
             merged, mask = masked_merge(feat, logits, coarse, noise=sample, temperature=temperature)
         return StageOutput(merged, mask, logits, feat)
+
+    # Evaluation with the pooled head (aim_ext.ops.pooled_head): the stage's share of mean(P_T).
+
+    def pool_input(self, s: Tensor, sparse: bool) -> Tensor:
+        """What `pool` reads besides the mask logits: S_l itself for the sparse branch, else the
+        dense convolutions of T_l (or all of T_l where the epilogue op does not apply)."""
+        if sparse:
+            return s
+        return self.features.convolutions(s) if self.features.fusable() else self.features(s)
+
+    def pool(self, logits: Tensor, branch: Tensor, sparse: bool, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """sum_p w_l(p) O_l(p), (N, 256) in the accumulation type, and B_l, from `pool_input`'s output."""
+        f = self.features
+        if sparse:
+            return sparse_pooled_branch(
+                branch,
+                logits,
+                weight,
+                f.align.weight,
+                f.align.bias,
+                f.refine.weight,
+                f.refine.bias,
+                f.norm.weight,
+                f.norm.bias,
+                eps=f.norm.eps,
+            )
+        if f.fusable():
+            return pooled_epilogue(branch, f.norm.weight, f.norm.bias, logits, weight, eps=f.norm.eps)
+        mask = (logits >= 0).to(branch.dtype)
+        acc = torch.float64 if branch.dtype == torch.float64 else torch.float32
+        return (branch.to(acc) * mask.to(acc) * weight).sum(dim=(2, 3)), mask
+
+    def can_run_sparse(self) -> bool:
+        """Whether T_l is the convolutions and epilogue that `sparse_pooled_branch` computes."""
+        f = self.features
+        return (
+            f.fusable()
+            and type(f.align) is nn.Conv2d
+            and type(f.refine) is nn.Conv2d
+            and f.align.kernel_size == (1, 1)
+            and f.refine.kernel_size == (3, 3)
+            and f.refine.padding == (1, 1)
+            and f.align.stride == f.refine.stride == (1, 1)
+            and f.align.groups == f.refine.groups == 1
+        )
 
 
 def _same_dtype(coarse: Tensor | None, like: Tensor) -> Tensor | None:

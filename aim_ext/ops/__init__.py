@@ -1,6 +1,7 @@
 """The `aim` ops: the masked merge (Eq. 2-3 and the top-down merge) and the whole top-down
-epilogue (LayerNorm, GELU, then the masked merge) of a stage, each with a compiled CPU kernel, a
-CUDA kernel and a pure PyTorch reference behind one `torch.ops.aim` op."""
+epilogue (LayerNorm, GELU, then the masked merge) of a stage for training, and the pooled head's
+dense and sparse ops for evaluation; each with compiled CPU and CUDA kernels and a pure PyTorch
+reference behind one `torch.ops.aim` op."""
 
 from aim_ext.ops.library import kernels_available
 from aim_ext.ops.masked_merge import (
@@ -9,6 +10,13 @@ from aim_ext.ops.masked_merge import (
     masked_merge_reference,
     nearest_resize_adjoint,
     nearest_source_indices,
+)
+from aim_ext.ops.pooled_head import (
+    pool_weights,
+    pooled_epilogue,
+    pooled_epilogue_reference,
+    sparse_pooled_branch,
+    sparse_pooled_branch_reference,
 )
 from aim_ext.ops.topdown_epilogue import (
     layer_norm_gelu,
@@ -24,6 +32,11 @@ __all__ = [
     "masked_merge_reference",
     "nearest_resize_adjoint",
     "nearest_source_indices",
+    "pool_weights",
+    "pooled_epilogue",
+    "pooled_epilogue_reference",
+    "sparse_pooled_branch",
+    "sparse_pooled_branch_reference",
     "topdown_epilogue",
     "topdown_epilogue_reference",
 ]

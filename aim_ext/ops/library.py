@@ -1,12 +1,15 @@
 """The `aim` operator library: the compiled extension, or Python schemas where it is missing.
 
-Two ops, each with a forward and a backward op:
+Two training ops, each with a forward and a backward op, and two evaluation ops:
 
     aim::masked_merge            Eq. 2-3 and the top-down merge        (aim_ext.ops.masked_merge)
     aim::topdown_epilogue        LayerNorm, GELU, then the same merge   (aim_ext.ops.topdown_epilogue)
+    aim::pooled_epilogue         a stage's share of mean(P_T), dense    (aim_ext.ops.pooled_head)
+    aim::sparse_pooled_branch    the same from S_l, sparse              (aim_ext.ops.pooled_head)
 
-csrc/masked_merge.cpp and csrc/topdown_epilogue.cpp define the schemas; the strings below repeat
-them only for a process without the compiled extension (a test checks that both agree). The Python
+csrc/masked_merge.cpp, csrc/topdown_epilogue.cpp and csrc/pooled_head.cpp define the schemas; the
+strings below repeat them only for a process without the compiled extension (a test checks that
+both agree). The Python
 modules next to this one register the reference kernels, fake kernels and autograd formulas on top.
 """
 
@@ -28,6 +31,11 @@ SCHEMAS = (
     "topdown_epilogue_backward(Tensor grad_out, Tensor? grad_mask, Tensor? grad_features, "
     "Tensor conv, Tensor ln_weight, Tensor ln_bias, Tensor logits, Tensor? noise, float temperature, "
     "float eps, SymInt[] coarse_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "pooled_epilogue(Tensor conv, Tensor ln_weight, Tensor ln_bias, Tensor logits, "
+    "Tensor pool_weight, float eps) -> (Tensor, Tensor)",
+    "sparse_pooled_branch(Tensor s, Tensor logits, Tensor pool_weight, Tensor align_weight, "
+    "Tensor? align_bias, Tensor refine_weight, Tensor? refine_bias, Tensor ln_weight, "
+    "Tensor ln_bias, float eps, int? capacity) -> (Tensor, Tensor)",
 )
 
 
@@ -77,6 +85,16 @@ def impl_library() -> torch.library.Library:
 
 def no_context(ctx, inputs, output) -> None:
     pass
+
+
+def refuse_backward(name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{name} is an evaluation op and computes no gradients; the training ops "
+            "(masked_merge, topdown_epilogue) do"
+        )
+
+    return backward
 
 
 def refuse_double_backward(name: str):

@@ -1,0 +1,145 @@
+"""Folding a model for inference: BatchNorm into the convolution before it, and the guard that keeps
+a folded model out of training.
+
+A BatchNorm in evaluation mode is an affine map per channel, y = (x - mean) * g / sqrt(var + eps)
++ beta, so after a convolution it folds into that convolution's weight and bias. The arithmetic
+runs in float64 and is rounded once to the convolution's dtype, so a model folded in float32 and
+cast to half precision afterwards rounds as the unfolded one would.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+INFERENCE_ONLY = "fused_for_inference"
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: _BatchNorm) -> nn.Conv2d:
+    """A new convolution computing bn(conv(x)) with ``bn``'s running statistics."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"cannot fold {bn}: it keeps no running statistics (track_running_stats=False)")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"cannot fold {bn} into {conv}: {bn.num_features} != {conv.out_channels} channels")
+    f64 = torch.float64
+    scale = torch.rsqrt(bn.running_var.to(f64) + bn.eps)
+    if bn.affine:
+        scale = scale * bn.weight.detach().to(f64)
+    shift = -bn.running_mean.to(f64) * scale
+    if bn.affine:
+        shift = shift + bn.bias.detach().to(f64)
+    bias = conv.bias.detach().to(f64) if conv.bias is not None else torch.zeros_like(shift)
+    folded = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    with torch.no_grad():
+        weight = conv.weight.detach().to(f64) * scale.view(-1, 1, 1, 1)
+        folded.weight.copy_(weight.to(conv.weight.dtype))
+        folded.bias.copy_((bias * scale + shift).to(conv.weight.dtype))
+    return folded.train(conv.training)
+
+
+class _BatchNormLeaves(torch.fx.Tracer):
+    """Traces a model keeping every BatchNorm (and timm's BatchNormAct2d) as one call."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _BatchNorm) or super().is_leaf_module(m, qualname)
+
+
+def _after_norm(bn: _BatchNorm) -> nn.Module:
+    """What is left of ``bn`` once folded: nothing, or timm's BatchNormAct2d's dropout and activation."""
+    drop, act = getattr(bn, "drop", None), getattr(bn, "act", None)
+    rest = [m for m in (drop, act) if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
+    return nn.Sequential(*rest) if rest else nn.Identity()
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def fold_batch_norms(model: nn.Module) -> int:
+    """Fold, in place, every BatchNorm whose input is a Conv2d's output read by nothing else; return
+    how many were folded. The data flow comes from a torch.fx trace of ``model``; a model that does
+    not trace is left as it is, with a warning."""
+    try:
+        graph = _BatchNormLeaves().trace(model)
+    except Exception as error:  # noqa: BLE001 - fx raises many kinds; the model stays correct unfolded
+        warnings.warn(
+            f"BatchNorm not folded: {type(model).__name__} does not trace with torch.fx ({error})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return 0
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), _BatchNorm):
+            continue
+        source = node.args[0] if node.args else None
+        if (
+            isinstance(source, torch.fx.Node)
+            and source.op == "call_module"
+            and type(modules.get(source.target)) is nn.Conv2d
+            and len(source.users) == 1
+            and modules[node.target].running_mean is not None
+        ):
+            pairs.append((source.target, node.target))
+    for conv_name, bn_name in pairs:
+        bn = modules[bn_name]
+        _set_submodule(model, conv_name, fold_conv_bn(modules[conv_name], bn))
+        _set_submodule(model, bn_name, _after_norm(bn))
+    return len(pairs)
+
+
+def make_inference_only(model: nn.Module) -> nn.Module:
+    """Mark ``model`` as fused for inference: its parameters stop requiring gradients, ``.train()``
+    raises, and a forward pass that would record gradients raises."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    setattr(model, INFERENCE_ONLY, True)
+    model.train = types.MethodType(_refuse_training, model)
+    model.register_forward_pre_hook(_refuse_gradients)
+    return model
+
+
+def is_inference_only(model: nn.Module) -> bool:
+    return bool(getattr(model, INFERENCE_ONLY, False))
+
+
+def _refuse_training(self: nn.Module, mode: bool = True) -> nn.Module:
+    if mode:
+        raise RuntimeError(
+            f"this {type(self).__name__} is fused for inference (BatchNorm folded into convolutions): "
+            "it cannot train; train the model you passed to aim_ext.fuse_for_inference"
+        )
+    return nn.Module.train(self, False)
+
+
+def _refuse_gradients(module: nn.Module, args: tuple) -> None:
+    if not torch.is_grad_enabled():
+        return
+    asks = any(isinstance(a, Tensor) and a.requires_grad for a in args) or any(
+        p.requires_grad for p in module.parameters()
+    )
+    if asks:
+        raise RuntimeError(
+            f"this {type(module).__name__} is fused for inference and computes no gradients; "
+            "use the unfused model for gradients (GradCAM, training), or run under torch.no_grad()"
+        )

@@ -1,0 +1,49 @@
+"""When a stage's feature branch runs sparse: the policy behind `AIM.sparse_inference = "auto"`.
+
+The sparse branch (aim_ext.ops.sparse_pooled_branch) computes T_l's 1x1 align conv on the active
+positions' 3x3 neighbourhoods and its 3x3 refine conv at the active positions, as matrix products
+on gathered rows; the dense branch runs both convolutions on the whole map. Which one is faster
+depends on the active fraction, the map size and the device. The crossovers below were measured
+with `benchmarks/sparse_crossover.py` (figures in benchmarks/RESULTS.md):
+
+- CPU: sparse is faster below the active fraction `CPU_CROSSOVER` for maps of at least
+  `CPU_MIN_POSITIONS` positions per image; on smaller maps the gathers' fixed cost wins.
+- CUDA: dense. The CUDA path gathers at a fixed capacity of every position, so that no count
+  reaches the host (graph-safe), and so does the dense work plus the gathers.
+
+The policy reads the active fraction, which on CPU costs nothing; under torch.compile, torch.export
+or ONNX export it picks dense, which needs no data-dependent decision.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SPARSE_MODES = ("auto", "on", "off")
+CPU_CROSSOVER = 0.6
+CPU_MIN_POSITIONS = 1
+
+
+def check_sparse_mode(mode: str) -> str:
+    if mode not in SPARSE_MODES:
+        raise ValueError(f"sparse inference must be one of {', '.join(SPARSE_MODES)}, got {mode!r}")
+    return mode
+
+
+def tracing() -> bool:
+    return (
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
+def prefer_sparse(s: Tensor, logits: Tensor) -> bool:
+    """The "auto" choice for a stage with input ``s`` and mask logits ``logits``."""
+    if s.device.type != "cpu" or tracing():
+        return False
+    if s.shape[-2] * s.shape[-1] < CPU_MIN_POSITIONS:
+        return False
+    return float((logits >= 0).float().mean()) < CPU_CROSSOVER

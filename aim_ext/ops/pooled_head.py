@@ -1,0 +1,200 @@
+"""The pooled head's ops: a stage's share of mean(P_T), without P_T.
+
+The final head averages P_T, and P_T is a sum of nearest-upsampled masked maps O_l = T_l(S_l) * B_l,
+so mean(P_T) = sum over stages l and positions p of w_l(p) O_l(p), with w_l(p) the number of P_T's
+positions that position p of stage l reaches through the chain of nearest resizes, over P_T's area
+(`pool_weights`). Two evaluation ops compute one stage's term, (N, D), and its mask B_l:
+
+    aim::pooled_epilogue(conv, ...)     from the dense output of T_l's 3x3 convolution: LayerNorm
+                                        and GELU only at the active positions
+    aim::sparse_pooled_branch(s, ...)   from S_l: T_l's 1x1 align conv only on the active
+                                        positions' 3x3 neighbourhoods, its 3x3 refine conv only at
+                                        the active positions (both as matrix products on the
+                                        gathered positions), then the same
+
+Both have one C++ implementation (csrc/pooled_head.cpp) for CPU and CUDA and the pure PyTorch
+references below, the dense computation they must equal: the feature branch on the whole map, the
+masked map and its weighted sum. The term is returned in the accumulation type (float32, float64
+for float64 input); T_l(S_l) is rounded to the input's dtype first, as the dense path rounds it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from aim_ext.ops.library import impl_library, no_context, refuse_backward
+from aim_ext.ops.masked_merge import acc_dtype, memory_format, nearest_resize_adjoint
+from aim_ext.ops.topdown_epilogue import LAYER_NORM_EPS, layer_norm_gelu
+
+__all__ = [
+    "pool_weights",
+    "pooled_epilogue",
+    "pooled_epilogue_reference",
+    "sparse_pooled_branch",
+    "sparse_pooled_branch_reference",
+]
+
+
+def pool_weights(sizes: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> list[Tensor]:
+    """w_l for stages of spatial ``sizes``, top stage first as the merge runs: each (h_l, w_l), in
+    float64 on the CPU. The last stage's map is P_T's size; each weight map sums to 1."""
+    sizes = [(int(h), int(w)) for h, w in sizes]
+    if not sizes:
+        raise ValueError("pool_weights: no stage sizes")
+    finest = sizes[-1]
+    weight = torch.full(finest, 1.0 / (finest[0] * finest[1]), dtype=torch.float64)
+    weights = [weight]
+    for size in reversed(sizes[:-1]):  # P_{l} = O_l + resize(P_{l+1}): the adjoint walks up the chain
+        weight = nearest_resize_adjoint(weight, size)
+        weights.append(weight)
+    return weights[::-1]
+
+
+def _pool(features: Tensor, mask: Tensor, pool_weight: Tensor) -> Tensor:
+    acc = acc_dtype(features)
+    return (features.to(acc) * mask.to(acc) * pool_weight.to(acc)).sum(dim=(2, 3))
+
+
+def pooled_epilogue_reference(
+    conv: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    logits: Tensor,
+    pool_weight: Tensor,
+    eps: float = LAYER_NORM_EPS,
+) -> tuple[Tensor, Tensor]:
+    """``(pooled, mask)``: sum_p w(p) B(p) GELU(LayerNorm_C(conv))(p) per image, and B = 1[logits >= 0]."""
+    features = layer_norm_gelu(conv, ln_weight, ln_bias, eps)
+    mask = (logits >= 0).to(conv.dtype)
+    return _pool(features, mask, pool_weight), mask.contiguous(memory_format=memory_format(conv))
+
+
+def sparse_pooled_branch_reference(
+    s: Tensor,
+    logits: Tensor,
+    pool_weight: Tensor,
+    align_weight: Tensor,
+    align_bias: Tensor | None,
+    refine_weight: Tensor,
+    refine_bias: Tensor | None,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    eps: float = LAYER_NORM_EPS,
+) -> tuple[Tensor, Tensor]:
+    """The dense computation: T_l's two convolutions on the whole map, then `pooled_epilogue_reference`."""
+    conv = F.conv2d(F.conv2d(s, align_weight, align_bias), refine_weight, refine_bias, padding=1)
+    pooled, mask = pooled_epilogue_reference(conv, ln_weight, ln_bias, logits, pool_weight, eps)
+    return pooled, mask.contiguous(memory_format=memory_format(s))
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops' Python kernels: the fallback without the compiled extension, and fake kernels.
+
+
+def _pooled_epilogue_fallback(conv, ln_weight, ln_bias, logits, pool_weight, eps):
+    with torch.no_grad():
+        return pooled_epilogue_reference(conv, ln_weight, ln_bias, logits, pool_weight, eps)
+
+
+def _sparse_fallback(s, logits, pool_weight, aw, ab, rw, rb, ln_weight, ln_bias, eps, capacity):
+    with torch.no_grad():
+        return sparse_pooled_branch_reference(s, logits, pool_weight, aw, ab, rw, rb, ln_weight, ln_bias, eps)
+
+
+def _fake_outputs(x: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    n, _, h, w = x.shape
+    pooled = x.new_empty((n, width), dtype=acc_dtype(x))
+    mask = torch.empty((n, 1, h, w), dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+    return pooled, mask
+
+
+def _check_map(x: Tensor, name: str, op: str) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"{op}: {name} must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+
+
+def _pooled_epilogue_fake(conv, ln_weight, ln_bias, logits, pool_weight, eps):
+    _check_map(conv, "conv", "pooled_epilogue")
+    return _fake_outputs(conv, conv.shape[1])
+
+
+def _sparse_fake(s, logits, pool_weight, aw, ab, rw, rb, ln_weight, ln_bias, eps, capacity):
+    _check_map(s, "s", "sparse_pooled_branch")
+    return _fake_outputs(s, aw.shape[0])
+
+
+def _register() -> None:
+    lib = impl_library()
+    # The compiled CPU and CUDA kernels take precedence over this catch-all.
+    lib.impl("pooled_epilogue", _pooled_epilogue_fallback, "CompositeExplicitAutograd")
+    lib.impl("sparse_pooled_branch", _sparse_fallback, "CompositeExplicitAutograd")
+    torch.library.register_fake("aim::pooled_epilogue", _pooled_epilogue_fake, lib=lib)
+    torch.library.register_fake("aim::sparse_pooled_branch", _sparse_fake, lib=lib)
+    for name in ("pooled_epilogue", "sparse_pooled_branch"):
+        torch.library.register_autograd(
+            f"aim::{name}", refuse_backward(name), setup_context=no_context, lib=lib
+        )
+
+
+_register()
+
+
+def _refuse_grad(op: str, *tensors: Tensor | None) -> None:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(
+            f"{op} is an evaluation op and computes no gradients: run it under torch.no_grad(), or use "
+            "the training ops (topdown_epilogue) for gradients"
+        )
+
+
+def pooled_epilogue(
+    conv: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    logits: Tensor,
+    pool_weight: Tensor,
+    *,
+    eps: float = LAYER_NORM_EPS,
+) -> tuple[Tensor, Tensor]:
+    """A stage's share of mean(P_T), (N, C) in the accumulation type, and its mask B_l (N, 1, H, W),
+    from the feature branch's convolution output ``conv`` (N, C, H, W); ``pool_weight`` (H, W) is
+    the stage's `pool_weights` entry. Evaluation only (no noise, no gradients)."""
+    _refuse_grad("pooled_epilogue", conv, ln_weight, ln_bias, logits)
+    if torch.onnx.is_in_onnx_export():
+        return pooled_epilogue_reference(conv, ln_weight, ln_bias, logits, pool_weight, eps)
+    return torch.ops.aim.pooled_epilogue(conv, ln_weight, ln_bias, logits, pool_weight, float(eps))
+
+
+def sparse_pooled_branch(
+    s: Tensor,
+    logits: Tensor,
+    pool_weight: Tensor,
+    align_weight: Tensor,
+    align_bias: Tensor | None,
+    refine_weight: Tensor,
+    refine_bias: Tensor | None,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    *,
+    eps: float = LAYER_NORM_EPS,
+    capacity: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`pooled_epilogue`'s result from the stage's input S_l, computing the feature branch T_l only
+    where the mask needs it. ``capacity`` bounds the positions gathered (the active ones and their
+    3x3 neighbourhoods); on CPU more is an error, on CUDA it must be all N*H*W positions."""
+    _refuse_grad("sparse_pooled_branch", s, logits, align_weight, refine_weight, ln_weight, ln_bias)
+    return torch.ops.aim.sparse_pooled_branch(
+        s,
+        logits,
+        pool_weight,
+        align_weight,
+        align_bias,
+        refine_weight,
+        refine_bias,
+        ln_weight,
+        ln_bias,
+        float(eps),
+        None if capacity is None else int(capacity),
+    )

@@ -1,0 +1,216 @@
+// The pooled head's ops, for evaluation: each returns a stage's contribution to mean(P_T) and its
+// binary mask, without writing T_l(S_l), O_l or P_l.
+//
+//   aim::pooled_epilogue       from the feature branch's 3x3 convolution output (dense):
+//                              pooled[n] = sum_p w(p) B(n, p) GELU(LayerNorm_C(conv))(n, p)
+//   aim::sparse_pooled_branch  from the backbone features S_l (sparse): the 1x1 align conv on the
+//                              3x3 neighbourhoods of the active positions, the 3x3 refine conv at
+//                              the active positions only, then the same LayerNorm, GELU and sum.
+//
+// w(p) is the position's share of mean(P_T) (its nearest-resize footprint in P_T over P_T's area),
+// B = 1[logits >= 0]. pooled is (N, D) in the accumulation type (float32, float64 for float64
+// input), the mask (N, 1, H, W) in the input's dtype and memory format. Both ops run the same ATen
+// code on CPU and CUDA. Positions are compacted on CPU with nonzero (the host knows the count);
+// on CUDA with nonzero_static at a capacity of all N*H*W positions, so that no count reaches the
+// host and the ops run inside a captured CUDA graph.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "masked_merge.h"
+
+namespace aim {
+namespace {
+
+void check_like_map(const Tensor& t, const char* op, const char* name, const Tensor& map,
+                    const char* map_name) {
+  TORCH_CHECK(t.dim() == 4 && t.size(1) == 1 && t.size(0) == map.size(0) && t.size(2) == map.size(2) &&
+                  t.size(3) == map.size(3),
+              op, ": ", name, " must have shape (N, 1, H, W) = (", map.size(0), ", 1, ", map.size(2),
+              ", ", map.size(3), ") to fit ", map_name, ", got ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be a floating-point tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == map.device(), op, ": ", name, " is on ", t.device(), " but ", map_name,
+              " is on ", map.device());
+}
+
+void check_vector(const Tensor& t, int64_t size, const char* op, const char* name, const Tensor& map) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, op, ": ", name, " must have shape (", size, ",), got ",
+              t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be a floating-point tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == map.device(), op, ": ", name, " is on ", t.device(), " but the input is on ",
+              map.device());
+}
+
+// The checks both ops share: the map, the mask logits, the position weights and the LayerNorm.
+void check_pooled_inputs(const Tensor& map, const char* map_name, const Tensor& logits,
+                         const Tensor& pool_weight, const Tensor& ln_weight, const Tensor& ln_bias,
+                         int64_t width, double eps, const char* op) {
+  TORCH_CHECK(map.dim() == 4, op, ": ", map_name, " must be 4-D (N, C, H, W), got shape ", map.sizes());
+  TORCH_CHECK(at::isFloatingType(map.scalar_type()), op, ": ", map_name,
+              " must be a floating-point tensor, got ", map.scalar_type());
+  check_like_map(logits, op, "logits", map, map_name);
+  TORCH_CHECK(pool_weight.dim() == 2 && pool_weight.size(0) == map.size(2) && pool_weight.size(1) == map.size(3),
+              op, ": pool_weight must have shape (H, W) = (", map.size(2), ", ", map.size(3), "), got ",
+              pool_weight.sizes());
+  TORCH_CHECK(at::isFloatingType(pool_weight.scalar_type()), op,
+              ": pool_weight must be a floating-point tensor, got ", pool_weight.scalar_type());
+  TORCH_CHECK(pool_weight.device() == map.device(), op, ": pool_weight is on ", pool_weight.device(),
+              " but ", map_name, " is on ", map.device());
+  check_vector(ln_weight, width, op, "ln_weight", map);
+  check_vector(ln_bias, width, op, "ln_bias", map);
+  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+}
+
+// The flat indices (n * H * W + p) where `flags` (P,) is set, ascending: exactly those on CPU; on
+// CUDA all P slots, the unused ones holding P (one past the end), so that the shape never depends
+// on the data.
+Tensor compact(const Tensor& flags) {
+  const int64_t P = flags.size(0);
+  if (flags.is_cpu()) return at::nonzero(flags).view({-1});
+  return at::nonzero_static(flags, P, P).view({-1});
+}
+
+// (N, H, W, C) rows of a map, a view for channels_last and a copy for NCHW.
+Tensor position_rows(const Tensor& map) {
+  return map.permute({0, 2, 3, 1}).reshape({map.size(0) * map.size(2) * map.size(3), map.size(1)});
+}
+
+Tensor mask_of(const Tensor& active, const Tensor& like) {
+  const auto fmt = merge_memory_format(like);
+  return active.to(like.scalar_type()).view({like.size(0), 1, like.size(2), like.size(3)}).contiguous(fmt);
+}
+
+// sum over the rows at positions `index` (slots equal to P are empty) of
+// w(p) * GELU(LayerNorm(rows)), per image: (N, D) in the accumulation type. GELU's output is rounded
+// to the rows' dtype, as the dense T_l(S_l) is.
+Tensor pool_rows(const Tensor& rows, const Tensor& index, const Tensor& pool_weight, const Tensor& ln_weight,
+                 const Tensor& ln_bias, double eps, int64_t N, int64_t HW) {
+  const auto acc = rows.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t D = rows.size(1), P = N * HW;
+  const Tensor y = at::layer_norm(rows.to(acc), {D}, ln_weight.to(acc), ln_bias.to(acc), eps);
+  const Tensor features = at::gelu(y).to(rows.scalar_type()).to(acc);
+  const Tensor valid = index < P;
+  const Tensor slot = at::where(valid, index, at::zeros_like(index));
+  const Tensor weight = pool_weight.reshape({HW}).to(acc).index_select(0, at::remainder(slot, HW));
+  const Tensor image = at::div(slot, HW, "floor");
+  // Empty slots add an explicit zero (their gathered rows are real data, possibly not finite).
+  const Tensor terms = at::where(valid.unsqueeze(1), features * weight.unsqueeze(1), at::zeros({}, features.options()));
+  return at::zeros({N, D}, rows.options().dtype(acc)).index_add_(0, image, terms);
+}
+
+std::tuple<Tensor, Tensor> pooled_epilogue(const Tensor& conv, const Tensor& ln_weight, const Tensor& ln_bias,
+                                           const Tensor& logits, const Tensor& pool_weight, double eps) {
+  constexpr const char* op = "pooled_epilogue";
+  check_pooled_inputs(conv, "conv", logits, pool_weight, ln_weight, ln_bias, conv.size(1), eps, op);
+  const int64_t N = conv.size(0), HW = conv.size(2) * conv.size(3);
+  const Tensor active = logits.reshape({N * HW}) >= 0;
+  const Tensor index = compact(active);
+  const Tensor rows = position_rows(conv);
+  const Tensor gathered = rows.index_select(0, at::clamp_max(index, N * HW - 1));
+  return {pool_rows(gathered, index, pool_weight, ln_weight, ln_bias, eps, N, HW), mask_of(active, conv)};
+}
+
+std::tuple<Tensor, Tensor> sparse_pooled_branch(const Tensor& s, const Tensor& logits, const Tensor& pool_weight,
+                                                const Tensor& align_weight, const std::optional<Tensor>& align_bias,
+                                                const Tensor& refine_weight,
+                                                const std::optional<Tensor>& refine_bias, const Tensor& ln_weight,
+                                                const Tensor& ln_bias, double eps, std::optional<int64_t> capacity) {
+  constexpr const char* op = "sparse_pooled_branch";
+  TORCH_CHECK(s.dim() == 4, op, ": s must be 4-D (N, C, H, W), got shape ", s.sizes());
+  const int64_t N = s.size(0), C = s.size(1), H = s.size(2), W = s.size(3), HW = H * W, P = N * HW;
+  TORCH_CHECK(align_weight.dim() == 4 && align_weight.size(1) == C && align_weight.size(2) == 1 &&
+                  align_weight.size(3) == 1,
+              op, ": align_weight must have shape (D, ", C, ", 1, 1) (a 1x1 conv on s), got ", align_weight.sizes());
+  const int64_t D = align_weight.size(0);
+  TORCH_CHECK(refine_weight.dim() == 4 && refine_weight.size(0) == D && refine_weight.size(1) == D &&
+                  refine_weight.size(2) == 3 && refine_weight.size(3) == 3,
+              op, ": refine_weight must have shape (", D, ", ", D, ", 3, 3), got ", refine_weight.sizes());
+  for (const Tensor* t : {&align_weight, &refine_weight}) {
+    TORCH_CHECK(t->scalar_type() == s.scalar_type() && t->device() == s.device(), op,
+                ": the conv weights must be ", s.scalar_type(), " on ", s.device(), " like s, got ",
+                t->scalar_type(), " on ", t->device());
+  }
+  if (align_bias.has_value()) check_vector(*align_bias, D, op, "align_bias", s);
+  if (refine_bias.has_value()) check_vector(*refine_bias, D, op, "refine_bias", s);
+  check_pooled_inputs(s, "s", logits, pool_weight, ln_weight, ln_bias, D, eps, op);
+  if (capacity.has_value()) {
+    TORCH_CHECK(*capacity >= 0, op, ": capacity must be >= 0, got ", *capacity);
+    TORCH_CHECK(s.is_cpu() || *capacity >= P, op, ": on ", s.device(),
+                " the capacity is all N*H*W = ", P,
+                " positions (a smaller one could not be checked without a host synchronisation), got ",
+                *capacity);
+  }
+
+  const Tensor active = logits.reshape({P}) >= 0;
+  // The positions whose align output the refine conv reads: the active ones' 3x3 neighbourhoods.
+  const Tensor active_map = active.to(s.scalar_type()).view({N, 1, H, W});
+  const Tensor needed = at::max_pool2d(active_map, {3, 3}, {1, 1}, {1, 1}).reshape({P}) > 0;
+  const Tensor active_index = compact(active), needed_index = compact(needed);
+  if (capacity.has_value() && s.is_cpu()) {
+    TORCH_CHECK(needed_index.size(0) <= *capacity, op, ": the active positions and their 3x3 neighbourhoods are ",
+                needed_index.size(0), " positions, more than capacity=", *capacity);
+  }
+  const int64_t M = needed_index.size(0);
+
+  // The 1x1 align conv as a matrix product on the needed rows, then one zero row: the refine
+  // conv's zero padding, and every position no active one reads.
+  const Tensor rows = position_rows(s).index_select(0, at::clamp_max(needed_index, P - 1));
+  const Tensor a_weight = align_weight.reshape({D, C}).t();
+  Tensor aligned = align_bias.has_value() ? at::addmm(align_bias->to(s.scalar_type()), rows, a_weight)
+                                          : at::mm(rows, a_weight);
+  aligned = at::cat({aligned, at::zeros({1, D}, aligned.options())});
+
+  // Row of `aligned` for every position (and for the empty slot P): M (the zero row) unless needed.
+  Tensor row_of = at::full({P + 1}, M, needed_index.options());
+  row_of.index_put_({needed_index}, at::arange(M, needed_index.options()));
+  row_of.narrow(0, P, 1).fill_(M);
+
+  // Each active position's 3x3 neighbourhood as rows of `aligned`: (K, 9), kernel order (ky, kx).
+  const Tensor slot = at::clamp_max(active_index, P - 1);
+  const Tensor image = at::div(slot, HW, "floor"), p = at::remainder(slot, HW);
+  const Tensor y = at::div(p, W, "floor"), x = at::remainder(p, W);
+  const Tensor offsets = at::arange(-1, 2, active_index.options());
+  const Tensor yy = y.unsqueeze(1).unsqueeze(2) + offsets.view({1, 3, 1});
+  const Tensor xx = x.unsqueeze(1).unsqueeze(2) + offsets.view({1, 1, 3});
+  const Tensor inside = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W) & (active_index < P).view({-1, 1, 1});
+  const Tensor q = at::where(inside, image.view({-1, 1, 1}) * HW + yy * W + xx, at::full({}, P, yy.options()));
+  const Tensor neighbours = row_of.index_select(0, q.reshape({-1}));
+  const int64_t K = active_index.size(0);
+
+  // The 3x3 refine conv at the active positions: one matrix product over the gathered rows.
+  const Tensor patches = aligned.index_select(0, neighbours).view({K, 9 * D});
+  const Tensor r_weight = refine_weight.permute({0, 2, 3, 1}).reshape({D, 9 * D}).t();
+  const Tensor refined = refine_bias.has_value()
+                             ? at::addmm(refine_bias->to(s.scalar_type()), patches, r_weight)
+                             : at::mm(patches, r_weight);
+  return {pool_rows(refined, active_index, pool_weight, ln_weight, ln_bias, eps, N, HW), mask_of(active, s)};
+}
+
+}  // namespace
+}  // namespace aim
+
+// A fragment: the aim library's other schemas are in masked_merge.cpp and topdown_epilogue.cpp.
+TORCH_LIBRARY_FRAGMENT(aim, m) {
+  m.def(
+      "pooled_epilogue(Tensor conv, Tensor ln_weight, Tensor ln_bias, Tensor logits, "
+      "Tensor pool_weight, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "sparse_pooled_branch(Tensor s, Tensor logits, Tensor pool_weight, Tensor align_weight, "
+      "Tensor? align_bias, Tensor refine_weight, Tensor? refine_bias, Tensor ln_weight, "
+      "Tensor ln_bias, float eps, int? capacity) -> (Tensor, Tensor)");
+}
+
+// The same ATen code serves both devices.
+TORCH_LIBRARY_IMPL(aim, CPU, m) {
+  m.impl("pooled_epilogue", &aim::pooled_epilogue);
+  m.impl("sparse_pooled_branch", &aim::sparse_pooled_branch);
+}
+
+TORCH_LIBRARY_IMPL(aim, CUDA, m) {
+  m.impl("pooled_epilogue", &aim::pooled_epilogue);
+  m.impl("sparse_pooled_branch", &aim::sparse_pooled_branch);
+}

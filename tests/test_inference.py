@@ -1,0 +1,198 @@
+"""`fuse_for_inference` and the pooled head: evaluation-only models with the unfused model's outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mixed_masks import mixed_mask_model
+from timm.utils.model import reparameterize_model
+from torch import nn
+
+import aim_ext
+from aim_ext.models import (
+    AIM,
+    InferenceMaskEstimator,
+    MaskEstimator,
+    architecture,
+    create_model,
+    fuse_for_inference,
+    load_model_state,
+)
+
+
+def _randomise_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Running statistics and affine parameters far from their defaults, so that folding them is
+    tested (a fresh BatchNorm is the identity in evaluation mode)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
+                if m.affine:
+                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+    return model
+
+
+def _batch_norms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _aim(name: str, stop_stage: int, size: int) -> AIM:
+    return mixed_mask_model(
+        name, stop_stage, image_size=(size, size), prepare=_randomise_batch_norms
+    ).double()
+
+
+@pytest.mark.parametrize(
+    "name,stop_stage,size",
+    [("resnet18", 1, 96), ("resnet18", 3, 131), ("convnext_atto", 1, 96), ("efficientnet_b0", 2, 96)],
+)
+def test_fused_aim_gives_the_unfused_outputs_in_float64(name, stop_stage, size):
+    model = _aim(name, stop_stage, size)
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    with torch.no_grad():
+        logits, masks, _ = model.predict(x, merged_map=True)
+        mask_logits = [s.mask_logits for s in model.forward_topdown(x)]
+    fused = fuse_for_inference(model)
+    assert _batch_norms(fused) == 0 < _batch_norms(model)
+    assert all(isinstance(s.mask_estimator, InferenceMaskEstimator) for s in fused.stages)
+    assert all(isinstance(s.mask_estimator, MaskEstimator) for s in model.stages)  # the original stays
+    for mode in ("off", "on"):
+        fused.sparse_inference = mode
+        with torch.no_grad():
+            got, got_masks = fused.predict(x)
+        torch.testing.assert_close(got, logits, rtol=0, atol=1e-10)
+        for a, b, z in zip(got_masks, masks, mask_logits, strict=True):
+            assert 0 < float(b.mean()) < 1
+            assert torch.equal(a[z.abs() >= 1e-6], b[z.abs() >= 1e-6])
+        torch.testing.assert_close(fused(x), logits, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "efficientnet_b0", "convnext_atto", "densenet121"])
+def test_fused_vanilla_gives_the_unfused_outputs_in_float64(name):
+    model = _randomise_batch_norms(create_model(name, num_classes=7)).eval().double()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    fused = fuse_for_inference(model)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=0, atol=1e-10)
+    if name in ("resnet50", "efficientnet_b0"):  # every BatchNorm follows a convolution
+        assert _batch_norms(fused) == 0 < _batch_norms(model)
+    if name == "densenet121":  # pre-activation: the norms before a convolution stay
+        assert 0 < _batch_norms(fused) < _batch_norms(model)
+
+
+def test_fold_rounds_once_from_float64():
+    """Folded in float32, then cast to bfloat16: the folded weight is the float64 product rounded."""
+    model = _randomise_batch_norms(create_model("resnet18", num_classes=3)).eval()
+    fused = fuse_for_inference(model)
+    bn, conv = model.bn1, model.conv1
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    expected = (conv.weight.double() * scale.view(-1, 1, 1, 1)).float()
+    assert torch.equal(fused.conv1.weight, expected)
+
+
+@pytest.mark.parametrize("size", [224, 200, 299])
+def test_pooled_head_equals_the_dense_head_at_odd_sizes(size):
+    """At 299 px the merge resizes 10 -> 19 -> 38 -> 75: the footprints are uneven."""
+    model = _aim("resnet18", 1, size)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    with torch.no_grad():
+        dense, masks, merged = model.predict(x, merged_map=True)
+        torch.testing.assert_close(model.head(merged.mean(dim=(2, 3))), dense, rtol=0, atol=0)
+        for mode in ("off", "on"):
+            model.sparse_inference = mode
+            pooled, pooled_masks = model.predict(x)
+            torch.testing.assert_close(pooled, dense, rtol=0, atol=1e-10)
+            assert all(torch.equal(a, b) for a, b in zip(pooled_masks, masks, strict=True))
+    assert [tuple(m.shape[-2:]) for m in masks] == (
+        [(7, 7), (14, 14), (28, 28), (56, 56)]
+        if size == 224
+        else [(7, 7), (13, 13), (25, 25), (50, 50)]
+        if size == 200
+        else [(10, 10), (19, 19), (38, 38), (75, 75)]
+    )
+
+
+def test_evaluation_builds_p_t_only_when_asked(monkeypatch):
+    model = _aim("resnet18", 2, 64).float()
+    x = torch.randn(2, 3, 64, 64)
+    built = []
+    dense_head = AIM.forward_head
+    monkeypatch.setattr(AIM, "forward_head", lambda self, merged: built.append(1) or dense_head(self, merged))
+    with torch.no_grad():
+        model(x)
+        model.predict(x)
+        assert built == []
+        model.predict(x, merged_map=True)
+        assert built == [1]
+        seen = []
+        handle = model.merged_map.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        model(x)
+        handle.remove()
+        assert built == [1, 1] and seen == [(2, 256, 8, 8)]
+    model(x)  # autograd recording: the differentiable dense path
+    assert built == [1, 1, 1]
+
+
+def test_gradcam_still_sees_p_t():
+    from aim_ext.explain.attributions import attribute
+
+    model = _aim("resnet18", 2, 64).float()
+    x = torch.randn(2, 3, 64, 64)
+    heat = attribute(model, x, torch.tensor([0, 1]), "gradcam")
+    assert heat.shape[0] == 2 and torch.isfinite(heat).all() and heat.abs().sum() > 0
+
+
+def test_fused_model_refuses_training_and_gradients():
+    model = _aim("resnet18", 3, 64).float()
+    fused = fuse_for_inference(model)
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.raises(RuntimeError, match="fused for inference .* cannot train"):
+        fused.train()
+    assert fused.eval() is fused and not fused.training
+    with pytest.raises(RuntimeError, match="fused for inference and computes no gradients"):
+        fused(x.requires_grad_())
+    fused.head.fc.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="fused for inference and computes no gradients"):
+        fused(torch.randn(1, 3, 64, 64))
+    vanilla = fuse_for_inference(create_model("resnet18", num_classes=3).eval())
+    with pytest.raises(RuntimeError, match="ResNet is fused for inference"):
+        vanilla.train()
+
+
+def test_a_fused_checkpoint_does_not_load_into_a_training_model():
+    model = _aim("resnet18", 3, 64).float()
+    fused = fuse_for_inference(model)
+    assert architecture(fused) == "resnet18+AIM[3] (fused for inference)"
+    state = {"architecture": architecture(fused), "model": fused.state_dict()}
+    with pytest.raises(ValueError, match=r"holds a resnet18\+AIM\[3\] \(fused for inference\) model"):
+        load_model_state(create_model("resnet18", num_classes=10, stop_stage=3), state)
+
+
+def test_timm_reparameterize_model_finds_the_fuse_methods():
+    model = _aim("resnet18", 2, 64)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model.predict(x, merged_map=True)[0]
+    alone = reparameterize_model(model)  # the estimators (children with fuse())
+    assert all(isinstance(s.mask_estimator, InferenceMaskEstimator) for s in alone.stages)
+    nested = reparameterize_model(nn.Sequential(model))  # AIM.fuse() itself: everything
+    assert _batch_norms(nested) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(alone(x), expected, rtol=0, atol=1e-10)
+        torch.testing.assert_close(nested(x), expected, rtol=0, atol=1e-10)
+
+
+def test_sparse_mode_is_checked():
+    model = _aim("resnet18", 3, 64).float()
+    model.sparse_inference = "sometimes"
+    with pytest.raises(ValueError, match="sparse inference must be one of auto, on, off"):
+        with torch.no_grad():
+            model(torch.randn(1, 3, 64, 64))
+
+
+def test_top_level_entry_point():
+    assert aim_ext.fuse_for_inference is fuse_for_inference
