@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -23,6 +24,10 @@
 
 namespace aim {
 namespace {
+
+// Positions per matrix product of the sparse refine conv: 512 x 9 x 256 gathered values (4.5 MiB
+// in float32) stay in cache; one product over every position was up to 1.5x slower on 2 cores.
+constexpr int64_t kChunk = 512;
 
 void check_like_map(const Tensor& t, const char* op, const char* name, const Tensor& map,
                     const char* map_name) {
@@ -181,12 +186,20 @@ std::tuple<Tensor, Tensor> sparse_pooled_branch(const Tensor& s, const Tensor& l
   const Tensor neighbours = row_of.index_select(0, q.reshape({-1}));
   const int64_t K = active_index.size(0);
 
-  // The 3x3 refine conv at the active positions: one matrix product over the gathered rows.
-  const Tensor patches = aligned.index_select(0, neighbours).view({K, 9 * D});
+  // The 3x3 refine conv at the active positions: matrix products over the gathered rows, in
+  // chunks of kChunk positions, so that the gathered patches stay in cache.
   const Tensor r_weight = refine_weight.permute({0, 2, 3, 1}).reshape({D, 9 * D}).t();
-  const Tensor refined = refine_bias.has_value()
-                             ? at::addmm(refine_bias->to(s.scalar_type()), patches, r_weight)
-                             : at::mm(patches, r_weight);
+  Tensor refined = at::empty({K, D}, aligned.options());
+  for (int64_t start = 0; start < K; start += kChunk) {
+    const int64_t len = std::min(kChunk, K - start);
+    const Tensor patches = aligned.index_select(0, neighbours.narrow(0, start * 9, len * 9)).view({len, 9 * D});
+    Tensor out = refined.narrow(0, start, len);
+    if (refine_bias.has_value()) {
+      at::addmm_out(out, refine_bias->to(s.scalar_type()), patches, r_weight);
+    } else {
+      at::mm_out(out, patches, r_weight);
+    }
+  }
   return {pool_rows(refined, active_index, pool_weight, ln_weight, ln_bias, eps, N, HW), mask_of(active, s)};
 }
 

@@ -45,8 +45,9 @@ def test_vanilla_is_the_timm_model():
 def test_training_and_evaluation_outputs(name, stop_stage, size):
     model = create_model(name, num_classes=5, stop_stage=stop_stage)
     x = torch.randn(2, 3, size, size)
-    feats = model.backbone(x)
-    expected_sizes = [tuple(feats[i].shape[-2:]) for i in model.stage_indices]
+    feats = model.backbone(x)  # only the levels the top-down pathway reads, finest first
+    assert len(feats) == len(model.stage_indices) == model.stage_indices[0] - stop_stage + 1
+    expected_sizes = [tuple(feats[i - stop_stage].shape[-2:]) for i in model.stage_indices]
 
     out = model.train()(x)
     assert isinstance(out, AIMOutput)

@@ -112,6 +112,7 @@ INFERENCE_COLUMNS = [
     ("params M", lambda r: f"{r['params_m']:.1f}"),
     ("GMACs", lambda r: f"{r['gmacs']:.2f}"),
     ("overhead", lambda r: _ratio(r["overhead_ratio"])),
+    ("evaluation", lambda r: r.get("evaluation_path") or ""),
 ]
 TRAIN_COLUMNS = [
     ("ms", _ms),
@@ -144,6 +145,18 @@ def _branches_note(env: dict) -> list[str]:
     return ["AIM's branches run on one CUDA stream (--no-concurrent-branches)."]
 
 
+def _inference_note(env: dict) -> list[str]:
+    if "fused" not in env:
+        return []
+    fused = "fused for inference (aim_ext.fuse_for_inference)" if env["fused"] else "not fused"
+    density = f"{env['mask_density']:.0%} active" if env["mask_density"] else "as initialised"
+    head = "the pooled head" if env["pooled_head"] else "P_T"
+    return [
+        f"Inference models {fused}; AIM masks calibrated to {density}; AIM logits from {head}, "
+        f"feature branches --sparse {env['sparse']} (the evaluation column: eager, one image).",
+    ]
+
+
 def markdown(rows: list[dict], env: dict) -> str:
     lines = [
         "# aim-bench",
@@ -155,6 +168,7 @@ def markdown(rows: list[dict], env: dict) -> str:
         "same runtime, batch and dtype, timed in alternating rounds of the same run. GMACs: Table 6's",
         '"GFLOPs" (multiply-adds) for one image.',
         *_branches_note(env),
+        *_inference_note(env),
     ]
     inference = [r for r in rows if r["kind"] == "inference"]
     if inference:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from aim_ext.models import create_model
+from aim_ext.models import AIM, create_model
 
 
 @dataclass(frozen=True)
@@ -40,3 +41,17 @@ def family_variants(backbone: str, quick: bool = False) -> list[Variant]:
         raise ValueError(f"unknown backbone family {backbone!r}; aim-bench knows {', '.join(FAMILIES)}")
     stops = FAMILIES[backbone][:2] if quick else FAMILIES[backbone]
     return [Variant(backbone, stop) for stop in stops]
+
+
+@torch.no_grad()
+def calibrate_mask_density(model: AIM, density: float, image: torch.Tensor) -> AIM:
+    """Shift each mask estimator's output bias so that ``density`` of ``image``'s positions are
+    active at every stage, as a trained model's masks are (20-35%); a freshly initialised
+    estimator's masks are all on or all off, which would say nothing about sparse inference."""
+    if not 0 < density < 1:
+        raise ValueError(f"mask density must be in (0, 1), got {density}")
+    for stage, out in zip(model.stages, model.eval().forward_topdown(image), strict=True):
+        stage.mask_estimator.to_logits.bias -= torch.quantile(
+            out.mask_logits.flatten().double(), 1 - density
+        ).to(stage.mask_estimator.to_logits.bias)
+    return model

@@ -3,15 +3,20 @@
     aim-bench                                  # GPU: every family, runtime, batch size and dtype
     aim-bench --device cpu --quick             # a smoke run: under 3 minutes on 2 cores
     aim-bench --families convnext_tiny --runtimes eager,cudagraphs --batch-sizes 1 --dtypes bfloat16
+    aim-bench --device cpu --fuse --sparse auto --runtimes eager --batch-sizes 8 --dtypes float32
 
 Each comparison (one family, runtime, batch and dtype) prepares the vanilla model and its AIM
 variants, then times them in alternating rounds, so every overhead_ratio compares figures of the
-same run. Writes DIR/results.json, results.md and overhead.png (default DIR: runs/bench).
+same run. AIM's mask estimators are first calibrated to --mask-density active positions (a
+fresh model's masks are all on or all off). --fuse times `aim_ext.fuse_for_inference` of every
+model, vanilla and AIM alike. Writes DIR/results.json, results.md and overhead.png (default DIR:
+runs/bench).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import traceback
@@ -25,8 +30,10 @@ from aim_ext.bench.cost import gmacs, parameters_m
 from aim_ext.bench.runtimes import BATCH_ONE_ONLY, OUTSIDE_TORCH_MEMORY, RUNTIMES, Setting, Unavailable
 from aim_ext.bench.timing import peak_memory_mib, time_interleaved
 from aim_ext.bench.train_step import prepare_train_step
-from aim_ext.bench.variants import FAMILIES, Variant, family_variants
-from aim_ext.models import AIM
+from aim_ext.bench.variants import FAMILIES, Variant, calibrate_mask_density, family_variants
+from aim_ext.export import example_image
+from aim_ext.models import AIM, fuse_for_inference
+from aim_ext.models.sparsity import SPARSE_MODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # --quick: small enough for 2 CPU cores in under 3 minutes, every family and kind of row present.
@@ -92,6 +99,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="run AIM's mask estimators and feature branches on CUDA side streams in the eager and "
         "CUDA graph inference rows (AIM.concurrent_branches); --no-concurrent-branches: one stream",
     )
+    parser.add_argument(
+        "--fuse",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="time aim_ext.fuse_for_inference(model) for every model, vanilla and AIM",
+    )
+    parser.add_argument(
+        "--sparse",
+        choices=SPARSE_MODES,
+        default="auto",
+        help="AIM's feature branches in evaluation (AIM.sparse_inference): the measured policy, "
+        "sparse wherever possible, or dense",
+    )
+    parser.add_argument(
+        "--pooled-head",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="AIM evaluation logits from the pooled head (AIM.pooled_head); --no-pooled-head: from P_T",
+    )
+    parser.add_argument(
+        "--mask-density",
+        type=float,
+        default=0.25,
+        help="calibrate AIM's mask estimators to this active fraction (default 0.25; 0: leave them)",
+    )
     return parser
 
 
@@ -110,6 +142,8 @@ def _settings(args: argparse.Namespace) -> argparse.Namespace:
         unknown = [g for g in given if g not in known]
         if unknown:
             raise SystemExit(f"aim-bench: unknown {name} {', '.join(unknown)}; known: {', '.join(known)}")
+    if not 0 <= args.mask_density < 1:
+        raise SystemExit(f"aim-bench: --mask-density must be in [0, 1), got {args.mask_density}")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("aim-bench: --device cuda, but torch sees no CUDA device")
@@ -125,6 +159,8 @@ def _selected(variants: list[Variant], stop_stages: list[str] | None) -> list[Va
 
 def _row(kind, variant, runtime, setting: Setting, cost: dict, **measured) -> dict:
     return {
+        "fused": False,
+        "evaluation_path": None,
         "kind": kind,
         "family": variant.backbone,
         "model": variant.name,
@@ -184,6 +220,37 @@ def _compare(kind, runtime, variants, models, costs, setting, args, prepare) -> 
     return rows
 
 
+def _inference_model(v: Variant, args: argparse.Namespace, size: tuple[int, int]) -> tuple:
+    """The model the inference rows time (calibrated, fused if asked) and its cost columns."""
+    model = v.build(args.num_classes)
+    if isinstance(model, AIM) and args.mask_density:
+        calibrate_mask_density(model, args.mask_density, example_image(4, size, seed=1))
+    cost = {"params_m": parameters_m(model), "gmacs": gmacs(model, size), "fused": args.fuse}
+    if args.fuse:
+        model = fuse_for_inference(model)
+    if isinstance(model, AIM):
+        cost.update(_evaluation_path(model, size, args.device))
+    return model, cost
+
+
+@torch.no_grad()
+def _evaluation_path(model: AIM, size: tuple[int, int], device: str) -> dict:
+    """How eager float32 evaluation of one image on ``device`` computes the logits ("P_T", or the
+    pooled head and each stage's feature branch; traced runtimes take the dense branch under
+    "auto"), and each stage's active fraction."""
+    model = copy.deepcopy(model).to(device)
+    image = example_image(1, size).to(device)
+    with torch.inference_mode():
+        masks = model.predict(image)[1]
+        path = (
+            "P_T"
+            if model.builds_merged_map()
+            else "pooled: "
+            + ", ".join(f"s{i} {b}" for i, b in zip(model.stage_indices, model.branches_used, strict=True))
+        )
+    return {"evaluation_path": path, "mask_active": [round(float(m.mean()), 3) for m in masks]}
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     size = (args.image_size, args.image_size)
     jobs = []
@@ -204,8 +271,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             variants = _selected(family_variants(family, quick=args.quick), args.stop_stages)
             for v in variants:
                 if v not in models:
-                    models[v] = v.build(args.num_classes)
-                    costs[v] = {"params_m": parameters_m(models[v]), "gmacs": gmacs(models[v], size)}
+                    models[v], costs[v] = _inference_model(v, args, size)
             setting = Setting(args.device, DTYPES[dtype], batch, size, args.channels_last, Path(workdir))
             if kind == "inference":
 
@@ -223,14 +289,28 @@ def run(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _settings(build_parser().parse_args(argv))
-    previous, AIM.concurrent_branches = AIM.concurrent_branches, args.concurrent_branches
+    switches = {
+        "concurrent_branches": args.concurrent_branches,
+        "sparse_inference": args.sparse,
+        "pooled_head": args.pooled_head,
+    }
+    previous = {name: getattr(AIM, name) for name in switches}
     try:
+        for name, value in switches.items():
+            setattr(AIM, name, value)
         rows = run(args)
     finally:
-        AIM.concurrent_branches = previous
+        for name, value in previous.items():
+            setattr(AIM, name, value)
     report.add_ratios(rows)
     env = report.environment(args.device, argv)
-    env["concurrent_branches"] = args.concurrent_branches
+    env.update(
+        concurrent_branches=args.concurrent_branches,
+        fused=args.fuse,
+        sparse=args.sparse,
+        pooled_head=args.pooled_head,
+        mask_density=args.mask_density,
+    )
     report.write(rows, env, args.out)
     print(report.markdown(rows, env))
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'overhead.png'}")

@@ -60,16 +60,24 @@ class AIM(nn.Module):
         super().__init__()
         if drop_path_rate is not None:
             backbone_kwargs["drop_path_rate"] = drop_path_rate
-        self.backbone = timm.create_model(
-            backbone, pretrained=pretrained, features_only=True, **backbone_kwargs
-        )
-        channels = self.backbone.feature_info.channels()
+        # The feature stages from a weightless copy, then the backbone returning only the stages the
+        # top-down pathway reads: the finer ones are not kept alive through the forward pass.
+        with torch.device("meta"):
+            info = timm.create_model(backbone, features_only=True, **backbone_kwargs).feature_info
+        channels, levels = info.channels(), info.out_indices
         top = len(channels) - 1
         if isinstance(stop_stage, bool) or not isinstance(stop_stage, int) or not 0 <= stop_stage <= top:
             raise ValueError(
                 f"{backbone} has feature stages 0..{top} (channels {channels}); "
                 f"stop_stage={stop_stage!r} is not one of them"
             )
+        self.backbone = timm.create_model(
+            backbone,
+            pretrained=pretrained,
+            features_only=True,
+            out_indices=tuple(levels[stop_stage:]),
+            **backbone_kwargs,
+        )
         self.backbone_name = backbone
         self.stop_stage = stop_stage
         self.num_classes = num_classes
@@ -84,7 +92,8 @@ class AIM(nn.Module):
         self.merged_map = nn.Identity()
         self.temperature = temperature
         self.gumbel_noise = gumbel_noise
-        self._weights_cache: dict = {}  # the pooled head's w_l per (stage sizes, device, dtype)
+        self._weights_cache: dict = {}
+        self.branches_used: list[str] = []  # the pooled head's w_l per (stage sizes, device, dtype)
         self.pretrained_cfg = dict(self.backbone.pretrained_cfg)
         self.default_cfg = self.pretrained_cfg
 
@@ -94,6 +103,8 @@ class AIM(nn.Module):
     # How evaluation computes each stage's feature branch: "auto" (aim_ext.models.sparsity's
     # measured policy), "on" (sparse wherever the branch allows) or "off" (dense).
     sparse_inference = "auto"
+    # Evaluation reads the logits from the pooled head (no P_T); False: always from P_T.
+    pooled_head = True
 
     def set_gumbel(self, *, temperature: float | None = None, noise: bool | None = None) -> None:
         """Set the Gumbel temperature and whether training draws noise (evaluation never does)."""
@@ -106,8 +117,8 @@ class AIM(nn.Module):
 
     def stage_inputs(self, x: Tensor) -> list[Tensor]:
         """S_l of every top-down stage, top stage first: the backbone's feature maps."""
-        feats = self.backbone(x)
-        return [feats[index] for index in self.stage_indices]
+        feats = self.backbone(x)  # stages stop_stage..L
+        return [feats[index - self.stop_stage] for index in self.stage_indices]
 
     def forward_topdown(self, x: Tensor) -> list[StageOutput]:
         """Run the backbone and the top-down pathway; the last stage's `merged` is P_T."""
@@ -146,7 +157,10 @@ class AIM(nn.Module):
         return self.head(self.merged_map(merged).mean(dim=(2, 3)))
 
     def builds_merged_map(self) -> bool:
-        """Whether evaluation builds P_T: something hooks `merged_map`, or autograd records."""
+        """Whether evaluation builds P_T: `pooled_head` is off, something hooks `merged_map`, or
+        autograd records."""
+        if not self.pooled_head:
+            return True
         hooked = bool(
             self.merged_map._forward_hooks
             or self.merged_map._forward_pre_hooks
@@ -165,11 +179,15 @@ class AIM(nn.Module):
             branches = [
                 partial(self._pool_input, stage, s) for stage, s in zip(self.stages, inputs, strict=True)
             ]
-        total, masks = None, []
+        total, masks, used = None, [], []
         for stage, weight, branch in zip(self.stages, weights, branches, strict=True):
-            pooled, mask = stage.pool(*branch(), weight)
+            logits, pool_input, sparse = branch()
+            used.append("sparse" if sparse else "dense")
+            pooled, mask = stage.pool(logits, pool_input, sparse, weight)
             total = pooled if total is None else total + pooled
             masks.append(mask)
+        if not tracing():
+            self.branches_used = used  # for reports: each stage's branch in the last eager call
         return self.head(total.to(inputs[-1].dtype)), masks
 
     def _pool_input(self, stage: TopDownStage, s: Tensor) -> tuple[Tensor, Tensor, bool]:
@@ -196,7 +214,8 @@ class AIM(nn.Module):
 
     def _sparse(self, stage: TopDownStage, s: Tensor, logits: Tensor | None) -> bool:
         mode = check_sparse_mode(self.sparse_inference)
-        if mode == "off" or not stage.can_run_sparse():
+        # ONNX export writes the dense branch: the sparse op has no ONNX form (docs/export.md).
+        if mode == "off" or not stage.can_run_sparse() or torch.onnx.is_in_onnx_export():
             return False
         return mode == "on" or (logits is not None and prefer_sparse(s, logits))
 
