@@ -119,6 +119,94 @@ std::tuple<Tensor, Tensor> pooled_epilogue(const Tensor& conv, const Tensor& ln_
   return {pool_rows(gathered, index, pool_weight, ln_weight, ln_bias, eps, N, HW), mask_of(active, conv)};
 }
 
+// The active positions' 3x3 neighbourhoods (the positions the refine conv reads), as flags (P,).
+Tensor needed_positions(const Tensor& active, int64_t N, int64_t H, int64_t W) {
+  const Tensor map = active.to(at::kFloat).view({N, 1, H, W});
+  return at::max_pool2d(map, {3, 3}, {1, 1}, {1, 1}).reshape({N * H * W}) > 0;
+}
+
+// Each active position's 3x3 neighbourhood, kernel order (ky, kx): the flat positions (K * 9),
+// P where the neighbour lies outside the image or the slot is empty, and whether it lies inside.
+struct Neighbourhoods {
+  Tensor position, inside;
+  int64_t K, P;
+};
+
+Neighbourhoods neighbourhoods(const Tensor& active_index, int64_t N, int64_t H, int64_t W) {
+  const int64_t HW = H * W, P = N * HW;
+  const Tensor slot = at::clamp_max(active_index, P - 1);
+  const Tensor image = at::div(slot, HW, "floor"), p = at::remainder(slot, HW);
+  const Tensor y = at::div(p, W, "floor"), x = at::remainder(p, W);
+  const Tensor offsets = at::arange(-1, 2, active_index.options());
+  const Tensor yy = y.unsqueeze(1).unsqueeze(2) + offsets.view({1, 3, 1});
+  const Tensor xx = x.unsqueeze(1).unsqueeze(2) + offsets.view({1, 1, 3});
+  const Tensor inside = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W) & (active_index < P).view({-1, 1, 1});
+  const Tensor q = at::where(inside, image.view({-1, 1, 1}) * HW + yy * W + xx, at::full({}, P, yy.options()));
+  return {q.reshape({-1}), inside.reshape({-1, 9}), active_index.size(0), P};
+}
+
+// out (K, D) = [rows of `source` at index[9k .. 9k + 8]] (K, 9 X) @ weight_t (9 X, D) + bias, in
+// chunks of kChunk positions so that the gathered patches stay in cache; `keep` (K, 9), when
+// defined, zeroes the gathered rows it does not keep.
+Tensor gathered_product(const Tensor& source, const Tensor& index, const Tensor& keep, const Tensor& weight_t,
+                        const std::optional<Tensor>& bias, int64_t K) {
+  const int64_t X = source.size(1), D = weight_t.size(1);
+  Tensor out = at::empty({K, D}, source.options());
+  for (int64_t start = 0; start < K; start += kChunk) {
+    const int64_t len = std::min(kChunk, K - start);
+    Tensor patches = source.index_select(0, index.narrow(0, start * 9, len * 9)).view({len, 9, X});
+    if (keep.defined()) patches = patches * keep.narrow(0, start, len).unsqueeze(2).to(patches.scalar_type());
+    Tensor chunk = out.narrow(0, start, len);
+    if (bias.has_value()) {
+      at::addmm_out(chunk, bias->to(source.scalar_type()), patches.view({len, 9 * X}), weight_t);
+    } else {
+      at::mm_out(chunk, patches.view({len, 9 * X}), weight_t);
+    }
+  }
+  return out;
+}
+
+// refine(align(s)) at the active positions: the 1x1 align conv as a matrix product on the needed
+// positions only, then the refine conv on their rows (a zero row stands for its zero padding).
+Tensor refine_aligned(const Tensor& s, const Tensor& active, const Neighbourhoods& nb, const Tensor& align_weight,
+                      const std::optional<Tensor>& align_bias, const Tensor& refine_weight,
+                      const std::optional<Tensor>& refine_bias) {
+  const int64_t N = s.size(0), C = s.size(1), H = s.size(2), W = s.size(3), D = align_weight.size(0);
+  const Tensor needed_index = compact(needed_positions(active, N, H, W));
+  const int64_t M = needed_index.size(0), P = nb.P;
+  const Tensor rows = position_rows(s).index_select(0, at::clamp_max(needed_index, P - 1));
+  const Tensor a_weight = align_weight.reshape({D, C}).t();
+  Tensor aligned = align_bias.has_value() ? at::addmm(align_bias->to(s.scalar_type()), rows, a_weight)
+                                          : at::mm(rows, a_weight);
+  aligned = at::cat({aligned, at::zeros({1, D}, aligned.options())});
+  // Row of `aligned` for every position and the empty slot P: M (the zero row) unless needed.
+  Tensor row_of = at::full({P + 1}, M, needed_index.options());
+  row_of.index_put_({needed_index}, at::arange(M, needed_index.options()));
+  row_of.narrow(0, P, 1).fill_(M);
+  const Tensor r_weight = refine_weight.permute({0, 2, 3, 1}).reshape({D, 9 * D}).t();
+  return gathered_product(aligned, row_of.index_select(0, nb.position), Tensor(), r_weight, refine_bias, nb.K);
+}
+
+// The same with the two convolutions composed into one 3x3 conv on s. Its bias depends on the
+// position: refine pads align's output with zeros, so align's bias enters through the taps that
+// lie inside the image only.
+Tensor refine_composed(const Tensor& s, const Neighbourhoods& nb, const Tensor& align_weight,
+                       const std::optional<Tensor>& align_bias, const Tensor& refine_weight,
+                       const std::optional<Tensor>& refine_bias) {
+  const int64_t C = s.size(1), D = align_weight.size(0);
+  const auto acc = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor taps = refine_weight.to(acc).permute({2, 3, 0, 1}).reshape({9, D, D});  // [tap, out, in]
+  const Tensor composed = at::matmul(taps, align_weight.to(acc).reshape({D, C}));        // [tap, out, C]
+  const Tensor weight_t = composed.permute({0, 2, 1}).reshape({9 * C, D}).to(s.scalar_type());
+  const Tensor rows = position_rows(s);
+  Tensor out = gathered_product(rows, at::clamp_max(nb.position, nb.P - 1), nb.inside, weight_t, refine_bias, nb.K);
+  if (align_bias.has_value()) {
+    const Tensor per_tap = at::matmul(taps, align_bias->to(acc));  // [tap, out]
+    out = out + at::mm(nb.inside.to(acc), per_tap).to(s.scalar_type());
+  }
+  return out;
+}
+
 std::tuple<Tensor, Tensor> sparse_pooled_branch(const Tensor& s, const Tensor& logits, const Tensor& pool_weight,
                                                 const Tensor& align_weight, const std::optional<Tensor>& align_bias,
                                                 const Tensor& refine_weight,
@@ -151,55 +239,18 @@ std::tuple<Tensor, Tensor> sparse_pooled_branch(const Tensor& s, const Tensor& l
   }
 
   const Tensor active = logits.reshape({P}) >= 0;
-  // The positions whose align output the refine conv reads: the active ones' 3x3 neighbourhoods.
-  const Tensor active_map = active.to(s.scalar_type()).view({N, 1, H, W});
-  const Tensor needed = at::max_pool2d(active_map, {3, 3}, {1, 1}, {1, 1}).reshape({P}) > 0;
-  const Tensor active_index = compact(active), needed_index = compact(needed);
+  const Tensor active_index = compact(active);
   if (capacity.has_value() && s.is_cpu()) {
-    TORCH_CHECK(needed_index.size(0) <= *capacity, op, ": the active positions and their 3x3 neighbourhoods are ",
-                needed_index.size(0), " positions, more than capacity=", *capacity);
+    const int64_t gathered = compact(needed_positions(active, N, H, W)).size(0);
+    TORCH_CHECK(gathered <= *capacity, op, ": the active positions and their 3x3 neighbourhoods are ",
+                gathered, " positions, more than capacity=", *capacity);
   }
-  const int64_t M = needed_index.size(0);
-
-  // The 1x1 align conv as a matrix product on the needed rows, then one zero row: the refine
-  // conv's zero padding, and every position no active one reads.
-  const Tensor rows = position_rows(s).index_select(0, at::clamp_max(needed_index, P - 1));
-  const Tensor a_weight = align_weight.reshape({D, C}).t();
-  Tensor aligned = align_bias.has_value() ? at::addmm(align_bias->to(s.scalar_type()), rows, a_weight)
-                                          : at::mm(rows, a_weight);
-  aligned = at::cat({aligned, at::zeros({1, D}, aligned.options())});
-
-  // Row of `aligned` for every position (and for the empty slot P): M (the zero row) unless needed.
-  Tensor row_of = at::full({P + 1}, M, needed_index.options());
-  row_of.index_put_({needed_index}, at::arange(M, needed_index.options()));
-  row_of.narrow(0, P, 1).fill_(M);
-
-  // Each active position's 3x3 neighbourhood as rows of `aligned`: (K, 9), kernel order (ky, kx).
-  const Tensor slot = at::clamp_max(active_index, P - 1);
-  const Tensor image = at::div(slot, HW, "floor"), p = at::remainder(slot, HW);
-  const Tensor y = at::div(p, W, "floor"), x = at::remainder(p, W);
-  const Tensor offsets = at::arange(-1, 2, active_index.options());
-  const Tensor yy = y.unsqueeze(1).unsqueeze(2) + offsets.view({1, 3, 1});
-  const Tensor xx = x.unsqueeze(1).unsqueeze(2) + offsets.view({1, 1, 3});
-  const Tensor inside = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W) & (active_index < P).view({-1, 1, 1});
-  const Tensor q = at::where(inside, image.view({-1, 1, 1}) * HW + yy * W + xx, at::full({}, P, yy.options()));
-  const Tensor neighbours = row_of.index_select(0, q.reshape({-1}));
-  const int64_t K = active_index.size(0);
-
-  // The 3x3 refine conv at the active positions: matrix products over the gathered rows, in
-  // chunks of kChunk positions, so that the gathered patches stay in cache.
-  const Tensor r_weight = refine_weight.permute({0, 2, 3, 1}).reshape({D, 9 * D}).t();
-  Tensor refined = at::empty({K, D}, aligned.options());
-  for (int64_t start = 0; start < K; start += kChunk) {
-    const int64_t len = std::min(kChunk, K - start);
-    const Tensor patches = aligned.index_select(0, neighbours.narrow(0, start * 9, len * 9)).view({len, 9 * D});
-    Tensor out = refined.narrow(0, start, len);
-    if (refine_bias.has_value()) {
-      at::addmm_out(out, refine_bias->to(s.scalar_type()), patches, r_weight);
-    } else {
-      at::mm_out(out, patches, r_weight);
-    }
-  }
+  const Neighbourhoods nb = neighbourhoods(active_index, N, H, W);
+  // refine(align(s)) is linear: one 3x3 conv with the product weights costs 9 C MACs per output
+  // channel and active position, against C at each needed position plus 9 D at the active ones.
+  const Tensor refined = 8 * C < 9 * D
+                             ? refine_composed(s, nb, align_weight, align_bias, refine_weight, refine_bias)
+                             : refine_aligned(s, active, nb, align_weight, align_bias, refine_weight, refine_bias);
   return {pool_rows(refined, active_index, pool_weight, ln_weight, ln_bias, eps, N, HW), mask_of(active, s)};
 }
 

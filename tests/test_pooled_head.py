@@ -129,13 +129,14 @@ def test_sparse_branch_matches_the_dense_branch(device, dtype, channels_last):
         torch.testing.assert_close(pooled.double(), ref.double(), rtol=tol, atol=tol)
 
 
-def test_sparse_branch_reads_only_the_active_neighbourhoods():
+@pytest.mark.parametrize("channels", [6, 20])  # the composed convolutions (8 C < 9 D), and align then refine
+def test_sparse_branch_reads_only_the_active_neighbourhoods(channels):
     """Changing S_l outside the active positions' 3x3 neighbourhoods changes nothing."""
     g = torch.Generator().manual_seed(3)
-    s = torch.randn(2, 6, 9, 11, generator=g, dtype=torch.float64)
+    s = torch.randn(2, channels, 9, 11, generator=g, dtype=torch.float64)
     logits = torch.full((2, 1, 9, 11), -1.0, dtype=torch.float64)
     logits[0, 0, 2, 3] = logits[1, 0, 8, 10] = 1.0
-    aw, ab, rw, rb, lw, lb = _branch_weights(6, 8, torch.float64, "cpu", g)
+    aw, ab, rw, rb, lw, lb = _branch_weights(channels, 8, torch.float64, "cpu", g)
     weight = torch.rand(9, 11, generator=g, dtype=torch.float64)
     pooled, _ = sparse_pooled_branch(s, logits, weight, aw, ab, rw, rb, lw, lb)
     far = s.clone()
