@@ -4,6 +4,7 @@ its mask all 0 or all 1, and comparing such masks between runtimes would prove l
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 import aim_ext
 
@@ -25,4 +26,20 @@ def mixed_mask_model(
             to_logits.weight.mul_(20)
             to_logits.bias.mul_(20)
             to_logits.bias.sub_(model.forward_topdown(calibration)[index].mask_logits.median())
+    return model
+
+
+def randomise_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Running statistics and affine parameters far from their defaults, so that folding them is
+    tested (a fresh BatchNorm is the identity in evaluation mode)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
+                if m.affine:
+                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(c, generator=g) * 0.2)
     return model

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from mixed_masks import mixed_mask_model
+from mixed_masks import mixed_mask_model, randomise_batch_norms
 
 import aim_ext
 from aim_ext.cli.export import main as export_main
@@ -133,6 +133,23 @@ def test_aoti_package_matches_pytorch_with_a_dynamic_batch(tmp_path):
     assert metadata["aim_ext.model"] == "resnet18+AIM[3]"
 
 
+@pytest.mark.parametrize("name,stop_stage", [("resnet18", 3), ("convnext_atto", 1)])
+def test_fused_model_exports_with_the_pooled_head(tmp_path, name, stop_stage):
+    """fuse_for_inference's model in ONNX (no P_T: no Resize in the graph) and AOTInductor, checked
+    against the unfused model; its BatchNorms hold non-trivial statistics."""
+    model = mixed_mask_model(name, stop_stage, 10, (99, 99), 0, prepare=randomise_batch_norms)
+    fused = aim_ext.fuse_for_inference(model)
+    onnx_path = export_onnx(fused, tmp_path / "f.onnx", image_size=(99, 99), dynamic_batch=True)
+    ops = {n.op_type for n in check_onnx(onnx_path).graph.node}
+    assert "Resize" not in ops and "BatchNormalization" not in ops
+    aoti_path = export_aoti(fused, tmp_path / "f.pt2", image_size=(99, 99), dynamic_batch=True)
+    for batch in (1, 3):
+        image = example_image(batch, (99, 99), seed=10 + batch)
+        _assert_agrees(model, image, run_onnxruntime(onnx_path, image.numpy()))
+        _assert_agrees(model, image, run_aoti(aoti_path, image))
+    _assert_agrees(model, image, run_onnx_reference(onnx_path, image.numpy()))
+
+
 def test_comparison_fails_on_a_real_mask_flip_and_allows_one_at_the_threshold():
     model = _model()
     image = example_image(2, (64, 64))
@@ -157,6 +174,7 @@ def test_cli_exports_a_checkpoint_and_checks_it(tmp_path, capsys):
     code = export_main([*argv, "--checkpoint", str(tmp_path / "best.pt"), "--onnx", str(tmp_path / "m.onnx")])
     out = capsys.readouterr().out
     assert code == 0, out
+    assert "float32, fused for inference, outputs logits" in out
     assert "| logits | (1, 3) |" in out and "| mask_stage3 | (1, 1, 4, 4) |" in out
     loaded = load_weights(create_model("resnet18", num_classes=3, stop_stage=3), tmp_path / "best.pt").eval()
     image = example_image(1, (64, 64), seed=3)  # the export's static batch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mixed_masks import mixed_mask_model
+from mixed_masks import mixed_mask_model, randomise_batch_norms
 from timm.utils.model import reparameterize_model
 from torch import nn
 
@@ -20,30 +20,12 @@ from aim_ext.models import (
 )
 
 
-def _randomise_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Running statistics and affine parameters far from their defaults, so that folding them is
-    tested (a fresh BatchNorm is the identity in evaluation mode)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
-                if m.affine:
-                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-    return model
-
-
 def _batch_norms(model: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _aim(name: str, stop_stage: int, size: int) -> AIM:
-    return mixed_mask_model(
-        name, stop_stage, image_size=(size, size), prepare=_randomise_batch_norms
-    ).double()
+    return mixed_mask_model(name, stop_stage, image_size=(size, size), prepare=randomise_batch_norms).double()
 
 
 @pytest.mark.parametrize(
@@ -73,7 +55,7 @@ def test_fused_aim_gives_the_unfused_outputs_in_float64(name, stop_stage, size):
 
 @pytest.mark.parametrize("name", ["resnet50", "efficientnet_b0", "convnext_atto", "densenet121"])
 def test_fused_vanilla_gives_the_unfused_outputs_in_float64(name):
-    model = _randomise_batch_norms(create_model(name, num_classes=7)).eval().double()
+    model = randomise_batch_norms(create_model(name, num_classes=7)).eval().double()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     fused = fuse_for_inference(model)
     with torch.no_grad():
@@ -86,7 +68,7 @@ def test_fused_vanilla_gives_the_unfused_outputs_in_float64(name):
 
 def test_fold_rounds_once_from_float64():
     """Folded in float32, then cast to bfloat16: the folded weight is the float64 product rounded."""
-    model = _randomise_batch_norms(create_model("resnet18", num_classes=3)).eval()
+    model = randomise_batch_norms(create_model("resnet18", num_classes=3)).eval()
     fused = fuse_for_inference(model)
     bn, conv = model.bn1, model.conv1
     scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)

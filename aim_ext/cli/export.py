@@ -5,9 +5,11 @@
     aim-export --model resnet50 --stop-stage 3 --num-classes 2 --aot model.pt2 --device cuda
     aim-export --model convnext_tiny --stop-stage 2 --num-classes 200 --tensorrt model.plan --fp16
 
+The model is first fused for inference (`aim_ext.fuse_for_inference`: BatchNorm folded into the
+convolutions; AIM's logits from the pooled head, without P_T); --no-fuse exports it as it is.
 After writing each file it runs the exported model on a batch of random images (with a dynamic
-batch, a batch size other than the traced one) and prints the largest difference from PyTorch for
-the logits and the masks; the exit status is 1 when they do not agree.
+batch, a batch size other than the traced one) and prints the largest difference from PyTorch's
+unfused model for the logits and the masks; the exit status is 1 when they do not agree.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from aim_ext.export.graph import example_image, image_size_of, output_names, ref
 from aim_ext.export.onnx_export import DEFAULT_OPSET, export_onnx, onnxruntime_providers, run_onnxruntime
 from aim_ext.export.tensorrt_export import MISSING, TensorRTRunner, build_engine, tensorrt_available
 from aim_ext.export.verify import compare_outputs, format_checks
-from aim_ext.models import create_model, load_weights
+from aim_ext.models import create_model, fuse_for_inference, load_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         choices=["cpu", "cuda"],
         help="where the AOTInductor package runs (default: cuda if present)",
+    )
+    parser.add_argument(
+        "--fuse",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="export aim_ext.fuse_for_inference(model) (default); --no-fuse: the model as trained",
     )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument("--no-check", action="store_true", help="skip running the exported files")
@@ -74,15 +82,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     size = (args.image_size, args.image_size) if args.image_size else image_size_of(model)
     options = {"image_size": size, "batch_size": args.batch_size, "dynamic_batch": args.dynamic_batch}
-    checks = Checks(model, size, args)
+    checks = Checks(model, size, args)  # against the unfused model
+    exported = fuse_for_inference(model) if args.fuse else model
     print(
         f"aim-export: {args.model} stop_stage={args.stop_stage} classes={args.num_classes}, image {size}, "
-        f"{'float16' if args.fp16 else 'float32'}, outputs {', '.join(output_names(model))}"
+        f"{'float16' if args.fp16 else 'float32'}, "
+        f"{'fused for inference' if args.fuse else 'not fused'}, outputs {', '.join(output_names(model))}"
     )
 
     onnx_path = args.onnx or (args.tensorrt.with_suffix(".onnx") if args.tensorrt else None)
     if onnx_path:
-        export_onnx(model, onnx_path, fp16=args.fp16, opset=args.opset, **options)
+        export_onnx(exported, onnx_path, fp16=args.fp16, opset=args.opset, **options)
         print(f"wrote {onnx_path} (ONNX opset {args.opset}, onnx.checker full check passed)")
         providers = onnxruntime_providers()
         checks.run(
@@ -90,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.aot:
         export_aoti(
-            model, args.aot, dtype=torch.float16 if args.fp16 else torch.float32, device=device, **options
+            exported, args.aot, dtype=torch.float16 if args.fp16 else torch.float32, device=device, **options
         )
         print(f"wrote {args.aot} (AOTInductor package for {device})")
         checks.run(f"AOTInductor ({device})", device, lambda x: run_aoti(args.aot, x))
