@@ -52,6 +52,14 @@ step build 170 "$PY" setup.py build_ext --inplace
 step kernels 30 "$PY" -c "import aim_ext.ops as o, sys; a = o.kernels_available(); print(a); sys.exit(0 if a['cuda'] else 1)"
 # Without the kernels every figure would be the reference path's: stop (the rest are skipped).
 [ "${LAST_RC:-1}" -ne 0 ] && BUDGET=0
+# The fused models (both sides), the pooled head, dense then sparse feature branches: the targets of
+# sparse masked inference at batch 256, then the new kernels' CUDA tests (graph capture, no sync).
+step bench_fused_b256 90 "${BENCH[@]}" --batch-sizes 256 --runtimes eager --no-train --fuse --sparse off \
+  --out "$WORK/bench_fused_b256"
+step bench_fused_sparse_b256 90 "${BENCH[@]}" --batch-sizes 256 --runtimes eager --no-train --fuse --sparse on \
+  --out "$WORK/bench_fused_sparse_b256"
+step tests_pooled 90 "$PY" -m pytest -q -p no:cacheprovider -n 8 --tb=short -k cuda \
+  tests/test_pooled_head.py tests/test_inference.py
 step bench_b1 60 "${BENCH[@]}" --batch-sizes 1 --runtimes eager,cudagraphs --no-train --out "$WORK/bench_b1"
 step bench_b256 60 "${BENCH[@]}" --batch-sizes 256 --runtimes eager --no-train --out "$WORK/bench_b256"
 step tests 75 "$PY" -m pytest -q -p no:cacheprovider -n 8 --tb=short -k "cuda or concurrent" \

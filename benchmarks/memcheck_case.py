@@ -1,10 +1,11 @@
-"""Small masked_merge and topdown_epilogue calls, forward and backward, on CUDA, for
-`compute-sanitizer --tool memcheck`: every kernel variant (vector widths, both layouts, the
-register and the strided epilogue kernels) on odd sizes."""
+"""Small masked_merge and topdown_epilogue calls, forward and backward, and the pooled head's
+ops, on CUDA, for `compute-sanitizer --tool memcheck` and `racecheck`: every kernel variant
+(vector widths, both layouts, the register and the strided epilogue kernels; the sparse branch's
+composed and aligned forms, none, some and all positions active) on odd sizes."""
 
 import torch
 
-from aim_ext.ops import logistic_noise, masked_merge, topdown_epilogue
+from aim_ext.ops import logistic_noise, masked_merge, pooled_epilogue, sparse_pooled_branch, topdown_epilogue
 
 # (N, C, H, W, h, w): odd sizes (scalar paths), vector-friendly sizes, a coarse map larger than
 # the fine one, and a width beyond the register kernel (strided epilogue path).
@@ -25,5 +26,24 @@ for n, c, h, w, ch, cw in SHAPES:
                 (out.float().square().sum() + mask.float().sum()).backward()
                 out, mask, features = topdown_epilogue(feat, weight, bias, logits, coarse, noise=noise)
                 (out.float().square().sum() + mask.float().sum() + features.float().sum()).backward()
+
+# The pooled head: (N, C, H, W, D); 8 C < 9 D composes the convolutions, otherwise align then refine.
+for n, c, h, w, d in ((2, 5, 7, 3, 16), (1, 40, 6, 9, 8), (3, 24, 1, 1, 24)):
+    for dtype in (torch.float32, torch.bfloat16):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            s = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+            aw = torch.randn(d, c, 1, 1, device="cuda", dtype=dtype)
+            rw = torch.randn(d, d, 3, 3, device="cuda", dtype=dtype)
+            ab, rb, lw, lb = (torch.randn(d, device="cuda", dtype=dtype) for _ in range(4))
+            weight = torch.rand(h, w, device="cuda")
+            for fraction in (0.0, 0.4, 1.0):
+                logits = fraction - torch.rand(n, 1, h, w, device="cuda") if 0 < fraction < 1 else None
+                logits = (
+                    logits if logits is not None else torch.full((n, 1, h, w), fraction - 0.5, device="cuda")
+                )
+                sparse_pooled_branch(s, logits, weight, aw, ab, rw, rb, lw, lb)
+                sparse_pooled_branch(s, logits, weight, aw, None, rw, None, lw, lb)
+                conv = torch.randn(n, d, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+                pooled_epilogue(conv, lw, lb, logits, weight)
 torch.cuda.synchronize()
 print("memcheck case ran")

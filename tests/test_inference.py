@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CUDA_REASON
 from mixed_masks import mixed_mask_model, randomise_batch_norms
 from timm.utils.model import reparameterize_model
 from torch import nn
@@ -18,6 +19,7 @@ from aim_ext.models import (
     fuse_for_inference,
     load_model_state,
 )
+from aim_ext.ops import kernels_available
 
 
 def _batch_norms(model: nn.Module) -> int:
@@ -178,3 +180,41 @@ def test_sparse_mode_is_checked():
 
 def test_top_level_entry_point():
     assert aim_ext.fuse_for_inference is fuse_for_inference
+
+
+@pytest.mark.skipif(not kernels_available()["cuda"], reason=CUDA_REASON)
+@pytest.mark.parametrize("sparse", ["on", "off"])
+def test_fused_model_on_cuda_in_a_cuda_graph_and_compiled(sparse):
+    """Concurrent branches, the pooled head and the sparse branch captured in one CUDA graph, and
+    under torch.compile, against the unfused model's dense path in float32."""
+    model = mixed_mask_model("resnet18", 2, image_size=(96, 96), prepare=randomise_batch_norms).cuda()
+    fused = fuse_for_inference(model)
+    fused.sparse_inference = sparse
+    x = torch.randn(2, 3, 96, 96, device="cuda")
+    with torch.no_grad():
+        expected, masks, _ = model.predict(x, merged_map=True)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fused(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = fused(x)
+        graph.replay()
+        torch.testing.assert_close(captured, expected, rtol=1e-4, atol=1e-4)
+        compiled = torch.compile(fused, fullgraph=True)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sparse", ["on", "off"])
+def test_fused_model_compiles_in_one_graph(sparse):
+    model = _aim("resnet18", 2, 64).float()
+    fused = fuse_for_inference(model)
+    fused.sparse_inference = sparse
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.predict(x, merged_map=True)[0]
+        compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
