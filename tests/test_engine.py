@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+import aim_ext
 import aim_ext.engine.train as train_module
 from aim_ext import create_model
 from aim_ext.engine import TrainConfig, TrainingError, fit, load_config
@@ -189,6 +190,17 @@ def test_a_fresh_run_leaves_nothing_of_an_earlier_one(tmp_path):
     run = tmp_path / "run"
     assert sorted(p.name for p in (run / "masks").iterdir()) == ["epoch_0000.pt"]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("stop_stage", [None, 3])
+def test_a_fused_model_does_not_train_and_the_run_folder_stays(tmp_path, stop_stage):
+    cfg = tiny_config(tmp_path, epochs=1, stop_stage=stop_stage)
+    fit(cfg, Blobs(16, 0), Blobs(8, 1), make_model(cfg), log=lambda *_: None)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    fused = aim_ext.fuse_for_inference(make_model(cfg).eval())
+    with pytest.raises(ValueError, match=r"\(fused for inference\) model cannot train"):
+        fit(cfg, Blobs(16, 0), Blobs(8, 1), fused, log=lambda *_: None)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def test_collapse_is_reported(tmp_path):

@@ -24,7 +24,7 @@ from aim_ext.engine.freeze import freeze_levels, keep_frozen_in_eval
 from aim_ext.engine.optim import build_optimizer, build_scheduler
 from aim_ext.losses import AreaSchedule, LossTerms, active_area, aim_loss, area_target
 from aim_ext.metrics import classification_metrics, mask_areas
-from aim_ext.models import AIM, AIMOutput, architecture, load_checkpoint, load_model_state
+from aim_ext.models import AIM, AIMOutput, architecture, is_inference_only, load_checkpoint, load_model_state
 
 
 class TrainingError(RuntimeError):
@@ -274,6 +274,11 @@ def fit(
     """Train with the recipe of `cfg`, select on validation, write the run folder; returns the best
     validation metrics. With `resume`, continue exactly where `out/last.pt` stopped. Under torchrun
     it trains with DistributedDataParallel; rank 0 evaluates and writes every file."""
+    if is_inference_only(model):
+        raise ValueError(
+            f"fit: this {architecture(model)} model cannot train (its BatchNorms are folded); "
+            "train the model before aim_ext.fuse_for_inference"
+        )
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
     world = World.from_env(device.type)
