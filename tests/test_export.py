@@ -133,15 +133,20 @@ def test_aoti_package_matches_pytorch_with_a_dynamic_batch(tmp_path):
     assert metadata["aim_ext.model"] == "resnet18+AIM[3]"
 
 
-@pytest.mark.parametrize("name,stop_stage", [("resnet18", 3), ("convnext_atto", 1)])
-def test_fused_model_exports_with_the_pooled_head(tmp_path, name, stop_stage):
-    """fuse_for_inference's model in ONNX (no P_T: no Resize in the graph) and AOTInductor, checked
-    against the unfused model; its BatchNorms hold non-trivial statistics."""
+@pytest.mark.parametrize(
+    "name,stop_stage,sparse", [("resnet18", 3, "off"), ("convnext_atto", 1, "on"), ("resnet18", 2, "on")]
+)
+def test_fused_model_exports_with_the_pooled_head(tmp_path, name, stop_stage, sparse):
+    """fuse_for_inference's model in ONNX (no P_T: no Resize in the graph; the sparse branch in
+    NonZero, Gather and ScatterND) and AOTInductor, checked against the unfused model; its
+    BatchNorms hold non-trivial statistics."""
     model = mixed_mask_model(name, stop_stage, 10, (99, 99), 0, prepare=randomise_batch_norms)
     fused = aim_ext.fuse_for_inference(model)
+    fused.sparse_inference = sparse
     onnx_path = export_onnx(fused, tmp_path / "f.onnx", image_size=(99, 99), dynamic_batch=True)
     ops = {n.op_type for n in check_onnx(onnx_path).graph.node}
     assert "Resize" not in ops and "BatchNormalization" not in ops
+    assert ("NonZero" in ops) == (sparse == "on")
     aoti_path = export_aoti(fused, tmp_path / "f.pt2", image_size=(99, 99), dynamic_batch=True)
     for batch in (1, 3):
         image = example_image(batch, (99, 99), seed=10 + batch)

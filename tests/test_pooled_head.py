@@ -14,6 +14,7 @@ from aim_ext.ops import (
     pooled_epilogue,
     pooled_epilogue_reference,
     sparse_pooled_branch,
+    sparse_pooled_branch_graph,
     sparse_pooled_branch_reference,
 )
 from aim_ext.ops.topdown_epilogue import layer_norm_gelu
@@ -257,3 +258,20 @@ def test_cuda_capacity_is_the_map_size():
     logits, weight = torch.randn(1, 1, 5, 5, device="cuda"), torch.rand(5, 5, device="cuda")
     with pytest.raises(RuntimeError, match=r"on cuda:0 the capacity is all N\*H\*W = 25 positions"):
         sparse_pooled_branch(s, logits, weight, aw, ab, rw, rb, lw, lb, capacity=10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_onnx_form_of_the_sparse_branch_matches_the_dense_branch(dtype):
+    """sparse_pooled_branch_graph (what ONNX export writes) in both forms, fuzzed like the op."""
+    g = torch.Generator().manual_seed(9)
+    for trial in range(10):
+        n, c, d = 1 + trial % 3, [3, 40][trial % 2], 16
+        h, w = int(torch.randint(1, 20, (1,), generator=g)), int(torch.randint(1, 20, (1,), generator=g))
+        s = torch.randn(n, c, h, w, generator=g, dtype=dtype)
+        aw, ab, rw, rb, lw, lb = _branch_weights(c, d, dtype, "cpu", g, bias=trial % 3 != 2)
+        logits = _logits(n, h, w, [0.0, 0.3, 1.0, 0.6][trial % 4], dtype, "cpu", g)
+        weight = torch.rand(h, w, generator=g, dtype=torch.float64)
+        pooled, mask = sparse_pooled_branch_graph(s, logits, weight, aw, ab, rw, rb, lw, lb)
+        expected, expected_mask = _dense_branch(s, logits, weight, aw, ab, rw, rb, lw, lb)
+        assert torch.equal(mask, expected_mask)
+        torch.testing.assert_close(pooled.double(), expected, rtol=TOL[dtype], atol=TOL[dtype])

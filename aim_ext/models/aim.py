@@ -214,8 +214,7 @@ class AIM(nn.Module):
 
     def _sparse(self, stage: TopDownStage, s: Tensor, logits: Tensor | None) -> bool:
         mode = check_sparse_mode(self.sparse_inference)
-        # ONNX export writes the dense branch: the sparse op has no ONNX form (docs/export.md).
-        if mode == "off" or not stage.can_run_sparse() or torch.onnx.is_in_onnx_export():
+        if mode == "off" or not stage.can_run_sparse():
             return False
         return mode == "on" or (logits is not None and prefer_sparse(s, logits))
 

@@ -16,6 +16,7 @@ from aim_ext.ops.pooled_head import (
     pooled_epilogue,
     pooled_epilogue_reference,
     sparse_pooled_branch,
+    sparse_pooled_branch_graph,
     sparse_pooled_branch_reference,
 )
 from aim_ext.ops.topdown_epilogue import (
@@ -36,6 +37,7 @@ __all__ = [
     "pooled_epilogue",
     "pooled_epilogue_reference",
     "sparse_pooled_branch",
+    "sparse_pooled_branch_graph",
     "sparse_pooled_branch_reference",
     "topdown_epilogue",
     "topdown_epilogue_reference",

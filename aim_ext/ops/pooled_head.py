@@ -14,8 +14,12 @@ positions that position p of stage l reaches through the chain of nearest resize
 
 Both have one C++ implementation (csrc/pooled_head.cpp) for CPU and CUDA and the pure PyTorch
 references below, the dense computation they must equal: the feature branch on the whole map, the
-masked map and its weighted sum. The term is returned in the accumulation type (float32, float64
-for float64 input); T_l(S_l) is rounded to the input's dtype first, as the dense path rounds it.
+masked map and its weighted sum. During ONNX export they are written in standard operators:
+`pooled_epilogue` as its reference, `sparse_pooled_branch` as `sparse_pooled_branch_graph`, the
+same gathers and matrix products as the C++ code (NonZero, Gather, MatMul, ScatterND).
+
+The term is returned in the accumulation type (float32, float64 for float64 input); T_l(S_l) is
+rounded to the input's dtype first, as the dense path rounds it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ __all__ = [
     "pooled_epilogue",
     "pooled_epilogue_reference",
     "sparse_pooled_branch",
+    "sparse_pooled_branch_graph",
     "sparse_pooled_branch_reference",
 ]
 
@@ -87,6 +92,64 @@ def sparse_pooled_branch_reference(
     conv = F.conv2d(F.conv2d(s, align_weight, align_bias), refine_weight, refine_bias, padding=1)
     pooled, mask = pooled_epilogue_reference(conv, ln_weight, ln_bias, logits, pool_weight, eps)
     return pooled, mask.contiguous(memory_format=memory_format(s))
+
+
+def sparse_pooled_branch_graph(
+    s: Tensor,
+    logits: Tensor,
+    pool_weight: Tensor,
+    align_weight: Tensor,
+    align_bias: Tensor | None,
+    refine_weight: Tensor,
+    refine_bias: Tensor | None,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    eps: float = LAYER_NORM_EPS,
+) -> tuple[Tensor, Tensor]:
+    """The sparse branch in plain tensor operations that export to standard ONNX operators, as
+    csrc/pooled_head.cpp computes it: the active positions and their neighbourhoods by nonzero, the
+    align conv on the needed rows (or, when 8 C < 9 D, the two convolutions composed), the refine
+    conv on the gathered 3x3 patches, then LayerNorm, GELU and the weighted sum per image."""
+    n, c, h, w = s.shape
+    d, hw = align_weight.shape[0], h * w
+    positions = n * hw
+    rows = s.permute(0, 2, 3, 1).reshape(positions, c)
+    active = logits.reshape(positions) >= 0
+    active_index = torch.nonzero(active).squeeze(1)
+    image, p = active_index // hw, active_index % hw
+    offsets = torch.arange(-1, 2, device=s.device)
+    yy = (p // w)[:, None, None] + offsets[None, :, None]
+    xx = (p % w)[:, None, None] + offsets[None, None, :]
+    inside = ((yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)).reshape(-1, 9)
+    neighbour = torch.where(inside, (image[:, None, None] * hw + yy * w + xx).reshape(-1, 9), positions)
+    acc = acc_dtype(s)
+    taps = refine_weight.permute(2, 3, 0, 1).reshape(9, d, d)  # [tap, out, in]
+    if 8 * c < 9 * d:
+        composed = (taps.to(acc) @ align_weight.reshape(d, c).to(acc)).to(s.dtype)  # [tap, out, c]
+        padded = torch.cat([rows, rows.new_zeros(1, c)])
+        patches = padded.index_select(0, neighbour.reshape(-1)).reshape(-1, 9 * c)
+        refined = patches @ composed.permute(0, 2, 1).reshape(9 * c, d)
+        if align_bias is not None:
+            refined = refined + (inside.to(acc) @ (taps.to(acc) @ align_bias.to(acc))).to(s.dtype)
+    else:
+        flags = F.max_pool2d(active.to(s.dtype).reshape(n, 1, h, w), 3, 1, 1).reshape(positions) > 0
+        needed = torch.nonzero(flags).squeeze(1)
+        aligned = rows.index_select(0, needed) @ align_weight.reshape(d, c).t()
+        if align_bias is not None:
+            aligned = aligned + align_bias
+        aligned = torch.cat([aligned, aligned.new_zeros(1, d)])
+        count = needed.shape[0]
+        row_of = torch.full((positions + 1,), count, dtype=torch.long, device=s.device)
+        row_of = row_of.index_put((needed,), torch.arange(count, device=s.device))
+        patches = aligned.index_select(0, row_of.index_select(0, neighbour.reshape(-1))).reshape(-1, 9 * d)
+        refined = patches @ taps.permute(1, 0, 2).reshape(d, 9 * d).t()
+    if refine_bias is not None:
+        refined = refined + refine_bias
+    features = F.gelu(F.layer_norm(refined.to(acc), (d,), ln_weight.to(acc), ln_bias.to(acc), eps))
+    terms = features.to(s.dtype).to(acc) * pool_weight.reshape(hw).to(acc).index_select(0, p)[:, None]
+    pooled = torch.zeros(n, d, dtype=acc, device=s.device).index_add(0, image, terms)
+    mask = active.to(s.dtype).reshape(n, 1, h, w).contiguous(memory_format=memory_format(s))
+    return pooled, mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +248,19 @@ def sparse_pooled_branch(
     where the mask needs it. ``capacity`` bounds the positions gathered (the active ones and their
     3x3 neighbourhoods); on CPU more is an error, on CUDA it must be all N*H*W positions."""
     _refuse_grad("sparse_pooled_branch", s, logits, align_weight, refine_weight, ln_weight, ln_bias)
+    if torch.onnx.is_in_onnx_export():
+        return sparse_pooled_branch_graph(
+            s,
+            logits,
+            pool_weight,
+            align_weight,
+            align_bias,
+            refine_weight,
+            refine_bias,
+            ln_weight,
+            ln_bias,
+            eps,
+        )
     return torch.ops.aim.sparse_pooled_branch(
         s,
         logits,
