@@ -179,12 +179,22 @@ def test_cli_exports_a_checkpoint_and_checks_it(tmp_path, capsys):
     code = export_main([*argv, "--checkpoint", str(tmp_path / "best.pt"), "--onnx", str(tmp_path / "m.onnx")])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "float32, fused for inference, outputs logits" in out
+    assert "float32, fused for inference, sparse branches off, outputs logits" in out
     assert "| logits | (1, 3) |" in out and "| mask_stage3 | (1, 1, 4, 4) |" in out
     loaded = load_weights(create_model("resnet18", num_classes=3, stop_stage=3), tmp_path / "best.pt").eval()
     image = example_image(1, (64, 64), seed=3)  # the export's static batch
     _assert_agrees(model, image, run_onnxruntime(tmp_path / "m.onnx", image.numpy()))
     assert torch.equal(loaded(image), model(image))
+
+
+def test_cli_exports_sparse_branches_when_asked(tmp_path, capsys):
+    model = _model(num_classes=3, seed=7, image_size=(64, 64))
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    argv = ["--model", "resnet18", "--stop-stage", "3", "--num-classes", "3", "--image-size", "64"]
+    argv += ["--checkpoint", str(tmp_path / "w.pt"), "--sparse", "on", "--onnx", str(tmp_path / "s.onnx")]
+    assert export_main(argv) == 0, capsys.readouterr().out
+    assert "sparse branches on" in capsys.readouterr().out
+    assert "NonZero" in {n.op_type for n in check_onnx(tmp_path / "s.onnx").graph.node}
 
 
 def test_cli_names_the_keys_of_a_checkpoint_from_another_model(tmp_path, capsys):

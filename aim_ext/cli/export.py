@@ -7,6 +7,8 @@
 
 The model is first fused for inference (`aim_ext.fuse_for_inference`: BatchNorm folded into the
 convolutions; AIM's logits from the pooled head, without P_T); --no-fuse exports it as it is.
+AIM's feature branches are exported dense unless --sparse on: the sparse branch's graph has
+data-dependent shapes (ONNX NonZero), which not every runtime optimises (docs/export.md).
 After writing each file it runs the exported model on a batch of random images (with a dynamic
 batch, a batch size other than the traced one) and prints the largest difference from PyTorch's
 unfused model for the logits and the masks; the exit status is 1 when they do not agree.
@@ -15,6 +17,7 @@ unfused model for the logits and the masks; the exit status is 1 when they do no
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from aim_ext.export.graph import example_image, image_size_of, output_names, ref
 from aim_ext.export.onnx_export import DEFAULT_OPSET, export_onnx, onnxruntime_providers, run_onnxruntime
 from aim_ext.export.tensorrt_export import MISSING, TensorRTRunner, build_engine, tensorrt_available
 from aim_ext.export.verify import compare_outputs, format_checks
-from aim_ext.models import create_model, fuse_for_inference, load_weights
+from aim_ext.models import AIM, create_model, fuse_for_inference, load_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="export aim_ext.fuse_for_inference(model) (default); --no-fuse: the model as trained",
+    )
+    parser.add_argument(
+        "--sparse",
+        choices=["off", "on"],
+        default="off",
+        help="AIM's feature branches in the exported graph: dense (default) or sparse (AIM.sparse_inference)",
     )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument("--no-check", action="store_true", help="skip running the exported files")
@@ -83,11 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     size = (args.image_size, args.image_size) if args.image_size else image_size_of(model)
     options = {"image_size": size, "batch_size": args.batch_size, "dynamic_batch": args.dynamic_batch}
     checks = Checks(model, size, args)  # against the unfused model
-    exported = fuse_for_inference(model) if args.fuse else model
+    exported = fuse_for_inference(model) if args.fuse else copy.deepcopy(model)
+    if isinstance(exported, AIM):
+        exported.sparse_inference = args.sparse
     print(
         f"aim-export: {args.model} stop_stage={args.stop_stage} classes={args.num_classes}, image {size}, "
         f"{'float16' if args.fp16 else 'float32'}, "
-        f"{'fused for inference' if args.fuse else 'not fused'}, outputs {', '.join(output_names(model))}"
+        f"{'fused for inference' if args.fuse else 'not fused'}"
+        f"{f', sparse branches {args.sparse}' if isinstance(model, AIM) else ''}, "
+        f"outputs {', '.join(output_names(model))}"
     )
 
     onnx_path = args.onnx or (args.tensorrt.with_suffix(".onnx") if args.tensorrt else None)
