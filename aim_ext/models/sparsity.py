@@ -7,8 +7,8 @@ depends on the active fraction, the map size and the device. The crossovers belo
 with `benchmarks/sparse_crossover.py` (figures in benchmarks/RESULTS.md):
 
 - CPU (2 cores, float32, batch 1 and 8, ConvNeXt-T's and ResNet-50's stages at 7x7 to 28x28):
-  sparse is faster up to 65-80% active; it costs 0.2-0.5x of dense at 10-25% active. "auto"
-  picks sparse below `CPU_CROSSOVER`, with a margin below the lowest crossover measured.
+  sparse costs 0.2-0.6x of dense at 10-25% active (0.5-0.8x at batch 1) and stays faster up to
+  55-80% active. "auto" picks sparse below `CPU_CROSSOVER`, under the lowest crossover measured.
 - CUDA: dense. The CUDA path gathers at a fixed capacity of every position, so that no count
   reaches the host (graph-safe), and so does the dense work plus the gathers.
 
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 SPARSE_MODES = ("auto", "on", "off")
-CPU_CROSSOVER = 0.6
+CPU_CROSSOVER = 0.5
 
 
 def check_sparse_mode(mode: str) -> str:
