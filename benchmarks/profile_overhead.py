@@ -81,8 +81,7 @@ def merge(stage, logits, branch, coarse):
 
 def inference_parts(model, x) -> list[tuple[str, object]]:
     """(name, call) for every part of an AIM model, each on the inputs the whole model gives it."""
-    feats = model.backbone(x)
-    inputs = [feats[i] for i in model.stage_indices]
+    inputs = model.stage_inputs(x)
     parts = [("backbone", lambda: model.backbone(x))]
     coarse = None
     for index, stage, s in zip(model.stage_indices, model.stages, inputs, strict=True):

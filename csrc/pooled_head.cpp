@@ -25,9 +25,11 @@
 namespace aim {
 namespace {
 
-// Positions per matrix product of the sparse refine conv: 512 x 9 x 256 gathered values (4.5 MiB
-// in float32) stay in cache; one product over every position was up to 1.5x slower on 2 cores.
-constexpr int64_t kChunk = 512;
+// Positions per matrix product of the sparse refine conv. CPU: 512 x 9 x 256 gathered values
+// (4.5 MiB in float32) stay in cache; one product over every position was up to 1.5x slower on
+// 2 cores. CUDA: large chunks, a few launches per stage, the gathered patches bounded in memory.
+constexpr int64_t kCpuChunk = 512;
+constexpr int64_t kCudaChunk = 1 << 16;
 
 void check_like_map(const Tensor& t, const char* op, const char* name, const Tensor& map,
                     const char* map_name) {
@@ -94,7 +96,7 @@ Tensor mask_of(const Tensor& active, const Tensor& like) {
 // to the rows' dtype, as the dense T_l(S_l) is.
 Tensor pool_rows(const Tensor& rows, const Tensor& index, const Tensor& pool_weight, const Tensor& ln_weight,
                  const Tensor& ln_bias, double eps, int64_t N, int64_t HW) {
-  const auto acc = rows.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(rows);
   const int64_t D = rows.size(1), P = N * HW;
   const Tensor y = at::layer_norm(rows.to(acc), {D}, ln_weight.to(acc), ln_bias.to(acc), eps);
   const Tensor features = at::gelu(y).to(rows.scalar_type()).to(acc);
@@ -146,16 +148,19 @@ Neighbourhoods neighbourhoods(const Tensor& active_index, int64_t N, int64_t H, 
 }
 
 // out (K, D) = [rows of `source` at index[9k .. 9k + 8]] (K, 9 X) @ weight_t (9 X, D) + bias, in
-// chunks of kChunk positions so that the gathered patches stay in cache; `keep` (K, 9), when
-// defined, zeroes the gathered rows it does not keep.
+// chunks of positions; `keep` (K, 9), when defined, replaces the gathered rows it does not keep by
+// zeros (a select, not a product: a row that is not finite must not leak in as 0 * inf).
 Tensor gathered_product(const Tensor& source, const Tensor& index, const Tensor& keep, const Tensor& weight_t,
                         const std::optional<Tensor>& bias, int64_t K) {
   const int64_t X = source.size(1), D = weight_t.size(1);
   Tensor out = at::empty({K, D}, source.options());
-  for (int64_t start = 0; start < K; start += kChunk) {
-    const int64_t len = std::min(kChunk, K - start);
+  const int64_t chunk = source.is_cpu() ? kCpuChunk : kCudaChunk;
+  for (int64_t start = 0; start < K; start += chunk) {
+    const int64_t len = std::min(chunk, K - start);
     Tensor patches = source.index_select(0, index.narrow(0, start * 9, len * 9)).view({len, 9, X});
-    if (keep.defined()) patches = patches * keep.narrow(0, start, len).unsqueeze(2).to(patches.scalar_type());
+    if (keep.defined()) {
+      patches = at::where(keep.narrow(0, start, len).unsqueeze(2), patches, at::zeros({}, patches.options()));
+    }
     Tensor chunk = out.narrow(0, start, len);
     if (bias.has_value()) {
       at::addmm_out(chunk, bias->to(source.scalar_type()), patches.view({len, 9 * X}), weight_t);
@@ -194,7 +199,7 @@ Tensor refine_composed(const Tensor& s, const Neighbourhoods& nb, const Tensor& 
                        const std::optional<Tensor>& align_bias, const Tensor& refine_weight,
                        const std::optional<Tensor>& refine_bias) {
   const int64_t C = s.size(1), D = align_weight.size(0);
-  const auto acc = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(s);
   const Tensor taps = refine_weight.to(acc).permute({2, 3, 0, 1}).reshape({9, D, D});  // [tap, out, in]
   const Tensor composed = at::matmul(taps, align_weight.to(acc).reshape({D, C}));        // [tap, out, C]
   const Tensor weight_t = composed.permute({0, 2, 1}).reshape({9 * C, D}).to(s.scalar_type());

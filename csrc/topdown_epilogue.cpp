@@ -44,12 +44,12 @@ void check_epilogue_backward_inputs(const Tensor& grad_out, const std::optional<
 }
 
 EpilogueForward epilogue_forward_layout(const Tensor& conv, const Tensor& weight, const Tensor& bias,
-                                        const std::optional<Tensor>& coarse) {
+                                        const std::optional<Tensor>& coarse, bool with_features) {
   const auto acc = acc_dtype(conv);
   EpilogueForward b{merge_forward_layout(conv, coarse)};
   b.weight = weight.to(acc).contiguous();
   b.bias = bias.to(acc).contiguous();
-  b.features = at::empty(conv.sizes(), conv.options().memory_format(merge_memory_format(conv)));
+  if (with_features) b.features = at::empty(conv.sizes(), conv.options().memory_format(merge_memory_format(conv)));
   return b;
 }
 
@@ -86,6 +86,10 @@ TORCH_LIBRARY_FRAGMENT(aim, m) {
   m.def(
       "topdown_epilogue(Tensor conv, Tensor ln_weight, Tensor ln_bias, Tensor logits, "
       "Tensor? coarse, Tensor? noise, float temperature, float eps) -> (Tensor, Tensor, Tensor)");
+  // Evaluation (mask 1[logits >= 0], no gradients): (out, mask), the features not written.
+  m.def(
+      "topdown_epilogue_inference(Tensor conv, Tensor ln_weight, Tensor ln_bias, Tensor logits, "
+      "Tensor? coarse, float eps) -> (Tensor, Tensor)");
   // Backward: returns (grad_conv, grad_ln_weight, grad_ln_bias, grad_logits, grad_coarse).
   m.def(
       "topdown_epilogue_backward(Tensor grad_out, Tensor? grad_mask, Tensor? grad_features, "

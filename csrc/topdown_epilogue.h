@@ -28,12 +28,13 @@ void check_epilogue_backward_inputs(const Tensor& grad_out, const std::optional<
                                     at::IntArrayRef coarse_size);
 
 // The merge's tensors (input is conv), plus the LayerNorm parameters, contiguous in the
-// accumulation type, and the features, laid out like conv.
+// accumulation type, and the features, laid out like conv (undefined without `with_features`:
+// the evaluation op, aim::topdown_epilogue_inference, does not write them).
 struct EpilogueForward : MergeForward {
   Tensor weight, bias, features;
 };
 EpilogueForward epilogue_forward_layout(const Tensor& conv, const Tensor& weight, const Tensor& bias,
-                                        const std::optional<Tensor>& coarse);
+                                        const std::optional<Tensor>& coarse, bool with_features = true);
 
 // The same for the backward. grad_features is undefined when absent; grad_weight and grad_bias
 // are (C,) in the accumulation type (cast back by epilogue_grads).

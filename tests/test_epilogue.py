@@ -17,6 +17,7 @@ from aim_ext.ops import (
     logistic_noise,
     masked_merge,
     topdown_epilogue,
+    topdown_epilogue_inference,
     topdown_epilogue_reference,
 )
 from aim_ext.ops.topdown_epilogue import LAYER_NORM_EPS
@@ -432,6 +433,28 @@ def _opcheck_samples(device: str) -> list[tuple]:
             LAYER_NORM_EPS,
         ),
     ]
+
+
+@pytest.mark.parametrize("device", devices())
+@FUZZED
+def test_inference_op_is_the_evaluation_epilogue_without_features(device, seed):
+    """topdown_epilogue_inference: the same kernels, the same bits as topdown_epilogue's out and
+    mask with no noise, and no features tensor; no gradients."""
+    args = Case.from_seed(seed).make(seed, device)
+    args["noise"] = None
+    conv, weight, bias, logits, coarse = (
+        args[k] for k in ("conv", "ln_weight", "ln_bias", "logits", "coarse")
+    )
+    with torch.no_grad():
+        out, mask, _ = topdown_epilogue(conv, weight, bias, logits, coarse, eps=args["eps"])
+        got_out, got_mask = topdown_epilogue_inference(conv, weight, bias, logits, coarse, eps=args["eps"])
+    assert torch.equal(got_out, out) and torch.equal(got_mask, mask)
+    assert got_out.stride() == out.stride()
+    torch.library.opcheck(
+        torch.ops.aim.topdown_epilogue_inference.default, (conv, weight, bias, logits, coarse, args["eps"])
+    )
+    with pytest.raises(RuntimeError, match="computes no gradients"):
+        topdown_epilogue_inference(conv.requires_grad_(), weight, bias, logits, coarse)
 
 
 @pytest.mark.parametrize("device", devices())

@@ -16,6 +16,7 @@ from aim_ext.models import (
     MaskEstimator,
     architecture,
     create_model,
+    fold_batch_norms,
     fuse_for_inference,
     load_model_state,
 )
@@ -218,3 +219,50 @@ def test_fused_model_compiles_in_one_graph(sparse):
         expected = model.predict(x, merged_map=True)[0]
         compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_fused_model_pickles_and_still_refuses_training(tmp_path):
+    fused = fuse_for_inference(_aim("resnet18", 3, 64).float())
+    x = torch.randn(1, 3, 64, 64)
+    torch.save(fused, tmp_path / "fused.pt")
+    loaded = torch.load(tmp_path / "fused.pt", weights_only=False)  # our own file
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), fused(x), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="cannot train"):
+        loaded.train()
+
+
+def test_only_batch_norms_with_one_call_site_and_their_own_conv_fold():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.other = (
+                nn.Conv2d(3, 4, 3, padding=1),
+                nn.BatchNorm2d(4),
+                nn.Conv2d(3, 4, 1),
+            )
+            self.bn2 = nn.BatchNorm2d(4)
+
+        def forward(self, x):  # conv feeds bn and is called again; bn2 follows a conv read twice
+            y = self.other(x)
+            return self.bn(self.conv(x)) + self.conv(x) + self.bn2(y) + y
+
+    model = randomise_batch_norms(Shared()).eval().double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        assert fold_batch_norms(model) == 0
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_evaluation_without_autograd_writes_no_features():
+    """P_T in evaluation comes from topdown_epilogue_inference: T_l(S_l) is not written."""
+    model = _aim("resnet18", 2, 64).float()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        stages = model.forward_topdown(x)
+        assert all(s.features is None for s in stages)
+        logits, _, merged = model.predict(x, merged_map=True)
+    recorded = model.forward_topdown(x)  # autograd on: the training op, features kept
+    assert all(s.features is not None for s in recorded)
+    torch.testing.assert_close(merged, recorded[-1].merged.detach(), rtol=0, atol=0)

@@ -334,10 +334,23 @@ def test_info_command_prints_versions_and_kernels():
     assert report["kernels"] == kernels_available()
 
 
+SCHEMA_OPS = (
+    "masked_merge",
+    "masked_merge_backward",
+    "topdown_epilogue",
+    "topdown_epilogue_inference",
+    "topdown_epilogue_backward",
+    "pooled_epilogue",
+    "sparse_pooled_branch",
+)
+
+
 @pytest.mark.skipif(not kernels_available()["cpu"], reason="the compiled extension is not built")
 def test_reference_fallback_without_kernels():
     """With the extension disabled: one warning, the same schema, the same results."""
-    script = """
+    script = (
+        f"OPS = {SCHEMA_OPS!r}"
+        + """
 import warnings, torch
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -345,7 +358,7 @@ with warnings.catch_warnings(record=True) as caught:
     from aim_ext.ops import kernels_available, masked_merge, masked_merge_reference
 print(sum("compiled kernels unavailable" in str(w.message) for w in caught))
 print(kernels_available())
-for op in ("masked_merge", "masked_merge_backward", "topdown_epilogue", "topdown_epilogue_backward"):
+for op in OPS:
     print(getattr(torch.ops.aim, op).default._schema)
 f = torch.randn(2, 3, 7, 5, requires_grad=True); l = torch.randn(2, 1, 7, 5); c = torch.randn(2, 3, 4, 3)
 out, mask = masked_merge(f, l, c)
@@ -353,15 +366,16 @@ print(torch.equal(out, masked_merge_reference(f, l, c)[0]))
 noise = torch.randn(2, 1, 7, 5)
 torch.library.opcheck(torch.ops.aim.masked_merge.default, (f, l.requires_grad_(), c, noise, 1.0))
 """
+    )
     env = {**os.environ, "AIM_EXT_NO_KERNELS": "1"}
     lines = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
     ).stdout.splitlines()
     assert lines[0] == "1"
     assert lines[1] == str({"cpu": False, "cuda_compiled": False, "cuda": False})
-    ops = ("masked_merge", "masked_merge_backward", "topdown_epilogue", "topdown_epilogue_backward")
-    assert lines[2:6] == [str(getattr(torch.ops.aim, op).default._schema) for op in ops]
-    assert lines[6] == "True"
+    n = len(SCHEMA_OPS)
+    assert lines[2 : 2 + n] == [str(getattr(torch.ops.aim, op).default._schema) for op in SCHEMA_OPS]
+    assert lines[2 + n] == "True"
 
 
 def test_torch_compile_fullgraph_sees_one_op():

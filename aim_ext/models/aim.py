@@ -7,16 +7,16 @@ from typing import NamedTuple
 
 import timm
 import torch
-from timm.utils.model import reparameterize_model
 from torch import Tensor, nn
 
-from aim_ext.models.concurrency import can_run_concurrently, fork, join
-from aim_ext.models.fusion import fold_batch_norms, is_inference_only, make_inference_only
+from aim_ext.models.concurrency import can_run_concurrently, fork, join, tracing
+from aim_ext.models.fusion import fold_for_inference, is_inference_only, make_inference_only
 from aim_ext.models.heads import ClassifierHead, masked_avg_pool
 from aim_ext.models.mask_estimator import MaskEstimator
-from aim_ext.models.sparsity import check_sparse_mode, prefer_sparse, tracing
+from aim_ext.models.sparsity import check_sparse_mode, prefer_sparse
 from aim_ext.models.topdown import TOPDOWN_WIDTH, StageOutput, TopDownStage
 from aim_ext.ops import pool_weights
+from aim_ext.ops.masked_merge import acc_dtype
 
 HEAD_DROP_RATE = 0.3
 
@@ -62,8 +62,11 @@ class AIM(nn.Module):
             backbone_kwargs["drop_path_rate"] = drop_path_rate
         # The feature stages from a weightless copy, then the backbone returning only the stages the
         # top-down pathway reads: the finer ones are not kept alive through the forward pass.
-        with torch.device("meta"):
-            info = timm.create_model(backbone, features_only=True, **backbone_kwargs).feature_info
+        if "out_indices" in backbone_kwargs:
+            raise ValueError(
+                "AIM chooses the backbone's out_indices (stop_stage..top); do not pass out_indices"
+            )
+        info = _feature_info(backbone, backbone_kwargs)
         channels, levels = info.channels(), info.out_indices
         top = len(channels) - 1
         if isinstance(stop_stage, bool) or not isinstance(stop_stage, int) or not 0 <= stop_stage <= top:
@@ -92,8 +95,8 @@ class AIM(nn.Module):
         self.merged_map = nn.Identity()
         self.temperature = temperature
         self.gumbel_noise = gumbel_noise
-        self._weights_cache: dict = {}
-        self.branches_used: list[str] = []  # the pooled head's w_l per (stage sizes, device, dtype)
+        self._weights_cache: dict = {}  # the pooled head's w_l per (stage sizes, device, dtype)
+        self.branches_used: list[str] = []
         self.pretrained_cfg = dict(self.backbone.pretrained_cfg)
         self.default_cfg = self.pretrained_cfg
 
@@ -221,13 +224,15 @@ class AIM(nn.Module):
     def _pool_weights(self, inputs: list[Tensor]) -> list[Tensor]:
         """w_l in the accumulation type on the input's device, kept per sizes, device and dtype;
         while a tracer runs (export, compile, fake tensors) made afresh and not kept."""
-        acc = torch.float64 if inputs[-1].dtype == torch.float64 else torch.float32
-        key = (tuple(tuple(s.shape[-2:]) for s in inputs), inputs[-1].device, acc)
-        if tracing() or isinstance(inputs[-1], torch._subclasses.FakeTensor):
-            return [w.to(device=key[1], dtype=acc) for w in pool_weights(key[0])]
-        if key not in self._weights_cache:
-            self._weights_cache[key] = [w.to(device=key[1], dtype=acc) for w in pool_weights(key[0])]
-        return self._weights_cache[key]
+        sizes = tuple(tuple(s.shape[-2:]) for s in inputs)
+        key = (sizes, inputs[-1].device, acc_dtype(inputs[-1]))
+        traced = tracing() or isinstance(inputs[-1], torch._subclasses.FakeTensor)
+        weights = None if traced else self._weights_cache.get(key)
+        if weights is None:
+            weights = [w.to(device=key[1], dtype=key[2]) for w in pool_weights(sizes)]
+            if not traced:
+                self._weights_cache[key] = weights
+        return weights
 
     def forward(self, x: Tensor) -> AIMOutput | Tensor:
         if not self.training and not self.builds_merged_map():
@@ -260,9 +265,18 @@ class AIM(nn.Module):
         convolutions, each mask estimator replaced by its inference form, `.train()` refused.
         `aim_ext.fuse_for_inference` does the same on a copy."""
         self.eval()
-        reparameterize_model(self.backbone, inplace=True)
-        fold_batch_norms(self.backbone)
+        fold_for_inference(self.backbone)
         for stage in self.stages:
             if isinstance(stage.mask_estimator, MaskEstimator):
                 stage.mask_estimator = stage.mask_estimator.fuse()
         return make_inference_only(self)
+
+
+def _feature_info(backbone: str, kwargs: dict):
+    """timm's feature_info of ``backbone``'s features_only model, from a weightless copy on the meta
+    device (one on the CPU for a model that cannot be built there)."""
+    try:
+        with torch.device("meta"):
+            return timm.create_model(backbone, features_only=True, **kwargs).feature_info
+    except (RuntimeError, NotImplementedError):
+        return timm.create_model(backbone, features_only=True, **kwargs).feature_info

@@ -34,17 +34,22 @@ def side_streams(device: torch.device, count: int) -> list[torch.cuda.Stream]:
     return pool[:count]
 
 
-def can_run_concurrently(x: Tensor) -> bool:
-    """Whether `x` is a real CUDA tensor in eager inference: autograd off, and not traced,
-    compiled or exported."""
-    if not x.is_cuda or torch.is_grad_enabled() or isinstance(x, torch._subclasses.FakeTensor):
-        return False
-    return not (
+def tracing() -> bool:
+    """Whether torch.compile, torch.export, TorchScript tracing or ONNX export is running."""
+    return (
         torch.compiler.is_compiling()
         or torch.compiler.is_exporting()
         or torch.jit.is_tracing()
         or torch.onnx.is_in_onnx_export()
     )
+
+
+def can_run_concurrently(x: Tensor) -> bool:
+    """Whether `x` is a real CUDA tensor in eager inference: autograd off, and not traced,
+    compiled or exported."""
+    if not x.is_cuda or torch.is_grad_enabled() or isinstance(x, torch._subclasses.FakeTensor):
+        return False
+    return not tracing()
 
 
 def fork(jobs: Sequence[Callable[[], Tensor]]) -> list[tuple[Tensor, torch.cuda.Stream]]:

@@ -9,11 +9,13 @@ cast to half precision afterwards rounds as the unfolded one would.
 
 from __future__ import annotations
 
-import types
+import functools
 import warnings
+from collections import Counter
 
 import torch
 import torch.fx
+from timm.utils.model import reparameterize_model
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -74,9 +76,10 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def fold_batch_norms(model: nn.Module) -> int:
-    """Fold, in place, every BatchNorm whose input is a Conv2d's output read by nothing else; return
-    how many were folded. The data flow comes from a torch.fx trace of ``model``; a model that does
-    not trace is left as it is, with a warning."""
+    """Fold, in place, every BatchNorm whose input is a Conv2d's output read by nothing else, the
+    two modules each called once (a module shared between call sites stays); return how many were
+    folded. The data flow comes from a torch.fx trace of ``model``; a model that does not trace is
+    left as it is, with a warning."""
     try:
         graph = _BatchNormLeaves().trace(model)
     except Exception as error:  # noqa: BLE001 - fx raises many kinds; the model stays correct unfolded
@@ -86,25 +89,39 @@ def fold_batch_norms(model: nn.Module) -> int:
             stacklevel=2,
         )
         return 0
-    modules = dict(model.named_modules())
+    called = [n for n in graph.nodes if n.op == "call_module"]
+    calls = Counter(id(model.get_submodule(n.target)) for n in called)
     pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _BatchNorm):
-            continue
+    for node in called:
+        bn = model.get_submodule(node.target)
         source = node.args[0] if node.args else None
         if (
-            isinstance(source, torch.fx.Node)
-            and source.op == "call_module"
-            and type(modules.get(source.target)) is nn.Conv2d
-            and len(source.users) == 1
-            and modules[node.target].running_mean is not None
+            not isinstance(bn, _BatchNorm)
+            or not isinstance(source, torch.fx.Node)
+            or source.op != "call_module"
         ):
-            pairs.append((source.target, node.target))
-    for conv_name, bn_name in pairs:
-        bn = modules[bn_name]
-        _set_submodule(model, conv_name, fold_conv_bn(modules[conv_name], bn))
+            continue
+        conv = model.get_submodule(source.target)
+        if (
+            type(conv) is nn.Conv2d
+            and len(source.users) == 1
+            and calls[id(conv)] == calls[id(bn)] == 1
+            and bn.running_mean is not None
+        ):
+            pairs.append((source.target, node.target, conv, bn))
+    for conv_name, bn_name, conv, bn in pairs:
+        _set_submodule(model, conv_name, fold_conv_bn(conv, bn))
         _set_submodule(model, bn_name, _after_norm(bn))
     return len(pairs)
+
+
+def fold_for_inference(module: nn.Module) -> nn.Module:
+    """timm's own re-parameterisations (``reparameterize_model``), then `fold_batch_norms`, in
+    place; returns ``module`` in evaluation mode."""
+    module.eval()
+    reparameterize_model(module, inplace=True)
+    fold_batch_norms(module)
+    return module
 
 
 def make_inference_only(model: nn.Module) -> nn.Module:
@@ -114,7 +131,8 @@ def make_inference_only(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     setattr(model, INFERENCE_ONLY, True)
-    model.train = types.MethodType(_refuse_training, model)
+    # An instance attribute (a partial, which pickles) shadows nn.Module.train; eval() still works.
+    model.train = functools.partial(_refuse_training, model)
     model.register_forward_pre_hook(_refuse_gradients)
     return model
 

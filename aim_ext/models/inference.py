@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import copy
 
-from timm.utils.model import reparameterize_model
 from torch import nn
 
 from aim_ext.models.aim import AIM
-from aim_ext.models.fusion import fold_batch_norms, make_inference_only
+from aim_ext.models.fusion import fold_for_inference, make_inference_only
 
 
 def fuse_for_inference(model: nn.Module) -> nn.Module:
@@ -28,6 +27,4 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model).eval()
     if isinstance(model, AIM):
         return model.fuse()
-    reparameterize_model(model, inplace=True)
-    fold_batch_norms(model)
-    return make_inference_only(model)
+    return make_inference_only(fold_for_inference(model))

@@ -18,8 +18,9 @@ or ONNX export it picks dense, which needs no data-dependent decision.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
+
+from aim_ext.models.concurrency import tracing
 
 SPARSE_MODES = ("auto", "on", "off")
 CPU_CROSSOVER = 0.5
@@ -29,15 +30,6 @@ def check_sparse_mode(mode: str) -> str:
     if mode not in SPARSE_MODES:
         raise ValueError(f"sparse inference must be one of {', '.join(SPARSE_MODES)}, got {mode!r}")
     return mode
-
-
-def tracing() -> bool:
-    return (
-        torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
-        or torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export()
-    )
 
 
 def prefer_sparse(s: Tensor, logits: Tensor) -> bool:

@@ -21,7 +21,15 @@ from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
 from aim_ext.models.mask_estimator import MaskEstimator
-from aim_ext.ops import logistic_noise, masked_merge, pooled_epilogue, sparse_pooled_branch, topdown_epilogue
+from aim_ext.ops import (
+    logistic_noise,
+    masked_merge,
+    masked_pool,
+    pooled_epilogue,
+    sparse_pooled_branch,
+    topdown_epilogue,
+    topdown_epilogue_inference,
+)
 
 TOPDOWN_WIDTH = 256
 
@@ -56,7 +64,7 @@ class StageOutput(NamedTuple):
     merged: Tensor  # P_l, (N, 256, h, w)
     mask: Tensor  # B_l, (N, 1, h, w), binary
     mask_logits: Tensor  # A_l, (N, 1, h, w)
-    features: Tensor  # T_l(S_l), before masking
+    features: Tensor | None  # T_l(S_l), before masking; None in evaluation without autograd
 
 
 class TopDownStage(nn.Module):
@@ -92,6 +100,12 @@ class TopDownStage(nn.Module):
         if self.training:  # noise off still trains the estimator through the straight-through gradient
             sample = logistic_noise(logits) if noise else torch.zeros_like(logits, dtype=torch.float32)
         coarse = _same_dtype(coarse, branch)
+        if self.uses_fused_epilogue() and not self.training and not torch.is_grad_enabled():
+            norm = self.features.norm  # evaluation: only the auxiliary heads would read T_l(S_l)
+            merged, mask = topdown_epilogue_inference(
+                branch, norm.weight, norm.bias, logits, coarse, eps=norm.eps
+            )
+            return StageOutput(merged, mask, logits, None)
         if self.uses_fused_epilogue():
             norm = self.features.norm
             merged, mask, feat = topdown_epilogue(
@@ -122,13 +136,14 @@ class TopDownStage(nn.Module):
         """sum_p w_l(p) O_l(p), (N, 256) in the accumulation type, and B_l, from `pool_input`'s output."""
         f = self.features
         if sparse:
+            dtype = branch.dtype  # S_l's: under autocast the convolutions run in it
             return sparse_pooled_branch(
                 branch,
                 logits,
                 weight,
-                f.align.weight,
+                f.align.weight.to(dtype),
                 f.align.bias,
-                f.refine.weight,
+                f.refine.weight.to(dtype),
                 f.refine.bias,
                 f.norm.weight,
                 f.norm.bias,
@@ -137,8 +152,7 @@ class TopDownStage(nn.Module):
         if f.fusable():
             return pooled_epilogue(branch, f.norm.weight, f.norm.bias, logits, weight, eps=f.norm.eps)
         mask = (logits >= 0).to(branch.dtype)
-        acc = torch.float64 if branch.dtype == torch.float64 else torch.float32
-        return (branch.to(acc) * mask.to(acc) * weight).sum(dim=(2, 3)), mask
+        return masked_pool(branch, mask, weight), mask
 
     def can_run_sparse(self) -> bool:
         """Whether T_l is the convolutions and epilogue that `sparse_pooled_branch` computes."""

@@ -12,6 +12,7 @@ from aim_ext.ops.masked_merge import (
     nearest_source_indices,
 )
 from aim_ext.ops.pooled_head import (
+    masked_pool,
     pool_weights,
     pooled_epilogue,
     pooled_epilogue_reference,
@@ -22,6 +23,7 @@ from aim_ext.ops.pooled_head import (
 from aim_ext.ops.topdown_epilogue import (
     layer_norm_gelu,
     topdown_epilogue,
+    topdown_epilogue_inference,
     topdown_epilogue_reference,
 )
 
@@ -31,6 +33,7 @@ __all__ = [
     "logistic_noise",
     "masked_merge",
     "masked_merge_reference",
+    "masked_pool",
     "nearest_resize_adjoint",
     "nearest_source_indices",
     "pool_weights",
@@ -40,5 +43,6 @@ __all__ = [
     "sparse_pooled_branch_graph",
     "sparse_pooled_branch_reference",
     "topdown_epilogue",
+    "topdown_epilogue_inference",
     "topdown_epilogue_reference",
 ]

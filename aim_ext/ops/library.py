@@ -4,6 +4,7 @@ Two training ops, each with a forward and a backward op, and two evaluation ops:
 
     aim::masked_merge            Eq. 2-3 and the top-down merge        (aim_ext.ops.masked_merge)
     aim::topdown_epilogue        LayerNorm, GELU, then the same merge   (aim_ext.ops.topdown_epilogue)
+                                 (and topdown_epilogue_inference: evaluation, no features written)
     aim::pooled_epilogue         a stage's share of mean(P_T), dense    (aim_ext.ops.pooled_head)
     aim::sparse_pooled_branch    the same from S_l, sparse              (aim_ext.ops.pooled_head)
 
@@ -28,6 +29,8 @@ SCHEMAS = (
     "Tensor? noise, float temperature, SymInt[] coarse_size) -> (Tensor, Tensor, Tensor)",
     "topdown_epilogue(Tensor conv, Tensor ln_weight, Tensor ln_bias, Tensor logits, Tensor? coarse, "
     "Tensor? noise, float temperature, float eps) -> (Tensor, Tensor, Tensor)",
+    "topdown_epilogue_inference(Tensor conv, Tensor ln_weight, Tensor ln_bias, Tensor logits, "
+    "Tensor? coarse, float eps) -> (Tensor, Tensor)",
     "topdown_epilogue_backward(Tensor grad_out, Tensor? grad_mask, Tensor? grad_features, "
     "Tensor conv, Tensor ln_weight, Tensor ln_bias, Tensor logits, Tensor? noise, float temperature, "
     "float eps, SymInt[] coarse_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",

@@ -33,6 +33,7 @@ from aim_ext.ops.masked_merge import acc_dtype, memory_format, nearest_resize_ad
 from aim_ext.ops.topdown_epilogue import LAYER_NORM_EPS, layer_norm_gelu
 
 __all__ = [
+    "masked_pool",
     "pool_weights",
     "pooled_epilogue",
     "pooled_epilogue_reference",
@@ -57,7 +58,8 @@ def pool_weights(sizes: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> 
     return weights[::-1]
 
 
-def _pool(features: Tensor, mask: Tensor, pool_weight: Tensor) -> Tensor:
+def masked_pool(features: Tensor, mask: Tensor, pool_weight: Tensor) -> Tensor:
+    """sum_p w(p) B(p) features(p) per image, (N, C) in the accumulation type."""
     acc = acc_dtype(features)
     return (features.to(acc) * mask.to(acc) * pool_weight.to(acc)).sum(dim=(2, 3))
 
@@ -73,7 +75,7 @@ def pooled_epilogue_reference(
     """``(pooled, mask)``: sum_p w(p) B(p) GELU(LayerNorm_C(conv))(p) per image, and B = 1[logits >= 0]."""
     features = layer_norm_gelu(conv, ln_weight, ln_bias, eps)
     mask = (logits >= 0).to(conv.dtype)
-    return _pool(features, mask, pool_weight), mask.contiguous(memory_format=memory_format(conv))
+    return masked_pool(features, mask, pool_weight), mask.contiguous(memory_format=memory_format(conv))
 
 
 def sparse_pooled_branch_reference(
@@ -162,6 +164,14 @@ def _pooled_epilogue_fallback(conv, ln_weight, ln_bias, logits, pool_weight, eps
 
 
 def _sparse_fallback(s, logits, pool_weight, aw, ab, rw, rb, ln_weight, ln_bias, eps, capacity):
+    if capacity is not None:
+        active = (logits >= 0).to(torch.float32)
+        gathered = int((F.max_pool2d(active, 3, 1, 1) > 0).sum())
+        if gathered > capacity:
+            raise RuntimeError(
+                f"sparse_pooled_branch: the active positions and their 3x3 neighbourhoods are {gathered} "
+                f"positions, more than capacity={capacity}"
+            )
     with torch.no_grad():
         return sparse_pooled_branch_reference(s, logits, pool_weight, aw, ab, rw, rb, ln_weight, ln_bias, eps)
 

@@ -4,6 +4,10 @@
     B_l      = G(A_l)                                   (Eq. 2) binary Gumbel-softmax
     P_l      = T_l(S_l) * B_l + nearest_resize(P_{l+1}) (Eq. 3 and the top-down merge)
 
+For evaluation, ``torch.ops.aim.topdown_epilogue_inference`` computes P_l and B_l (mask
+1[A_l >= 0], no noise) with the same kernels without writing T_l(S_l), which only training's
+auxiliary heads read; it computes no gradients.
+
 One op, ``torch.ops.aim.topdown_epilogue``, like ``masked_merge``: a C++ CPU kernel and a CUDA
 kernel in ``aim_ext._C`` that read the convolution output once and write P_l, B_l and T_l(S_l)
 once, and the pure PyTorch reference below (PyTorch's own LayerNorm and exact erf GELU, then the
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aim_ext.ops.library import impl_library, no_context, refuse_double_backward
+from aim_ext.ops.library import impl_library, no_context, refuse_backward, refuse_double_backward
 from aim_ext.ops.masked_merge import (
     _preactivation,
     acc_dtype,
@@ -39,6 +43,7 @@ __all__ = [
     "check_epilogue_inputs",
     "layer_norm_gelu",
     "topdown_epilogue",
+    "topdown_epilogue_inference",
     "topdown_epilogue_reference",
 ]
 
@@ -112,6 +117,16 @@ def _forward_fallback(conv, weight, bias, logits, coarse, noise, temperature, ep
             conv, weight, bias, logits, coarse, noise=noise, temperature=temperature, eps=eps
         )
     return tuple(t.contiguous(memory_format=fmt) for t in (out, mask, features))
+
+
+def _inference_fallback(conv, weight, bias, logits, coarse, eps):
+    out, mask, _ = _forward_fallback(conv, weight, bias, logits, coarse, None, 1.0, eps)
+    return out, mask
+
+
+def _inference_fake(conv, weight, bias, logits, coarse, eps):
+    out, mask, _ = _forward_fake(conv, weight, bias, logits, coarse, None, 1.0, eps)
+    return out, mask
 
 
 def _backward_fallback(
@@ -212,6 +227,14 @@ def _register() -> None:
     # Backend kernels of aim_ext._C (CPU, CUDA) take precedence over this catch-all.
     lib.impl("topdown_epilogue", _forward_fallback, "CompositeExplicitAutograd")
     lib.impl("topdown_epilogue_backward", _backward_fallback, "CompositeExplicitAutograd")
+    lib.impl("topdown_epilogue_inference", _inference_fallback, "CompositeExplicitAutograd")
+    torch.library.register_fake("aim::topdown_epilogue_inference", _inference_fake, lib=lib)
+    torch.library.register_autograd(
+        "aim::topdown_epilogue_inference",
+        refuse_backward("topdown_epilogue_inference"),
+        setup_context=no_context,
+        lib=lib,
+    )
     torch.library.register_fake("aim::topdown_epilogue", _forward_fake, lib=lib)
     torch.library.register_fake("aim::topdown_epilogue_backward", _backward_fake, lib=lib)
     torch.library.register_autograd("aim::topdown_epilogue", _backward, setup_context=_setup_context, lib=lib)
@@ -249,3 +272,26 @@ def topdown_epilogue(
     return torch.ops.aim.topdown_epilogue(
         conv, ln_weight, ln_bias, logits, coarse, noise, float(temperature), float(eps)
     )
+
+
+def topdown_epilogue_inference(
+    conv: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    logits: Tensor,
+    coarse: Tensor | None = None,
+    *,
+    eps: float = LAYER_NORM_EPS,
+) -> tuple[Tensor, Tensor]:
+    """``(out, mask)`` of :func:`topdown_epilogue` in evaluation (mask 1[logits >= 0]), without
+    writing the features; no gradients (use :func:`topdown_epilogue` for them)."""
+    _check_all(conv, ln_weight, ln_bias, logits, coarse, None, 1.0, eps)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (conv, ln_weight, ln_bias, logits)):
+        raise RuntimeError(
+            "topdown_epilogue_inference computes no gradients: run it under torch.no_grad(), or use "
+            "topdown_epilogue"
+        )
+    if torch.onnx.is_in_onnx_export():
+        out, mask, _ = topdown_epilogue_reference(conv, ln_weight, ln_bias, logits, coarse, eps=eps)
+        return out, mask
+    return torch.ops.aim.topdown_epilogue_inference(conv, ln_weight, ln_bias, logits, coarse, float(eps))

@@ -73,7 +73,7 @@ void forward_kernel(const EpilogueForward& b, const Tensor& preactivation, doubl
   const acc_t* bias = b.bias.const_data_ptr<acc_t>();
   const acc_t* z = preactivation.const_data_ptr<acc_t>();
   scalar_t* out = b.out.mutable_data_ptr<scalar_t>();
-  scalar_t* features = b.features.mutable_data_ptr<scalar_t>();
+  scalar_t* features = b.features.defined() ? b.features.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* mask = b.mask.mutable_data_ptr<scalar_t>();
 
   at::parallel_for(0, g.count(), g.grain(), [&](int64_t begin, int64_t end) {
@@ -96,7 +96,7 @@ void forward_kernel(const EpilogueForward& b, const Tensor& preactivation, doubl
           const int64_t k = offset + c * g.cs + i * g.ps;
           const acc_t y = (static_cast<acc_t>(conv[k]) - mean[i]) * rstd[i] * weight[c] + bias[c];
           const scalar_t f = static_cast<scalar_t>(gelu(y));
-          features[k] = f;
+          if (features != nullptr) features[k] = f;
           // Round as the reference does: features, then features * mask, then + coarse.
           const scalar_t masked = static_cast<scalar_t>(static_cast<acc_t>(f) * m[i]);
           out[k] = has_coarse ? static_cast<scalar_t>(static_cast<acc_t>(masked) +
@@ -208,6 +208,17 @@ std::tuple<Tensor, Tensor, Tensor> topdown_epilogue_cpu(const Tensor& conv, cons
   return {b.out, b.mask, b.features};
 }
 
+std::tuple<Tensor, Tensor> topdown_epilogue_inference_cpu(const Tensor& conv, const Tensor& weight,
+                                                          const Tensor& bias, const Tensor& logits,
+                                                          const std::optional<Tensor>& coarse, double eps) {
+  check_epilogue_inputs(conv, weight, bias, logits, coarse, std::nullopt, 1.0, eps);
+  const EpilogueForward b = epilogue_forward_layout(conv, weight, bias, coarse, /*with_features=*/false);
+  const Tensor z = mask_preactivation(logits, std::nullopt, 1.0, acc_dtype(conv));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, conv.scalar_type(), "topdown_epilogue_inference_cpu",
+                                  [&] { forward_kernel<scalar_t>(b, z, eps); });
+  return {b.out, b.mask};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topdown_epilogue_backward_cpu(
     const Tensor& grad_out, const std::optional<Tensor>& grad_mask,
     const std::optional<Tensor>& grad_features, const Tensor& conv, const Tensor& weight,
@@ -226,6 +237,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topdown_epilogue_backward_cpu
 
 TORCH_LIBRARY_IMPL(aim, CPU, m) {
   m.impl("topdown_epilogue", &topdown_epilogue_cpu);
+  m.impl("topdown_epilogue_inference", &topdown_epilogue_inference_cpu);
   m.impl("topdown_epilogue_backward", &topdown_epilogue_backward_cpu);
 }
 

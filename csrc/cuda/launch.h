@@ -47,7 +47,7 @@ void coarse_adjoint(DType dtype, const MergeShape& s, const void* grad_out, void
                     cudaStream_t stream);
 
 // features = GELU(LayerNorm_C(conv)) (weight, bias: C values in the accumulation type),
-// out = features * mask + nearest_resize(coarse); coarse may be null.
+// out = features * mask + nearest_resize(coarse); coarse may be null, features too (not written).
 void epilogue_forward(DType dtype, const MergeShape& s, const MaskInput& in, const void* conv,
                       const void* weight, const void* bias, double eps, const void* coarse,
                       void* out, void* mask, void* features, cudaStream_t stream);

@@ -29,6 +29,21 @@ std::tuple<Tensor, Tensor, Tensor> topdown_epilogue_cuda(const Tensor& conv, con
   return {b.out, b.mask, b.features};
 }
 
+std::tuple<Tensor, Tensor> topdown_epilogue_inference_cuda(const Tensor& conv, const Tensor& weight,
+                                                           const Tensor& bias, const Tensor& logits,
+                                                           const std::optional<Tensor>& coarse, double eps) {
+  check_epilogue_inputs(conv, weight, bias, logits, coarse, std::nullopt, 1.0, eps);
+  const c10::cuda::CUDAGuard guard(conv.device());
+  const EpilogueForward b = epilogue_forward_layout(conv, weight, bias, coarse, /*with_features=*/false);
+  const MaskArgs mask(logits, std::nullopt, 1.0);
+  cuda::epilogue_forward(kernel_dtype(conv.scalar_type()), merge_shape(b.input, b.coarse), mask.input,
+                         b.input.const_data_ptr(), b.weight.const_data_ptr(), b.bias.const_data_ptr(), eps,
+                         data_or_null(b.coarse), b.out.mutable_data_ptr(), b.mask.mutable_data_ptr(),
+                         /*features=*/nullptr, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {b.out, b.mask};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topdown_epilogue_backward_cuda(
     const Tensor& grad_out, const std::optional<Tensor>& grad_mask,
     const std::optional<Tensor>& grad_features, const Tensor& conv, const Tensor& weight,
@@ -57,6 +72,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topdown_epilogue_backward_cud
 
 TORCH_LIBRARY_IMPL(aim, CUDA, m) {
   m.impl("topdown_epilogue", &topdown_epilogue_cuda);
+  m.impl("topdown_epilogue_inference", &topdown_epilogue_inference_cuda);
   m.impl("topdown_epilogue_backward", &topdown_epilogue_backward_cuda);
 }
 

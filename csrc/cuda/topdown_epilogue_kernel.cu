@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kThreads)
         f.v[k] = from_acc<T>(gelu((x[kk][k] - mean) * rstd * weight[c] + bias[c]));
         o.v[k] = merged<T>(f.v[k], m, coarse != nullptr, cv.v[k]);
       }
-      store_vec<T, V>(features + p * C + j * V, f);
+      if (features) store_vec<T, V>(features + p * C + j * V, f);
       store_vec<T, V>(out + p * C + j * V, o);
     }
   }
@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t c = 0; c < C; ++c) {
       const int64_t e = base + c * cs;
       const T f = from_acc<T>(gelu((to_acc(conv[e]) - mean) * rstd * weight[c] + bias[c]));
-      features[e] = f;
+      if (features) features[e] = f;
       out[e] = merged<T>(f, m, coarse != nullptr, coarse ? coarse[cbase + c * ccs] : T{});
     }
   }
