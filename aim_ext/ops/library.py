@@ -90,6 +90,15 @@ def no_context(ctx, inputs, output) -> None:
     pass
 
 
+def refuse_gradient_inputs(op: str, *tensors: torch.Tensor | None) -> None:
+    """Raise, naming ``op``, if autograd would record through an evaluation op's inputs."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(
+            f"{op} is an evaluation op and computes no gradients: run it under torch.no_grad(), or use "
+            "the training ops (topdown_epilogue, masked_merge) for gradients"
+        )
+
+
 def refuse_backward(name: str):
     def backward(ctx, *grads):
         raise RuntimeError(

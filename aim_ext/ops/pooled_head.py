@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aim_ext.ops.library import impl_library, no_context, refuse_backward
+from aim_ext.ops.library import impl_library, no_context, refuse_backward, refuse_gradient_inputs
 from aim_ext.ops.masked_merge import acc_dtype, memory_format, nearest_resize_adjoint
 from aim_ext.ops.topdown_epilogue import LAYER_NORM_EPS, layer_norm_gelu
 
@@ -214,14 +214,6 @@ def _register() -> None:
 _register()
 
 
-def _refuse_grad(op: str, *tensors: Tensor | None) -> None:
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise RuntimeError(
-            f"{op} is an evaluation op and computes no gradients: run it under torch.no_grad(), or use "
-            "the training ops (topdown_epilogue) for gradients"
-        )
-
-
 def pooled_epilogue(
     conv: Tensor,
     ln_weight: Tensor,
@@ -234,7 +226,7 @@ def pooled_epilogue(
     """A stage's share of mean(P_T), (N, C) in the accumulation type, and its mask B_l (N, 1, H, W),
     from the feature branch's convolution output ``conv`` (N, C, H, W); ``pool_weight`` (H, W) is
     the stage's `pool_weights` entry. Evaluation only (no noise, no gradients)."""
-    _refuse_grad("pooled_epilogue", conv, ln_weight, ln_bias, logits)
+    refuse_gradient_inputs("pooled_epilogue", conv, ln_weight, ln_bias, logits)
     if torch.onnx.is_in_onnx_export():
         return pooled_epilogue_reference(conv, ln_weight, ln_bias, logits, pool_weight, eps)
     return torch.ops.aim.pooled_epilogue(conv, ln_weight, ln_bias, logits, pool_weight, float(eps))
@@ -257,7 +249,7 @@ def sparse_pooled_branch(
     """`pooled_epilogue`'s result from the stage's input S_l, computing the feature branch T_l only
     where the mask needs it. ``capacity`` bounds the positions gathered (the active ones and their
     3x3 neighbourhoods); on CPU more is an error, on CUDA it must be all N*H*W positions."""
-    _refuse_grad("sparse_pooled_branch", s, logits, align_weight, refine_weight, ln_weight, ln_bias)
+    refuse_gradient_inputs("sparse_pooled_branch", s, logits, align_weight, refine_weight, ln_weight, ln_bias)
     if torch.onnx.is_in_onnx_export():
         return sparse_pooled_branch_graph(
             s,

@@ -27,7 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aim_ext.ops.library import impl_library, no_context, refuse_backward, refuse_double_backward
+from aim_ext.ops.library import (
+    impl_library,
+    no_context,
+    refuse_backward,
+    refuse_double_backward,
+    refuse_gradient_inputs,
+)
 from aim_ext.ops.masked_merge import (
     _preactivation,
     acc_dtype,
@@ -286,11 +292,7 @@ def topdown_epilogue_inference(
     """``(out, mask)`` of :func:`topdown_epilogue` in evaluation (mask 1[logits >= 0]), without
     writing the features; no gradients (use :func:`topdown_epilogue` for them)."""
     _check_all(conv, ln_weight, ln_bias, logits, coarse, None, 1.0, eps)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (conv, ln_weight, ln_bias, logits)):
-        raise RuntimeError(
-            "topdown_epilogue_inference computes no gradients: run it under torch.no_grad(), or use "
-            "topdown_epilogue"
-        )
+    refuse_gradient_inputs("topdown_epilogue_inference", conv, ln_weight, ln_bias, logits, coarse)
     if torch.onnx.is_in_onnx_export():
         out, mask, _ = topdown_epilogue_reference(conv, ln_weight, ln_bias, logits, coarse, eps=eps)
         return out, mask
