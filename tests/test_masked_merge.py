@@ -342,6 +342,7 @@ SCHEMA_OPS = (
     "topdown_epilogue_backward",
     "pooled_epilogue",
     "sparse_pooled_branch",
+    "mask_estimator",
 )
 
 

@@ -6,10 +6,16 @@ from aim_ext.models.factory import create_model, model_data_config
 from aim_ext.models.fusion import fold_batch_norms, is_inference_only
 from aim_ext.models.heads import ClassifierHead, masked_avg_pool
 from aim_ext.models.inference import fuse_for_inference
-from aim_ext.models.mask_estimator import InferenceMaskEstimator, MaskEstimator
+from aim_ext.models.mask_estimator import (
+    ESTIMATOR_MODES,
+    InferenceMaskEstimator,
+    MaskEstimator,
+    set_estimator_algorithm,
+)
 from aim_ext.models.topdown import FeatureBranch, StageOutput, TopDownStage, use_fused_epilogue
 
 __all__ = [
+    "ESTIMATOR_MODES",
     "AIM",
     "AIMOutput",
     "ClassifierHead",
@@ -28,5 +34,6 @@ __all__ = [
     "load_weights",
     "masked_avg_pool",
     "model_data_config",
+    "set_estimator_algorithm",
     "use_fused_epilogue",
 ]

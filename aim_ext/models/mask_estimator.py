@@ -7,9 +7,14 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from aim_ext.models.concurrency import tracing
 from aim_ext.models.fusion import fold_conv_bn
+from aim_ext.ops import ESTIMATOR_ALGORITHMS, mask_estimator
 
 MASK_WIDTH = 32
+# How an inference estimator computes M_l: one of the op's algorithms, or "modules" (layer by
+# layer as modules).
+ESTIMATOR_MODES = (*ESTIMATOR_ALGORITHMS, "modules")
 
 
 class ResidualBlock(nn.Module):
@@ -49,7 +54,15 @@ class MaskEstimator(nn.Module):
 
 class InferenceMaskEstimator(nn.Module):
     """M_l for inference: each block's BatchNorm folded into its second convolution, and the logits
-    ``to_logits(cat[h, mean(h)])`` computed as ``W_h h + W_c mean(h) + b`` with no concatenated map."""
+    ``to_logits(cat[h, mean(h)])`` computed as ``W_h h + W_c mean(h) + b`` with no concatenated map.
+
+    Without autograd it runs as the one op `aim_ext.ops.mask_estimator` with `algorithm`: "auto"
+    takes the one-launch kernel on CUDA for small maps (the top stage) and ATen's convolutions
+    otherwise, in one call with no Python between the layers. While a tracer runs (export,
+    compile) and with gradients, the layers run as modules, as they do with algorithm "modules".
+    """
+
+    algorithm = "auto"  # one of ESTIMATOR_MODES; set_estimator_algorithm sets it on a whole model
 
     def __init__(self, estimator: MaskEstimator) -> None:
         super().__init__()
@@ -71,9 +84,32 @@ class InferenceMaskEstimator(nn.Module):
         self.eval()
 
     def forward(self, s: Tensor) -> Tensor:
+        if self.algorithm == "modules" or tracing() or torch.is_grad_enabled():
+            return self.forward_modules(s)
+        return self.forward_op(s, self.algorithm)[0]
+
+    def forward_modules(self, s: Tensor) -> Tensor:
+        """A_l layer by layer, as modules."""
         h = self.blocks(self.act(self.stem(s)))
         context = self.to_logits_context(h.mean(dim=(2, 3)))
         return self.to_logits_local(h) + context[:, :, None, None]
+
+    def forward_op(self, s: Tensor, algorithm: str = "auto") -> tuple[Tensor, Tensor]:
+        """``(A_l, B_l)`` from the op `aim_ext.ops.mask_estimator` (no gradients)."""
+        if type(self.act) is not nn.GELU or self.act.approximate != "none":
+            raise ValueError("the mask estimator op computes the exact GELU; this estimator uses another")
+        convs = [conv for block in self.blocks for conv in (block.conv1, block.conv2)]
+        return mask_estimator(
+            s,
+            self.stem.weight,
+            self.stem.bias,
+            [conv.weight for conv in convs],
+            [conv.bias for conv in convs],
+            self.to_logits_local.weight,
+            self.to_logits_local.bias,
+            self.to_logits_context.weight,
+            algorithm=algorithm,
+        )
 
 
 class _InferenceBlock(nn.Module):
@@ -87,3 +123,19 @@ class _InferenceBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.conv2(self.act(self.conv1(x)))
+
+
+def set_estimator_algorithm(model: nn.Module, algorithm: str) -> None:
+    """How every inference mask estimator of ``model`` computes M_l: one of `ESTIMATOR_MODES`
+    (`InferenceMaskEstimator`). The op runs folded estimators only: a model with a training
+    `MaskEstimator` is refused; fuse it first (`aim_ext.fuse_for_inference`)."""
+    if algorithm not in ESTIMATOR_MODES:
+        raise ValueError(f"estimator algorithm must be one of {ESTIMATOR_MODES}, got {algorithm!r}")
+    folded = [m for m in model.modules() if isinstance(m, InferenceMaskEstimator)]
+    if any(isinstance(m, MaskEstimator) for m in model.modules()) or not folded:
+        raise ValueError(
+            "the mask estimator op runs folded (inference) estimators, and this model has a training "
+            "MaskEstimator with its BatchNorms: fuse it first with aim_ext.fuse_for_inference(model)"
+        )
+    for m in folded:
+        m.algorithm = algorithm

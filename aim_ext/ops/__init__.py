@@ -1,9 +1,10 @@
 """The `aim` ops: the masked merge (Eq. 2-3 and the top-down merge) and the whole top-down
 epilogue (LayerNorm, GELU, then the masked merge) of a stage for training, and the pooled head's
-dense and sparse ops for evaluation; each with compiled CPU and CUDA kernels and a pure PyTorch
-reference behind one `torch.ops.aim` op."""
+dense and sparse ops and the one-launch mask estimator for evaluation; each with compiled CPU and
+CUDA kernels and a pure PyTorch reference behind one `torch.ops.aim` op."""
 
 from aim_ext.ops.library import kernels_available
+from aim_ext.ops.mask_estimator import ESTIMATOR_ALGORITHMS, mask_estimator, mask_estimator_reference
 from aim_ext.ops.masked_merge import (
     logistic_noise,
     masked_merge,
@@ -28,9 +29,12 @@ from aim_ext.ops.topdown_epilogue import (
 )
 
 __all__ = [
+    "ESTIMATOR_ALGORITHMS",
     "kernels_available",
     "layer_norm_gelu",
     "logistic_noise",
+    "mask_estimator",
+    "mask_estimator_reference",
     "masked_merge",
     "masked_merge_reference",
     "masked_pool",

@@ -1,14 +1,16 @@
 """The `aim` operator library: the compiled extension, or Python schemas where it is missing.
 
-Two training ops, each with a forward and a backward op, and two evaluation ops:
+Two training ops, each with a forward and a backward op, and three evaluation ops:
 
     aim::masked_merge            Eq. 2-3 and the top-down merge        (aim_ext.ops.masked_merge)
     aim::topdown_epilogue        LayerNorm, GELU, then the same merge   (aim_ext.ops.topdown_epilogue)
                                  (and topdown_epilogue_inference: evaluation, no features written)
     aim::pooled_epilogue         a stage's share of mean(P_T), dense    (aim_ext.ops.pooled_head)
     aim::sparse_pooled_branch    the same from S_l, sparse              (aim_ext.ops.pooled_head)
+    aim::mask_estimator          a folded mask estimator end to end     (aim_ext.ops.mask_estimator)
 
-csrc/masked_merge.cpp, csrc/topdown_epilogue.cpp and csrc/pooled_head.cpp define the schemas; the
+csrc/masked_merge.cpp, csrc/topdown_epilogue.cpp, csrc/pooled_head.cpp and csrc/mask_estimator.cpp
+define the schemas; the
 strings below repeat them only for a process without the compiled extension (a test checks that
 both agree). The Python
 modules next to this one register the reference kernels, fake kernels and autograd formulas on top.
@@ -39,6 +41,9 @@ SCHEMAS = (
     "sparse_pooled_branch(Tensor s, Tensor logits, Tensor pool_weight, Tensor align_weight, "
     "Tensor? align_bias, Tensor refine_weight, Tensor? refine_bias, Tensor ln_weight, "
     "Tensor ln_bias, float eps, int? capacity) -> (Tensor, Tensor)",
+    "mask_estimator(Tensor s, Tensor stem_weight, Tensor stem_bias, Tensor[] block_weights, "
+    "Tensor[] block_biases, Tensor local_weight, Tensor local_bias, Tensor context_weight, "
+    'str algorithm="auto") -> (Tensor, Tensor)',
 )
 
 

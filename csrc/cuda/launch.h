@@ -65,3 +65,33 @@ void epilogue_backward(DType dtype, const MergeShape& s, const MaskInput& in, co
                        void* grad_coarse, void* workspace, cudaStream_t stream);
 
 }  // namespace aim::cuda
+
+namespace aim::cuda {
+
+// aim::mask_estimator's kernel route (mask_estimator.h): s is any (N, C, H, W) strided map; the
+// parameters are contiguous in s's dtype, the 3x3 weights (32, C_in, 3, 3); partials holds
+// estimator_partials_elements(...) values of the accumulation type; logits and mask are dense
+// (N, H*W) in s's dtype. Two launches: the stem's partial sums (one block per chunk of input
+// channels and image), then one block per image for the rest.
+struct EstimatorArgs {
+  int64_t N, C, H, W;
+  int64_t sN, sC, sH, sW;  // strides of s, in elements
+  const void* s;
+  const void* stem_weight;
+  const void* stem_bias;
+  int convs;  // 2 per residual block, at most 16
+  const void* conv_weight[16];
+  const void* conv_bias[16];
+  const void* local_weight;   // 32 values
+  const void* local_bias;     // 1
+  const void* context_weight; // 32
+  void* partials;
+  void* logits;
+  void* mask;
+};
+
+int64_t estimator_partials_elements(int64_t N, int64_t C, int64_t H, int64_t W);
+
+void mask_estimator_forward(DType dtype, const EstimatorArgs& a, cudaStream_t stream);
+
+}  // namespace aim::cuda
