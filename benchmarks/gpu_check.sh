@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for an H100/H200 machine: build the extension there, run the whole test suite
-# (the CUDA cases included), run compute-sanitizer memcheck and racecheck on a small case, time
+# (the CUDA cases included), run compute-sanitizer memcheck, racecheck and synccheck on a small
+# case, time the one-op mask estimator against its modules (benchmarks/estimator_crossover.py),
 # the ops against the eager and compiled references (benchmarks/bench_ops.py) and the sparse
 # branch against the dense one (benchmarks/sparse_crossover.py), print a summary.
 # Logs go to $OUT (the device tool's output folder) or /tmp/aim-gpu-check.
@@ -27,6 +28,9 @@ step info "$PY" -m aim_ext info
 step tests "$PY" -m pytest -q -p no:cacheprovider --tb=short tests --junitxml="$OUT/tests.xml"
 step memcheck timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" benchmarks/memcheck_case.py
 step racecheck timeout 300 compute-sanitizer --tool racecheck --error-exitcode 3 "$PY" benchmarks/memcheck_case.py
+step synccheck timeout 300 compute-sanitizer --tool synccheck --error-exitcode 3 "$PY" benchmarks/memcheck_case.py
+step estimator_crossover timeout 240 "$PY" benchmarks/estimator_crossover.py --device cuda --dtype bfloat16 \
+  --json "$OUT/estimator_crossover.json"
 step crossover timeout 240 "$PY" benchmarks/sparse_crossover.py --device cuda --batch 256 --dtype bfloat16 \
   --json "$OUT/sparse_crossover.json"
 step bench_ops timeout 420 "$PY" benchmarks/bench_ops.py --json "$OUT/bench_ops.json"
@@ -42,5 +46,6 @@ grep -E "passed|failed" "$OUT/tests.log" | tail -n 1
 echo
 grep -E "^\|" "$OUT/bench_ops.log" || true
 grep -E "^\|" "$OUT/crossover.log" || true
+grep -E "^\|" "$OUT/estimator_crossover.log" || true
 # Fail the command when any step failed.
 ! printf '%s\n' "${summary[@]}" | grep -q FAILED

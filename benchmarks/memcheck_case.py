@@ -1,11 +1,19 @@
-"""Small masked_merge and topdown_epilogue calls, forward and backward, and the pooled head's
-ops, on CUDA, for `compute-sanitizer --tool memcheck` and `racecheck`: every kernel variant
-(vector widths, both layouts, the register and the strided epilogue kernels; the sparse branch's
-composed and aligned forms, none, some and all positions active) on odd sizes."""
+"""Small masked_merge and topdown_epilogue calls, forward and backward, the pooled head's ops and
+the mask estimator's kernels, on CUDA, for `compute-sanitizer --tool memcheck`, `racecheck` and
+`synccheck`: every kernel variant (vector widths, both layouts, the register and the strided
+epilogue kernels; the sparse branch's composed and aligned forms, none, some and all positions
+active; the estimator's one and many stem chunks, maps from 1x1 to 14x14) on odd sizes."""
 
 import torch
 
-from aim_ext.ops import logistic_noise, masked_merge, pooled_epilogue, sparse_pooled_branch, topdown_epilogue
+from aim_ext.ops import (
+    logistic_noise,
+    mask_estimator,
+    masked_merge,
+    pooled_epilogue,
+    sparse_pooled_branch,
+    topdown_epilogue,
+)
 
 # (N, C, H, W, h, w): odd sizes (scalar paths), vector-friendly sizes, a coarse map larger than
 # the fine one, and a width beyond the register kernel (strided epilogue path).
@@ -45,5 +53,26 @@ for n, c, h, w, d in ((2, 5, 7, 3, 16), (1, 40, 6, 9, 8), (3, 24, 1, 1, 24)):
                 sparse_pooled_branch(s, logits, weight, aw, None, rw, None, lw, lb)
                 conv = torch.randn(n, d, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
                 pooled_epilogue(conv, lw, lb, logits, weight)
+
+# The mask estimator's kernels: (N, C, H, W) with one and several 16-channel stem chunks, a chunk
+# cut short, 1x1 and 14x14 maps (the largest float32 map; float64 up to 10x10).
+for n, c, h, w in ((1, 3, 1, 1), (2, 17, 5, 9), (1, 768, 7, 7), (3, 40, 14, 14), (1, 5, 10, 10)):
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        if dtype == torch.float64 and h * w > 100:
+            continue
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            s = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+            convs = [torch.randn(32, 32, 3, 3, device="cuda", dtype=dtype) / 17 for _ in range(6)]
+            mask_estimator(
+                s,
+                torch.randn(32, c, 3, 3, device="cuda", dtype=dtype) / (3 * c**0.5),
+                torch.randn(32, device="cuda", dtype=dtype),
+                convs,
+                [torch.randn(32, device="cuda", dtype=dtype) for _ in convs],
+                torch.randn(1, 32, 1, 1, device="cuda", dtype=dtype),
+                torch.randn(1, device="cuda", dtype=dtype),
+                torch.randn(1, 32, device="cuda", dtype=dtype),
+                algorithm="kernel",
+            )
 torch.cuda.synchronize()
 print("memcheck case ran")

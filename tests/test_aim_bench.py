@@ -15,7 +15,7 @@ from aim_ext.bench.timing import Timing, time_interleaved
 from aim_ext.bench.train_step import prepare_train_step
 from aim_ext.bench.variants import Variant
 from aim_ext.cli.bench import main as bench_main
-from aim_ext.models import create_model
+from aim_ext.models import InferenceMaskEstimator, create_model
 
 
 @pytest.mark.slow
@@ -67,17 +67,19 @@ def test_runtimes_that_cannot_run_here_are_rows_with_the_reason(tmp_path):
     assert all(r["status"] == "ok" for r in rows if r["runtime"] == "eager")
 
 
-@pytest.mark.parametrize("sparse,branch", [("on", "sparse"), ("off", "dense")])
-def test_fused_rows_say_which_evaluation_path_ran(tmp_path, sparse, branch):
+@pytest.mark.parametrize("sparse,branch,estimator", [("on", "sparse", "kernel"), ("off", "dense", "modules")])
+def test_fused_rows_say_which_evaluation_path_ran(tmp_path, sparse, branch, estimator):
     argv = ["--device", "cpu", "--quick", "--no-train", "--families", "resnet50", "--image-size", "64"]
     argv += ["--runtimes", "eager", "--fuse", "--sparse", sparse, "--rounds", "1", "--per-round", "1"]
-    assert bench_main([*argv, "--out", str(tmp_path)]) == 0
+    assert bench_main([*argv, "--estimator", estimator, "--out", str(tmp_path)]) == 0
+    assert InferenceMaskEstimator.algorithm == "auto"  # the switch is undone
     results = json.loads((tmp_path / "results.json").read_text())
     vanilla, aim = results["rows"]
     assert vanilla["fused"] and aim["fused"] and vanilla["evaluation_path"] is None
     assert aim["evaluation_path"] == f"pooled: s4 {branch}, s3 {branch}"
     assert all(0.05 < a < 0.6 for a in aim["mask_active"]), aim["mask_active"]  # calibrated to 25%
     assert results["env"]["sparse"] == sparse and results["env"]["fused"]
+    assert results["env"]["estimator"] == estimator
     assert f"pooled: s4 {branch}, s3 {branch} |" in (tmp_path / "results.md").read_text()
 
 

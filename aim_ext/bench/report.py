@@ -153,7 +153,8 @@ def _inference_note(env: dict) -> list[str]:
     head = "the pooled head" if env["pooled_head"] else "P_T"
     return [
         f"Inference models {fused}; AIM masks calibrated to {density}; AIM logits from {head}, "
-        f"feature branches --sparse {env['sparse']} (the evaluation column: eager, one image).",
+        f"feature branches --sparse {env['sparse']} (the evaluation column: eager, one image), "
+        f"fused mask estimators --estimator {env.get('estimator', 'auto')}.",
     ]
 
 

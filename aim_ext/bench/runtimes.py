@@ -85,20 +85,27 @@ def prepare_compile_cudagraphs(model: nn.Module, name: str, s: Setting) -> Calla
     return _inference(compile_static(_module(model, s), mode="reduce-overhead"), s.image())
 
 
+def captured(fn: Callable[[], object]) -> Callable[[], None]:
+    """fn, an inference call on CUDA with fixed inputs, captured once into a CUDA graph after a
+    warm-up on a side stream (cuDNN and cuBLAS pick their algorithms outside the graph); returns
+    the graph's replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.inference_mode(), torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def prepare_cudagraphs(model: nn.Module, name: str, s: Setting) -> Callable[[], object]:
     """The eager model captured once into a CUDA graph; each call replays it."""
     _needs_cuda(s, "CUDA graphs")
     module, image = _module(model, s), s.image()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.inference_mode(), torch.cuda.stream(stream):
-        for _ in range(3):  # warm-up outside the graph (cuDNN and cuBLAS pick their algorithms)
-            module(image)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), torch.cuda.graph(graph):
-        module(image)
-    return graph.replay
+    return captured(lambda: module(image))
 
 
 def prepare_aoti(model: nn.Module, name: str, s: Setting) -> Callable[[], object]:

@@ -32,7 +32,7 @@ from aim_ext.bench.timing import peak_memory_mib, time_interleaved
 from aim_ext.bench.train_step import prepare_train_step
 from aim_ext.bench.variants import FAMILIES, Variant, calibrate_mask_density, family_variants
 from aim_ext.export import example_image
-from aim_ext.models import AIM, fuse_for_inference
+from aim_ext.models import AIM, ESTIMATOR_MODES, InferenceMaskEstimator, fuse_for_inference
 from aim_ext.models.sparsity import SPARSE_MODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="AIM's feature branches in evaluation (AIM.sparse_inference): the measured policy, "
         "sparse wherever possible, or dense",
+    )
+    parser.add_argument(
+        "--estimator",
+        choices=ESTIMATOR_MODES,
+        default="auto",
+        help="how a fused AIM model's mask estimators run (InferenceMaskEstimator.algorithm): the op "
+        "aim::mask_estimator's automatic choice, its one-launch kernel, its convolutions, or modules",
     )
     parser.add_argument(
         "--pooled-head",
@@ -290,25 +297,27 @@ def run(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _settings(build_parser().parse_args(argv))
-    switches = {
-        "concurrent_branches": args.concurrent_branches,
-        "sparse_inference": args.sparse,
-        "pooled_head": args.pooled_head,
+    switches = {  # class attributes every model of the run reads
+        (AIM, "concurrent_branches"): args.concurrent_branches,
+        (AIM, "sparse_inference"): args.sparse,
+        (AIM, "pooled_head"): args.pooled_head,
+        (InferenceMaskEstimator, "algorithm"): args.estimator,
     }
-    previous = {name: getattr(AIM, name) for name in switches}
+    previous = {key: getattr(*key) for key in switches}
     try:
-        for name, value in switches.items():
-            setattr(AIM, name, value)
+        for (cls, name), value in switches.items():
+            setattr(cls, name, value)
         rows = run(args)
     finally:
-        for name, value in previous.items():
-            setattr(AIM, name, value)
+        for (cls, name), value in previous.items():
+            setattr(cls, name, value)
     report.add_ratios(rows)
     env = report.environment(args.device, argv)
     env.update(
         concurrent_branches=args.concurrent_branches,
         fused=args.fuse,
         sparse=args.sparse,
+        estimator=args.estimator,
         pooled_head=args.pooled_head,
         mask_density=args.mask_density,
     )
