@@ -55,10 +55,17 @@ for n, c, h, w, d in ((2, 5, 7, 3, 16), (1, 40, 6, 9, 8), (3, 24, 1, 1, 24)):
                 pooled_epilogue(conv, lw, lb, logits, weight)
 
 # The mask estimator's kernels: (N, C, H, W) with one and several 16-channel stem chunks, a chunk
-# cut short, 1x1 and 14x14 maps (the largest float32 map; float64 up to 10x10).
-for n, c, h, w in ((1, 3, 1, 1), (2, 17, 5, 9), (1, 768, 7, 7), (3, 40, 14, 14), (1, 5, 10, 10)):
+# cut short, from 1x1 up to the largest maps (20x20; float64 11x11).
+for n, c, h, w in (
+    (1, 3, 1, 1),
+    (2, 17, 5, 9),
+    (1, 768, 7, 7),
+    (3, 40, 14, 14),
+    (1, 5, 11, 11),
+    (1, 6, 20, 20),
+):
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        if dtype == torch.float64 and h * w > 100:
+        if dtype == torch.float64 and h * w > 121:
             continue
         for fmt in (torch.contiguous_format, torch.channels_last):
             s = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)

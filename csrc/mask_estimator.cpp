@@ -68,11 +68,15 @@ EstimatorParams estimator_params(const Tensor& s, const Tensor& stem_weight, con
   return p;
 }
 
-bool kernel_takes(const Tensor& s, const EstimatorParams& p, std::string* why) {
+bool kernel_takes(const Tensor& s, const EstimatorParams& p, int64_t shared_bytes, std::string* why) {
   const auto say = [&](const std::string& reason) {
     if (why != nullptr) *why = reason;
     return false;
   };
+  const auto dtype = s.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kDouble && dtype != at::kHalf && dtype != at::kBFloat16) {
+    return say(std::string("the kernel takes float32, float64, float16 and bfloat16, not ") + c10::toString(dtype));
+  }
   if (p.width != estimator::kWidth) {
     return say("the kernel is written for width " + std::to_string(estimator::kWidth) + ", this estimator has " +
                std::to_string(p.width));
@@ -80,20 +84,25 @@ bool kernel_takes(const Tensor& s, const EstimatorParams& p, std::string* why) {
   if (p.block_weights.size() > 2 * static_cast<size_t>(estimator::kMaxBlocks)) {
     return say("the kernel takes at most " + std::to_string(estimator::kMaxBlocks) + " residual blocks");
   }
-  const int64_t acc_size = s.scalar_type() == at::kDouble ? 8 : 4;
-  if (!estimator::map_fits_kernel(s.size(2), s.size(3), acc_size)) {
+  const int64_t acc_size = dtype == at::kDouble ? 8 : 4;
+  if (!estimator::map_fits_kernel(s.size(2), s.size(3), acc_size, shared_bytes)) {
+    const int64_t side = estimator::largest_square_map(acc_size, shared_bytes);
     return say("a " + std::to_string(s.size(2)) + "x" + std::to_string(s.size(3)) + " " +
-               std::string(c10::toString(s.scalar_type())) + " map is larger than the kernel's limit (" +
-               std::to_string(estimator::kMaxSharedBytes / 1024) + " KiB of shared memory per block: maps up to 14x14, 10x10 in float64)");
+               std::string(c10::toString(dtype)) + " map is larger than the kernel's limit (" +
+               std::to_string(shared_bytes / 1024) + " KiB of shared memory per block: square maps up to " +
+               std::to_string(side) + "x" + std::to_string(side) + ")");
   }
   return true;
 }
 
 std::tuple<Tensor, Tensor> estimator_convolutions(const Tensor& s, const EstimatorParams& p) {
-  Tensor h = at::gelu(at::conv2d(s, p.stem_weight, p.stem_bias, 1, 1));
+  // In place where a map is this function's own: the values of the out-of-place ops, fewer buffers.
+  Tensor h = at::conv2d(s, p.stem_weight, p.stem_bias, 1, 1);
+  at::gelu_(h);
   for (size_t i = 0; i < p.block_weights.size(); i += 2) {
-    const Tensor hidden = at::gelu(at::conv2d(h, p.block_weights[i], p.block_biases[i], 1, 1));
-    h = h + at::conv2d(hidden, p.block_weights[i + 1], p.block_biases[i + 1], 1, 1);
+    Tensor hidden = at::conv2d(h, p.block_weights[i], p.block_biases[i], 1, 1);
+    at::gelu_(hidden);
+    h.add_(at::conv2d(hidden, p.block_weights[i + 1], p.block_biases[i + 1], 1, 1));
   }
   const Tensor context = at::linear(h.mean({2, 3}), p.context_weight);  // (N, 1)
   const Tensor logits = (at::conv2d(h, p.local_weight, p.local_bias) + context.view({-1, 1, 1, 1})).contiguous();
@@ -130,6 +139,7 @@ void emulate_kernel(const Tensor& s, const EstimatorParams& p, Tensor& logits, T
   const auto round = [](acc_t v) { return static_cast<acc_t>(static_cast<scalar_t>(v)); };
   const int64_t N = s.size(0), C = s.size(1), H = s.size(2), W = s.size(3), HW = H * W;
   const int64_t plane = padded_plane(H, W), chunks = stem_chunks(C);
+  const int Pi = static_cast<int>(plane), Wi = static_cast<int>(W);  // the kernel's int indices
   const int64_t sN = s.stride(0), sC = s.stride(1), sH = s.stride(2), sW = s.stride(3);
   const scalar_t* x = s.const_data_ptr<scalar_t>();
   std::vector<Tensor> weights;  // contiguous copies, read by index
@@ -163,7 +173,8 @@ void emulate_kernel(const Tensor& s, const EstimatorParams& p, Tensor& logits, T
           const int o0 = static_cast<int>(item / HW) * kGroup;
           const int64_t q = item % HW;
           for (acc_t& a : acc) a = 0;
-          conv3x3_group(staged.data(), static_cast<int>(channels), plane, W, q / W, q % W, w.data(), o0, acc);
+          conv3x3_group(staged.data(), static_cast<int>(channels), Pi, Wi, static_cast<int>(q / W),
+                        static_cast<int>(q % W), w.data(), o0, acc);
           for (int j = 0; j < kGroup; ++j) partials[(k * kWidth + o0 + j) * HW + q] = acc[j];
         }
       }
@@ -172,7 +183,7 @@ void emulate_kernel(const Tensor& s, const EstimatorParams& p, Tensor& logits, T
       std::fill(hidden.begin(), hidden.end(), acc_t(0));
       for (int64_t i = 0; i < kWidth * HW; ++i) {
         const int64_t o = i / HW, q = i % HW;
-        h[o * plane + padded_index(q, W)] =
+        h[o * plane + padded_index(static_cast<int>(q), Wi)] =
             stem_output(partials.data() + o * HW + q, chunks, kWidth * HW, static_cast<acc_t>(stem_b[o]), round);
       }
       for (size_t b = 0; b < convs.size(); b += 2) {
@@ -182,9 +193,9 @@ void emulate_kernel(const Tensor& s, const EstimatorParams& p, Tensor& logits, T
           const acc_t* in = step == 0 ? h.data() : hidden.data();
           for (int64_t item = 0; item < (kWidth / kGroup) * HW; ++item) {
             const int o0 = static_cast<int>(item / HW) * kGroup;
-            const int64_t q = item % HW, e = padded_index(q, W);
+            const int64_t q = item % HW, e = padded_index(static_cast<int>(q), Wi);
             for (acc_t& a : acc) a = 0;
-            conv3x3_group(in, kWidth, plane, W, q / W, q % W, w.data(), o0, acc);
+            conv3x3_group(in, kWidth, Pi, Wi, static_cast<int>(q / W), static_cast<int>(q % W), w.data(), o0, acc);
             for (int j = 0; j < kGroup; ++j) {
               const int64_t idx = (o0 + j) * plane + e;
               const acc_t bj = static_cast<acc_t>(bias[o0 + j]);
@@ -195,14 +206,14 @@ void emulate_kernel(const Tensor& s, const EstimatorParams& p, Tensor& logits, T
         }
       }
       for (int c = 0; c < kWidth; ++c) {
-        means[c] = channel_mean(h.data() + c * plane, H, W, round);
+        means[c] = channel_mean(h.data() + c * plane, static_cast<int>(H), Wi, round);
         wl[c] = static_cast<acc_t>(weights[2].const_data_ptr<scalar_t>()[c]);
         wc[c] = static_cast<acc_t>(weights[4].const_data_ptr<scalar_t>()[c]);
       }
       const acc_t context = context_term(means.data(), wc.data(), round);
       const acc_t bl = static_cast<acc_t>(weights[3].const_data_ptr<scalar_t>()[0]);
       for (int64_t q = 0; q < HW; ++q) {
-        const acc_t l = logit_at(h.data(), plane, padded_index(q, W), wl.data(), bl, context, round);
+        const acc_t l = logit_at(h.data(), Pi, padded_index(static_cast<int>(q), Wi), wl.data(), bl, context, round);
         out_logits[n * HW + q] = static_cast<scalar_t>(l);
         out_mask[n * HW + q] = static_cast<scalar_t>(l >= 0 ? 1 : 0);
       }
@@ -219,7 +230,7 @@ std::tuple<Tensor, Tensor> mask_estimator_cpu(const Tensor& s, const Tensor& ste
                                              local_bias, context_weight, route);
   if (route != "kernel") return estimator_convolutions(s, p);
   std::string why;
-  TORCH_CHECK(kernel_takes(s, p, &why), kOp, ": algorithm='kernel' cannot run this input: ", why,
+  TORCH_CHECK(kernel_takes(s, p, estimator::kMaxSharedBytes, &why), kOp, ": algorithm='kernel' cannot run this input: ", why,
               "; use algorithm='auto' or 'convolutions'");
   auto [logits, mask] = estimator_outputs(s);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "mask_estimator_cpu",

@@ -32,13 +32,15 @@ constexpr int kTaps = 9;         // 3x3
 constexpr int kGroup = 4;        // output channels one work item sums (at one position)
 constexpr int kStemChunk = 16;   // input channels per partial sum of the stem (one CUDA block each)
 constexpr int kMaxBlocks = 8;    // residual blocks the kernel takes
-// Dynamic shared memory one block of the kernel may use: under the A100's 163 KiB opt-in limit.
+// Dynamic shared memory one block of the kernel may use: under the A100's 163 KiB opt-in limit
+// (the CUDA route takes less where the device allows less: 99 KiB on sm_86/89).
 constexpr int64_t kMaxSharedBytes = 160 * 1024;
 
 AIM_HOST_DEVICE int64_t padded_plane(int64_t H, int64_t W) { return (H + 2) * (W + 2); }
 
-// Element of position p (row-major over H x W) in a padded plane of row length W + 2.
-AIM_HOST_DEVICE int64_t padded_index(int64_t p, int64_t W) { return (p / W + 1) * (W + 2) + p % W + 1; }
+// Element of position p (row-major over H x W) in a padded plane of row length W + 2. Within the
+// kernel's maps (a plane fits shared memory) every index fits an int.
+AIM_HOST_DEVICE int padded_index(int p, int W) { return (p / W + 1) * (W + 2) + p % W + 1; }
 
 // Number of stem partial sums (chunks of kStemChunk input channels).
 AIM_HOST_DEVICE int64_t stem_chunks(int64_t C) { return (C + kStemChunk - 1) / kStemChunk; }
@@ -54,10 +56,18 @@ AIM_HOST_DEVICE int64_t tail_shared_bytes(int64_t H, int64_t W, int64_t acc_size
   return acc_size * (2 * kWidth * padded_plane(H, W) + kWidth * kTaps * kWidth + 3 * kWidth);
 }
 
-// Whether an H x W map fits the kernel (both blocks within kMaxSharedBytes).
-AIM_HOST_DEVICE bool map_fits_kernel(int64_t H, int64_t W, int64_t acc_size) {
-  return H >= 1 && W >= 1 && stem_shared_bytes(H, W, acc_size) <= kMaxSharedBytes &&
-         tail_shared_bytes(H, W, acc_size) <= kMaxSharedBytes;
+// Whether an H x W map fits the kernel: both blocks within `limit` bytes of shared memory
+// (kMaxSharedBytes, or less where the device allows less).
+AIM_HOST_DEVICE bool map_fits_kernel(int64_t H, int64_t W, int64_t acc_size, int64_t limit = kMaxSharedBytes) {
+  return H >= 1 && W >= 1 && stem_shared_bytes(H, W, acc_size) <= limit && tail_shared_bytes(H, W, acc_size) <= limit;
+}
+
+// The largest square map that fits `limit` bytes (20 for 4-byte accumulation at kMaxSharedBytes,
+// 11 for float64).
+inline int64_t largest_square_map(int64_t acc_size, int64_t limit = kMaxSharedBytes) {
+  int64_t side = 0;
+  while (map_fits_kernel(side + 1, side + 1, acc_size, limit)) ++side;
+  return side;
 }
 
 // a * b + acc, rounded once.
@@ -67,9 +77,9 @@ AIM_HOST_DEVICE double madd(double acc, double a, double b) { return fma(a, b, a
 // acc[j] += sum over c < channels, then ky, then kx of w[c][3 ky + kx][o0 + j] * x[c](y + ky - 1,
 // x + kx - 1): kGroup outputs at one position (y, xx) of a 3x3 convolution with zero padding.
 template <typename acc_t>
-AIM_HOST_DEVICE void conv3x3_group(const acc_t* x, int channels, int64_t plane, int64_t W, int64_t y,
-                                   int64_t xx, const acc_t* w, int o0, acc_t* acc) {
-  const int64_t Wp = W + 2;
+AIM_HOST_DEVICE void conv3x3_group(const acc_t* x, int channels, int plane, int W, int y, int xx, const acc_t* w,
+                                   int o0, acc_t* acc) {
+  const int Wp = W + 2;
   for (int c = 0; c < channels; ++c) {
     const acc_t* window = x + c * plane + y * Wp + xx;
     const acc_t* wc = w + c * kTaps * kWidth + o0;
@@ -107,9 +117,9 @@ AIM_HOST_DEVICE acc_t block_output(acc_t h, acc_t sum, acc_t bias, const Round& 
 
 // The mean of one padded H x W channel, summed in position order.
 template <typename acc_t, typename Round>
-AIM_HOST_DEVICE acc_t channel_mean(const acc_t* channel, int64_t H, int64_t W, const Round& round) {
+AIM_HOST_DEVICE acc_t channel_mean(const acc_t* channel, int H, int W, const Round& round) {
   acc_t sum = 0;
-  for (int64_t p = 0; p < H * W; ++p) sum += channel[padded_index(p, W)];
+  for (int p = 0; p < H * W; ++p) sum += channel[padded_index(p, W)];
   return round(sum / static_cast<acc_t>(H * W));
 }
 
@@ -123,7 +133,7 @@ AIM_HOST_DEVICE acc_t context_term(const acc_t* means, const acc_t* weight, cons
 
 // The mask logit at padded element e of h: (W_h h + b) + context.
 template <typename acc_t, typename Round>
-AIM_HOST_DEVICE acc_t logit_at(const acc_t* h, int64_t plane, int64_t e, const acc_t* weight, acc_t bias,
+AIM_HOST_DEVICE acc_t logit_at(const acc_t* h, int plane, int e, const acc_t* weight, acc_t bias,
                                acc_t context, const Round& round) {
   acc_t sum = 0;
   for (int c = 0; c < kWidth; ++c) sum = madd(sum, weight[c], h[c * plane + e]);

@@ -39,9 +39,10 @@ EstimatorParams estimator_params(const Tensor& s, const Tensor& stem_weight, con
                                  const Tensor& local_weight, const Tensor& local_bias,
                                  const Tensor& context_weight, std::string_view algorithm);
 
-// Whether the kernel route takes this input: width 32, at most kMaxBlocks blocks, the map within
-// the kernel's shared memory. With `why`, the reason it does not.
-bool kernel_takes(const Tensor& s, const EstimatorParams& p, std::string* why = nullptr);
+// Whether the kernel route takes this input: float32, float64, float16 or bfloat16, width 32, at
+// most kMaxBlocks blocks, the map within `shared_bytes` of shared memory per block (the kernel's
+// kMaxSharedBytes, or the device's smaller limit). With `why`, the reason it does not.
+bool kernel_takes(const Tensor& s, const EstimatorParams& p, int64_t shared_bytes, std::string* why = nullptr);
 
 // The convolution route: (logits, mask), each (N, 1, H, W) in s's dtype, contiguous.
 std::tuple<Tensor, Tensor> estimator_convolutions(const Tensor& s, const EstimatorParams& p);

@@ -78,8 +78,8 @@ CASES = [  # (N, C, H, W): odd channel counts across the stem's 16-channel chunk
 def test_the_kernel_route_matches_the_float64_definition(dtype, layout):
     """On the CPU the "kernel" route is the CUDA kernels' arithmetic, emulated."""
     for n, c, h, w in CASES:
-        if dtype == torch.float64 and (c == 768 or h * w > 100):
-            continue  # float64 maps fit the kernel up to 10x10
+        if dtype == torch.float64 and (c == 768 or h * w > 121):
+            continue  # float64 maps fit the kernel up to 11x11
         s, params = _input(n, c, h, w, dtype, layout=layout), _params(c, dtype, seed=c)
         _assert_matches_reference(s, params, *mask_estimator(s, *params, algorithm="kernel"))
 
@@ -200,16 +200,30 @@ def test_bad_input_names_the_problem():
 
 
 @NEEDS_KERNELS
-def test_a_forced_kernel_refuses_what_it_cannot_run_and_auto_takes_the_convolutions():
-    big = _input(1, 4, 40, 40, torch.float32)
-    params = _params(4)
-    with pytest.raises(RuntimeError, match=r"a 40x40 Float map is larger than the kernel's limit"):
+@pytest.mark.parametrize("dtype,side", [(torch.float32, 20), (torch.bfloat16, 20), (torch.float64, 11)])
+def test_the_largest_map_the_kernel_takes_and_the_smallest_it_refuses(dtype, side):
+    params = _params(4, dtype)
+    s = _input(1, 4, side, side, dtype)
+    _assert_matches_reference(s, params, *mask_estimator(s, *params, algorithm="kernel"))
+    big = _input(1, 4, side + 1, side + 1, dtype)
+    name = {torch.float32: "Float", torch.bfloat16: "BFloat16", torch.float64: "Double"}[dtype]
+    message = rf"a {side + 1}x{side + 1} {name} map is larger than the kernel's limit \(160 KiB"
+    message += rf".* square maps up to {side}x{side}\)"
+    with pytest.raises(RuntimeError, match=message):
         mask_estimator(big, *params, algorithm="kernel")
-    _assert_matches_reference(big, params, *mask_estimator(big, *params))
+    _assert_matches_reference(big, params, *mask_estimator(big, *params))  # auto: the convolutions
+
+
+@NEEDS_KERNELS
+def test_a_forced_kernel_refuses_what_it_cannot_run_and_auto_takes_the_convolutions():
     narrow, params = _input(1, 4, 5, 5, torch.float64), _params(4, torch.float64, width=16)
     with pytest.raises(RuntimeError, match="the kernel is written for width 32, this estimator has 16"):
         mask_estimator(narrow, *params, algorithm="kernel")
     _assert_matches_reference(narrow, params, *mask_estimator(narrow, *params))
+    empty, params = _input(0, 4, 5, 5, torch.float32), _params(4)
+    for algorithm in ("kernel", "auto"):
+        logits, mask = mask_estimator(empty, *params, algorithm=algorithm)
+        assert logits.shape == mask.shape == (0, 1, 5, 5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,9 +234,9 @@ def test_a_forced_kernel_refuses_what_it_cannot_run_and_auto_takes_the_convoluti
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 def test_cuda_kernel_matches_the_reference_and_its_emulation(dtype, layout):
-    for n, c, h, w in [*CASES, (8, 2048, 7, 7), (4, 384, 14, 14)]:
-        if dtype == torch.float64 and h * w > 100:
-            continue  # float64 maps fit the kernel up to 10x10
+    for n, c, h, w in [*CASES, (8, 2048, 7, 7), (4, 384, 14, 14), (2, 9, 20, 20), (0, 5, 3, 3)]:
+        if dtype == torch.float64 and h * w > 121:
+            continue  # float64 maps fit the kernel up to 11x11
         s, params = _input(n, c, h, w, dtype, layout=layout), _params(c, dtype, seed=c)
         cuda_s, cuda_params = (
             s.cuda(),

@@ -92,6 +92,7 @@ struct EstimatorArgs {
 
 int64_t estimator_partials_elements(int64_t N, int64_t C, int64_t H, int64_t W);
 
-void mask_estimator_forward(DType dtype, const EstimatorArgs& a, cudaStream_t stream);
+// Returns the error of setting the kernels' shared-memory limit (nothing is launched then).
+cudaError_t mask_estimator_forward(DType dtype, const EstimatorArgs& a, cudaStream_t stream);
 
 }  // namespace aim::cuda

@@ -5,8 +5,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 
+#include "../mask_estimator.h"
 #include "../mask_estimator_op.h"
 #include "cuda_args.h"
 #include "launch.h"
@@ -16,6 +18,7 @@ namespace {
 
 std::tuple<Tensor, Tensor> run_kernel(const Tensor& s, const EstimatorParams& p) {
   auto [logits, mask] = estimator_outputs(s);
+  if (s.size(0) == 0) return {logits, mask};
   const int64_t N = s.size(0), C = s.size(1), H = s.size(2), W = s.size(3);
   const auto acc = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const Tensor partials = at::empty({cuda::estimator_partials_elements(N, C, H, W)}, s.options().dtype(acc));
@@ -41,7 +44,7 @@ std::tuple<Tensor, Tensor> run_kernel(const Tensor& s, const EstimatorParams& p)
   a.partials = partials.mutable_data_ptr();
   a.logits = logits.mutable_data_ptr();
   a.mask = mask.mutable_data_ptr();
-  cuda::mask_estimator_forward(kernel_dtype(s.scalar_type()), a, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(cuda::mask_estimator_forward(kernel_dtype(s.scalar_type()), a, c10::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {logits, mask};
 }
@@ -55,8 +58,11 @@ std::tuple<Tensor, Tensor> mask_estimator_cuda(const Tensor& s, const Tensor& st
                                              local_bias, context_weight, route);
   const c10::cuda::CUDAGuard guard(s.device());
   if (route == "convolutions") return estimator_convolutions(s, p);
+  // The kernel's shared memory, or the device's smaller opt-in limit (99 KiB on sm_86/89).
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, s.get_device()));
   std::string why;
-  const bool takes = kernel_takes(s, p, &why);
+  const bool takes = kernel_takes(s, p, std::min<int64_t>(estimator::kMaxSharedBytes, optin), &why);
   if (route == "kernel") {
     TORCH_CHECK(takes, "mask_estimator: algorithm='kernel' cannot run this input: ", why,
                 "; use algorithm='auto' or 'convolutions'");
