@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# aim-bench on one H100/H200 within one short lease, in order of what the benchmark issue needs:
+# aim-bench on one H100/H200 within one short lease, the newest figures first:
 #   build the extension (sm_90 only; the merge kernels' four files in parallel, nvcc on every
-#   CPU), check that the CUDA kernels load, aim-bench batch 1 (eager, CUDA graphs) and 256
+#   CPU), check that the CUDA kernels load, the fused models at batch 1 in CUDA graphs (the mask
+#   estimator op against its modules, its tests, its crossover, a kernel-time profile), the fused
+#   models at batch 256 (dense and sparse branches), aim-bench batch 1 (eager, CUDA graphs) and 256
 #   (eager), the CUDA tests of the ops and the concurrent branches, the training step at batch 64
 #   (eager), where the time goes at batch 1 (profile_overhead.py), batch 1 on one stream, then,
 #   while time is left: compiled training steps, a training profile, torch.compile with CUDA
@@ -52,6 +54,18 @@ step build 170 "$PY" setup.py build_ext --inplace
 step kernels 30 "$PY" -c "import aim_ext.ops as o, sys; a = o.kernels_available(); print(a); sys.exit(0 if a['cuda'] else 1)"
 # Without the kernels every figure would be the reference path's: stop (the rest are skipped).
 [ "${LAST_RC:-1}" -ne 0 ] && BUDGET=0
+# Batch 1 in a CUDA graph, both sides fused: the mask estimators as the op chooses (its one-launch
+# kernel for the top stage), then as modules, side by side; the estimator's CUDA tests and crossover.
+step bench_fused_b1 60 "${BENCH[@]}" --families convnext_tiny,resnet50,mobilenetv2_100 --batch-sizes 1 \
+  --runtimes cudagraphs --no-train --fuse --out "$WORK/bench_fused_b1"
+step bench_fused_b1_modules 60 "${BENCH[@]}" --families convnext_tiny,resnet50,mobilenetv2_100 --batch-sizes 1 \
+  --runtimes cudagraphs --no-train --fuse --estimator modules --out "$WORK/bench_fused_b1_modules"
+step tests_estimator 60 "$PY" -m pytest -q -p no:cacheprovider -n 8 --tb=short -k cuda \
+  tests/test_mask_estimator.py tests/test_feature_branch.py
+step estimator_crossover 45 "$PY" benchmarks/estimator_crossover.py --device cuda --dtype bfloat16 --rounds 20 \
+  --json "$WORK/estimator_crossover.json"
+step profile_fused_b1 30 "${PROFILE[@]}" --model convnext_tiny --stop-stages 2,1 --batch 1 --fuse \
+  --out "$WORK/profile_fused_b1.md"
 # The fused models (both sides), the pooled head, dense then sparse feature branches: the targets of
 # sparse masked inference at batch 256, then the new kernels' CUDA tests (graph capture, no sync).
 step bench_fused_b256 90 "${BENCH[@]}" --batch-sizes 256 --runtimes eager --no-train --fuse --sparse off \

@@ -7,6 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_ops  # noqa: E402
+import profile_overhead  # noqa: E402
 
 
 def test_bench_ops_writes_every_case(tmp_path):
@@ -29,3 +30,22 @@ def test_bench_ops_writes_every_case(tmp_path):
     for row in data["rows"]:
         assert set(row["ms"]) == {"eager", "kernel"} and all(t > 0 for t in row["ms"].values())
         assert row["bytes"] > 0 and row["kernel_gbs"] > 0
+
+
+def test_profile_overhead_tables_give_kernel_time_and_launches():
+    long_name = "void cutlass::Kernel<" + "x" * 100 + ">"
+    rows = [
+        ("vanilla m", 2.0, [("gemm", 500.0), ("add", 250.0)]),
+        ("stage 3: T convolutions", 0.5, [("conv", 100.0), (long_name, 50.0)]),
+        ("head", 0.25, [("linear", 25.0)]),
+    ]
+    table = profile_overhead.inference_table(rows, base=2.0)
+    assert table[:2] == ["| part | ms | kernels | kernel ms | / vanilla ms |", "|---|---|---|---|---|"]
+    assert table[2] == "| vanilla m | 2.0000 | 2 | 0.7500 | 1.000 |"
+    assert table[-1] == "| top-down parts summed (one stream) | 0.7500 | 3 | 0.1750 | 0.375 |"
+    listed = profile_overhead.launch_lists(rows[1:2])
+    assert listed[0] == "#### stage 3: T convolutions: 2 kernels, 0.1500 ms"
+    assert listed[4] == "| 1 | `conv` | 100.0 |"
+    name = profile_overhead.short_name(long_name)
+    assert len(name) == profile_overhead.KERNEL_NAME_WIDTH and name.endswith("...")
+    assert listed[5] == f"| 2 | `{name}` | 50.0 |" and listed[-1] == ""

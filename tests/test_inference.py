@@ -12,6 +12,8 @@ from torch import nn
 import aim_ext
 from aim_ext.models import (
     AIM,
+    FeatureBranch,
+    InferenceFeatureBranch,
     InferenceMaskEstimator,
     MaskEstimator,
     architecture,
@@ -33,7 +35,13 @@ def _aim(name: str, stop_stage: int, size: int) -> AIM:
 
 @pytest.mark.parametrize(
     "name,stop_stage,size",
-    [("resnet18", 1, 96), ("resnet18", 3, 131), ("convnext_atto", 1, 96), ("efficientnet_b0", 2, 96)],
+    [
+        ("resnet18", 1, 96),
+        ("resnet18", 3, 131),
+        ("convnext_atto", 0, 64),
+        ("convnext_atto", 1, 96),
+        ("efficientnet_b0", 2, 96),
+    ],
 )
 def test_fused_aim_gives_the_unfused_outputs_in_float64(name, stop_stage, size):
     model = _aim(name, stop_stage, size)
@@ -45,6 +53,8 @@ def test_fused_aim_gives_the_unfused_outputs_in_float64(name, stop_stage, size):
     assert _batch_norms(fused) == 0 < _batch_norms(model)
     assert all(isinstance(s.mask_estimator, InferenceMaskEstimator) for s in fused.stages)
     assert all(isinstance(s.mask_estimator, MaskEstimator) for s in model.stages)  # the original stays
+    assert all(isinstance(s.features, InferenceFeatureBranch) for s in fused.stages)
+    assert all(type(s.features) is FeatureBranch for s in model.stages)
     for mode in ("off", "on"):
         fused.sparse_inference = mode
         with torch.no_grad():
@@ -162,10 +172,12 @@ def test_timm_reparameterize_model_finds_the_fuse_methods():
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         expected = model.predict(x, merged_map=True)[0]
-    alone = reparameterize_model(model)  # the estimators (children with fuse())
+    alone = reparameterize_model(model)  # the estimators and feature branches (children with fuse())
     assert all(isinstance(s.mask_estimator, InferenceMaskEstimator) for s in alone.stages)
+    assert all(isinstance(s.features, InferenceFeatureBranch) for s in alone.stages)
     nested = reparameterize_model(nn.Sequential(model))  # AIM.fuse() itself: everything
     assert _batch_norms(nested) == 0
+    assert all(isinstance(s.features, InferenceFeatureBranch) for s in nested[0].stages)
     with torch.no_grad():
         torch.testing.assert_close(alone(x), expected, rtol=0, atol=1e-10)
         torch.testing.assert_close(nested(x), expected, rtol=0, atol=1e-10)
@@ -224,10 +236,12 @@ def test_fused_model_compiles_in_one_graph(sparse):
 def test_a_fused_model_pickles_and_still_refuses_training(tmp_path):
     fused = fuse_for_inference(_aim("resnet18", 3, 64).float())
     x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = fused(x)  # after a call: what the model keeps between calls pickles too
     torch.save(fused, tmp_path / "fused.pt")
     loaded = torch.load(tmp_path / "fused.pt", weights_only=False)  # our own file
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x), fused(x), rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="cannot train"):
         loaded.train()
 

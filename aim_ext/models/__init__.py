@@ -12,7 +12,13 @@ from aim_ext.models.mask_estimator import (
     MaskEstimator,
     set_estimator_algorithm,
 )
-from aim_ext.models.topdown import FeatureBranch, StageOutput, TopDownStage, use_fused_epilogue
+from aim_ext.models.topdown import (
+    FeatureBranch,
+    InferenceFeatureBranch,
+    StageOutput,
+    TopDownStage,
+    use_fused_epilogue,
+)
 
 __all__ = [
     "ESTIMATOR_MODES",
@@ -23,6 +29,7 @@ __all__ = [
     "MaskEstimator",
     "StageOutput",
     "TopDownStage",
+    "InferenceFeatureBranch",
     "InferenceMaskEstimator",
     "architecture",
     "create_model",

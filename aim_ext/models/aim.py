@@ -14,7 +14,7 @@ from aim_ext.models.fusion import fold_for_inference, is_inference_only, make_in
 from aim_ext.models.heads import ClassifierHead, masked_avg_pool
 from aim_ext.models.mask_estimator import MaskEstimator
 from aim_ext.models.sparsity import check_sparse_mode, prefer_sparse
-from aim_ext.models.topdown import TOPDOWN_WIDTH, StageOutput, TopDownStage
+from aim_ext.models.topdown import TOPDOWN_WIDTH, FeatureBranch, StageOutput, TopDownStage
 from aim_ext.ops import pool_weights
 from aim_ext.ops.masked_merge import acc_dtype
 
@@ -262,13 +262,15 @@ class AIM(nn.Module):
     def fuse(self) -> AIM:
         """Fuse this model for inference, in place, and return it (timm's ``reparameterize_model``
         calls this on an AIM model nested in another): the backbone's BatchNorms folded into their
-        convolutions, each mask estimator replaced by its inference form, `.train()` refused.
-        `aim_ext.fuse_for_inference` does the same on a copy."""
+        convolutions, each mask estimator and feature branch replaced by its inference form,
+        `.train()` refused. `aim_ext.fuse_for_inference` does the same on a copy."""
         self.eval()
         fold_for_inference(self.backbone)
         for stage in self.stages:
             if isinstance(stage.mask_estimator, MaskEstimator):
                 stage.mask_estimator = stage.mask_estimator.fuse()
+            if type(stage.features) is FeatureBranch and stage.features.standard_convolutions():
+                stage.features = stage.features.fuse()
         return make_inference_only(self)
 
 

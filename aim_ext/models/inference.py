@@ -17,8 +17,10 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
       follows a convolution is folded into it (ResNet's conv/BN pairs, timm's BatchNormAct2d), in
       float64 and rounded once to the model's dtype: fuse before casting to half precision.
     - An AIM model's mask estimators lose their BatchNorms the same way and compute their logits
-      as ``W_h h + W_c mean(h) + b`` instead of a convolution over ``cat[h, mean(h)]``; evaluation
-      uses the pooled head (`AIM.forward_pooled`).
+      as ``W_h h + W_c mean(h) + b`` instead of a convolution over ``cat[h, mean(h)]``; its feature
+      branches become `InferenceFeatureBranch` (the two convolutions composed into one below 288
+      input channels, the align conv a matrix product above); evaluation uses the pooled head
+      (`AIM.forward_pooled`).
     - The copy is evaluation-only: its parameters require no gradients, ``.train()`` raises, and
       a forward pass asked to record gradients raises.
 

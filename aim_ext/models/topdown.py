@@ -10,16 +10,22 @@ further: the end of T_l (LayerNorm, GELU), Eq. 2, Eq. 3 and the merge run as the
 `aim_ext.ops.topdown_epilogue`, which reads the convolution output once (set
 `TopDownStage.fused_epilogue = False` on a stage, or `use_fused_epilogue(model, False)`, for the
 two-op path; both give the same results within the dtype's rounding).
+
+For inference, `FeatureBranch.fuse()` gives `InferenceFeatureBranch`: T_l's convolutions in fewer
+launches, the same outputs.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
+from aim_ext.models.concurrency import tracing
 from aim_ext.models.mask_estimator import MaskEstimator
 from aim_ext.ops import (
     logistic_noise,
@@ -30,8 +36,16 @@ from aim_ext.ops import (
     topdown_epilogue,
     topdown_epilogue_inference,
 )
+from aim_ext.ops.masked_merge import memory_format
 
 TOPDOWN_WIDTH = 256
+# Inference composes T_l's two convolutions below this many input channels: one 3x3 conv with the
+# product weights costs 9 C multiply-adds per output channel and position, the two C + 2304 (9 * 256).
+COMPOSE_BELOW = 288
+# Which of a 3x3 conv's three taps along an axis fall inside the image, by a position's class
+# (`_tap_classes`: 1 if tap 0 is inside, + 2 if tap 2 is): the only position on the axis (tap 1),
+# the last (taps 0, 1), the first (taps 1, 2), an inner one (all three).
+_TAPS_INSIDE = ((0.0, 1.0, 0.0), (1.0, 1.0, 0.0), (0.0, 1.0, 1.0), (1.0, 1.0, 1.0))
 
 
 class FeatureBranch(nn.Module):
@@ -58,6 +72,111 @@ class FeatureBranch(nn.Module):
             and self.act.approximate == "none"
             and self.norm.elementwise_affine
         )
+
+    def standard_convolutions(self) -> bool:
+        """Whether align and refine are a plain Conv1x1 and Conv3x3 (stride 1, padding 1, zero
+        padding), the convolutions `sparse_pooled_branch` and `InferenceFeatureBranch` compute."""
+        a, r = self.align, self.refine
+        return (
+            type(a) is nn.Conv2d
+            and type(r) is nn.Conv2d
+            and a.kernel_size == (1, 1)
+            and r.kernel_size == (3, 3)
+            and a.padding == (0, 0)
+            and r.padding == (1, 1)
+            and r.padding_mode == "zeros"
+            and a.stride == r.stride == a.dilation == r.dilation == (1, 1)
+            and a.groups == r.groups == 1
+        )
+
+    def fuse(self) -> InferenceFeatureBranch:
+        """The same branch for inference, sharing no module with this one (timm's
+        ``reparameterize_model`` calls this)."""
+        return InferenceFeatureBranch(self)
+
+
+class InferenceFeatureBranch(FeatureBranch):
+    """T_l for inference: the same outputs as the `FeatureBranch` it was made from, in fewer launches.
+
+    - Below `COMPOSE_BELOW` input channels the two convolutions are one 3x3 conv with the composed
+      weights W'[o, c] = sum_m refine.weight[o, m] align.weight[m, c] (no bias), plus a bias map
+      that is exact at the borders: through refine's zero padding, align's bias reaches a position
+      only through the taps inside the image. Both come from float64, rounded once to the dtype.
+    - From `COMPOSE_BELOW` up, on a channels_last input, the 1x1 align conv is one matrix product
+      with its bias on the NHWC rows (no separate bias kernel), viewed back without a copy, then
+      the refine conv.
+
+    The weights are computed once, from the branch's: this module is for evaluation, not training.
+    """
+
+    def __init__(self, branch: FeatureBranch) -> None:
+        nn.Module.__init__(self)  # the modules are copies of branch's, not new ones
+        if not branch.standard_convolutions():
+            raise ValueError(f"cannot fuse a feature branch with other convolutions: {branch}")
+        self.align, self.refine = copy.deepcopy(branch.align), copy.deepcopy(branch.refine)
+        self.norm, self.act = copy.deepcopy(branch.norm), copy.deepcopy(branch.act)
+        self.composed = self.align.in_channels < COMPOSE_BELOW
+        self._bias_maps: dict[tuple, Tensor] = {}
+        if not self.composed:
+            return
+        f64, like = torch.float64, self.refine.weight
+        refine, align = like.detach().to(f64), self.align.weight.detach().to(f64)[:, :, 0, 0]
+        weight = torch.einsum("omyx,mc->ocyx", refine, align).to(like.dtype)
+        self.register_buffer("composed_weight", weight.contiguous(memory_format=memory_format(like)))
+        taps = torch.einsum("omyx,m->oyx", refine, _bias64(self.align))  # align's bias through each tap
+        inside = torch.tensor(_TAPS_INSIDE, dtype=f64, device=like.device)
+        table = _bias64(self.refine)[:, None, None] + torch.einsum("oyx,ay,bx->oab", taps, inside, inside)
+        self.register_buffer("border_bias", table.to(like.dtype))  # (256, row class, column class)
+
+    def convolutions(self, s: Tensor) -> Tensor:
+        if self.composed:
+            out = F.conv2d(s, self.composed_weight, None, padding=1)
+            return out.add_(self._bias_map(out))
+        if not s.is_contiguous(memory_format=torch.channels_last):
+            return self.refine(self.align(s))
+        n, c, h, w = s.shape
+        rows = s.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: channels_last is NHWC in memory
+        aligned = F.linear(rows, self.align.weight.view(-1, c), self.align.bias)  # one addmm
+        return self.refine(aligned.view(n, h, w, -1).permute(0, 3, 1, 2))  # channels_last, no copy
+
+    def fuse(self) -> InferenceFeatureBranch:
+        """Already the inference form."""
+        return self
+
+    def _bias_map(self, out: Tensor) -> Tensor:
+        """The composed convolution's bias, (1, 256, H, W) in ``out``'s dtype and layout: each
+        position's entry of `border_bias`. Kept per size, device, dtype and layout; while a tracer
+        runs, made in the graph; made during a CUDA graph capture (device ops only), not kept."""
+        h, w = out.shape[-2:]
+        fmt = memory_format(out)
+        key = (h, w, out.device, out.dtype, fmt == torch.channels_last)  # torch.save takes no formats
+        traced = tracing() or isinstance(out, torch._subclasses.FakeTensor)
+        bias = None if traced else self._bias_maps.get(key)
+        if bias is None:
+            rows, cols = _tap_classes(h, out.device), _tap_classes(w, out.device)
+            table = self.border_bias.to(out.dtype)
+            bias = table.index_select(1, rows).index_select(2, cols)[None].contiguous(memory_format=fmt)
+            if not traced and not (out.is_cuda and torch.cuda.is_current_stream_capturing()):
+                self._bias_maps[key] = bias  # one made in a capture holds values only after a replay
+        return bias
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._bias_maps.clear()  # they are made from border_bias
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+def _bias64(conv: nn.Conv2d) -> Tensor:
+    """``conv``'s bias in float64, zeros where it has none."""
+    if conv.bias is None:
+        return torch.zeros(conv.out_channels, dtype=torch.float64, device=conv.weight.device)
+    return conv.bias.detach().to(torch.float64)
+
+
+def _tap_classes(n: int, device: torch.device) -> Tensor:
+    """The row of `_TAPS_INSIDE` for each of the ``n`` positions along an axis, made on ``device``
+    (no copy from the host, which a CUDA graph capture refuses)."""
+    i = torch.arange(n, device=device)
+    return (i > 0).long() + 2 * (i < n - 1).long()
 
 
 class StageOutput(NamedTuple):
@@ -156,17 +275,7 @@ class TopDownStage(nn.Module):
 
     def can_run_sparse(self) -> bool:
         """Whether T_l is the convolutions and epilogue that `sparse_pooled_branch` computes."""
-        f = self.features
-        return (
-            f.fusable()
-            and type(f.align) is nn.Conv2d
-            and type(f.refine) is nn.Conv2d
-            and f.align.kernel_size == (1, 1)
-            and f.refine.kernel_size == (3, 3)
-            and f.refine.padding == (1, 1)
-            and f.align.stride == f.refine.stride == (1, 1)
-            and f.align.groups == f.refine.groups == 1
-        )
+        return self.features.fusable() and self.features.standard_convolutions()
 
 
 def _same_dtype(coarse: Tensor | None, like: Tensor) -> Tensor | None:
