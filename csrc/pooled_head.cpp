@@ -3,6 +3,7 @@
 //
 //   aim::pooled_epilogue       from the feature branch's 3x3 convolution output (dense):
 //                              pooled[n] = sum_p w(p) B(n, p) GELU(LayerNorm_C(conv))(n, p)
+//                              (conv + conv_bias where given, in the accumulation type)
 //   aim::sparse_pooled_branch  from the backbone features S_l (sparse): the 1x1 align conv on the
 //                              3x3 neighbourhoods of the active positions, the 3x3 refine conv at
 //                              the active positions only, then the same LayerNorm, GELU and sum.
@@ -95,10 +96,14 @@ Tensor mask_of(const Tensor& active, const Tensor& like) {
 // w(p) * GELU(LayerNorm(rows)), per image: (N, D) in the accumulation type. GELU's output is rounded
 // to the rows' dtype, as the dense T_l(S_l) is.
 Tensor pool_rows(const Tensor& rows, const Tensor& index, const Tensor& pool_weight, const Tensor& ln_weight,
-                 const Tensor& ln_bias, double eps, int64_t N, int64_t HW) {
+                 const Tensor& ln_bias, double eps, int64_t N, int64_t HW,
+                 const std::optional<Tensor>& conv_bias = std::nullopt) {
   const auto acc = acc_dtype(rows);
   const int64_t D = rows.size(1), P = N * HW;
-  const Tensor y = at::layer_norm(rows.to(acc), {D}, ln_weight.to(acc), ln_bias.to(acc), eps);
+  // The convolution's bias, where given, joins the rows in the accumulation type (one kernel with
+  // the cast).
+  const Tensor x = conv_bias.has_value() ? at::add(rows, conv_bias->to(acc)) : rows.to(acc);
+  const Tensor y = at::layer_norm(x, {D}, ln_weight.to(acc), ln_bias.to(acc), eps);
   const Tensor features = at::gelu(y).to(rows.scalar_type()).to(acc);
   const Tensor valid = index < P;
   const Tensor slot = at::where(valid, index, at::zeros_like(index));
@@ -110,15 +115,17 @@ Tensor pool_rows(const Tensor& rows, const Tensor& index, const Tensor& pool_wei
 }
 
 std::tuple<Tensor, Tensor> pooled_epilogue(const Tensor& conv, const Tensor& ln_weight, const Tensor& ln_bias,
-                                           const Tensor& logits, const Tensor& pool_weight, double eps) {
+                                           const Tensor& logits, const Tensor& pool_weight, double eps,
+                                           const std::optional<Tensor>& conv_bias) {
   constexpr const char* op = "pooled_epilogue";
   check_pooled_inputs(conv, "conv", logits, pool_weight, ln_weight, ln_bias, conv.size(1), eps, op);
+  if (conv_bias.has_value()) check_vector(*conv_bias, conv.size(1), op, "conv_bias", conv);
   const int64_t N = conv.size(0), HW = conv.size(2) * conv.size(3);
   const Tensor active = logits.reshape({N * HW}) >= 0;
   const Tensor index = compact(active);
   const Tensor rows = position_rows(conv);
   const Tensor gathered = rows.index_select(0, at::clamp_max(index, N * HW - 1));
-  return {pool_rows(gathered, index, pool_weight, ln_weight, ln_bias, eps, N, HW), mask_of(active, conv)};
+  return {pool_rows(gathered, index, pool_weight, ln_weight, ln_bias, eps, N, HW, conv_bias), mask_of(active, conv)};
 }
 
 // The active positions' 3x3 neighbourhoods (the positions the refine conv reads), as flags (P,).
@@ -264,9 +271,10 @@ std::tuple<Tensor, Tensor> sparse_pooled_branch(const Tensor& s, const Tensor& l
 
 // A fragment: the aim library's other schemas are in masked_merge.cpp and topdown_epilogue.cpp.
 TORCH_LIBRARY_FRAGMENT(aim, m) {
+  // conv_bias, the convolution's bias, is added to conv inside the op (at the active positions).
   m.def(
       "pooled_epilogue(Tensor conv, Tensor ln_weight, Tensor ln_bias, Tensor logits, "
-      "Tensor pool_weight, float eps) -> (Tensor, Tensor)");
+      "Tensor pool_weight, float eps, Tensor? conv_bias=None) -> (Tensor, Tensor)");
   m.def(
       "sparse_pooled_branch(Tensor s, Tensor logits, Tensor pool_weight, Tensor align_weight, "
       "Tensor? align_bias, Tensor refine_weight, Tensor? refine_bias, Tensor ln_weight, "

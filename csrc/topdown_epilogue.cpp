@@ -43,12 +43,24 @@ void check_epilogue_backward_inputs(const Tensor& grad_out, const std::optional<
   }
 }
 
+void check_conv_bias(const Tensor& conv, const std::optional<Tensor>& conv_bias, const char* op) {
+  if (!conv_bias.has_value()) return;
+  TORCH_CHECK(conv_bias->dim() == 1 && conv_bias->size(0) == conv.size(1), op, ": conv_bias must have shape (",
+              conv.size(1), ",) (one value per channel of conv), got ", conv_bias->sizes());
+  TORCH_CHECK(at::isFloatingType(conv_bias->scalar_type()), op, ": conv_bias must be a floating-point tensor, got ",
+              conv_bias->scalar_type());
+  TORCH_CHECK(conv_bias->device() == conv.device(), op, ": conv_bias is on ", conv_bias->device(), " but conv is on ",
+              conv.device());
+}
+
 EpilogueForward epilogue_forward_layout(const Tensor& conv, const Tensor& weight, const Tensor& bias,
-                                        const std::optional<Tensor>& coarse, bool with_features) {
+                                        const std::optional<Tensor>& coarse, bool with_features,
+                                        const std::optional<Tensor>& conv_bias) {
   const auto acc = acc_dtype(conv);
   EpilogueForward b{merge_forward_layout(conv, coarse)};
   b.weight = weight.to(acc).contiguous();
   b.bias = bias.to(acc).contiguous();
+  if (conv_bias.has_value()) b.conv_bias = conv_bias->to(acc).contiguous();
   if (with_features) b.features = at::empty(conv.sizes(), conv.options().memory_format(merge_memory_format(conv)));
   return b;
 }
@@ -86,10 +98,11 @@ TORCH_LIBRARY_FRAGMENT(aim, m) {
   m.def(
       "topdown_epilogue(Tensor conv, Tensor ln_weight, Tensor ln_bias, Tensor logits, "
       "Tensor? coarse, Tensor? noise, float temperature, float eps) -> (Tensor, Tensor, Tensor)");
-  // Evaluation (mask 1[logits >= 0], no gradients): (out, mask), the features not written.
+  // Evaluation (mask 1[logits >= 0], no gradients): (out, mask), the features not written;
+  // conv_bias, the convolution's bias, is added to conv inside the op.
   m.def(
       "topdown_epilogue_inference(Tensor conv, Tensor ln_weight, Tensor ln_bias, Tensor logits, "
-      "Tensor? coarse, float eps) -> (Tensor, Tensor)");
+      "Tensor? coarse, float eps, Tensor? conv_bias=None) -> (Tensor, Tensor)");
   // Backward: returns (grad_conv, grad_ln_weight, grad_ln_bias, grad_logits, grad_coarse).
   m.def(
       "topdown_epilogue_backward(Tensor grad_out, Tensor? grad_mask, Tensor? grad_features, "

@@ -1,5 +1,6 @@
 // The epilogue of a top-down stage as one op (the paper's feature branch end, Eq. 2-3, the merge):
 //   features = GELU(LayerNorm_C(conv))            rounded once to conv's dtype
+//              (evaluation: conv + conv_bias where given, added in the accumulation type)
 //   mask     = 1[(logits + noise) / temperature >= 0]
 //   out      = features * mask + nearest_resize(coarse, (H, W))
 // The argument checks and the layout of the tensors (topdown_epilogue.cpp), shared by the CPU and
@@ -29,12 +30,18 @@ void check_epilogue_backward_inputs(const Tensor& grad_out, const std::optional<
 
 // The merge's tensors (input is conv), plus the LayerNorm parameters, contiguous in the
 // accumulation type, and the features, laid out like conv (undefined without `with_features`:
-// the evaluation op, aim::topdown_epilogue_inference, does not write them).
+// the evaluation op, aim::topdown_epilogue_inference, does not write them). conv_bias, the
+// convolution's bias the evaluation op adds to conv (C values in the accumulation type), is
+// undefined when absent.
 struct EpilogueForward : MergeForward {
-  Tensor weight, bias, features;
+  Tensor weight, bias, features, conv_bias;
 };
 EpilogueForward epilogue_forward_layout(const Tensor& conv, const Tensor& weight, const Tensor& bias,
-                                        const std::optional<Tensor>& coarse, bool with_features = true);
+                                        const std::optional<Tensor>& coarse, bool with_features = true,
+                                        const std::optional<Tensor>& conv_bias = std::nullopt);
+
+// Validates the evaluation op's conv_bias: absent, or one value per channel of conv.
+void check_conv_bias(const Tensor& conv, const std::optional<Tensor>& conv_bias, const char* op);
 
 // The same for the backward. grad_features is undefined when absent; grad_weight and grad_bias
 // are (C,) in the accumulation type (cast back by epilogue_grads).

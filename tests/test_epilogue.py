@@ -458,6 +458,39 @@ def test_inference_op_is_the_evaluation_epilogue_without_features(device, seed):
 
 
 @pytest.mark.parametrize("device", devices())
+@FUZZED
+def test_inference_op_adds_the_convolution_bias(device, seed):
+    """conv_bias, the convolution's bias, is added to conv inside topdown_epilogue_inference: the
+    reference on conv + conv_bias (in the accumulation type) to rounding, the same mask."""
+    args = Case.from_seed(seed).make(seed, device)
+    args["noise"], eps = None, args["eps"]
+    conv, weight, bias, logits, coarse = (
+        args[k] for k in ("conv", "ln_weight", "ln_bias", "logits", "coarse")
+    )
+    gen = torch.Generator().manual_seed(seed)
+    conv_bias = (torch.randn(conv.shape[1], generator=gen) * 2).to(device, args["ln_weight"].dtype)
+    with torch.no_grad():
+        out, mask = topdown_epilogue_inference(
+            conv, weight, bias, logits, coarse, eps=eps, conv_bias=conv_bias
+        )
+        ref_out, ref_mask, ref_features = topdown_epilogue_reference(
+            conv, weight, bias, logits, coarse, eps=eps, conv_bias=conv_bias
+        )
+        without, _ = topdown_epilogue_inference(conv, weight, bias, logits, coarse, eps=eps)
+    assert torch.equal(mask, ref_mask)
+    shifted = {**args, "conv": (conv.to(torch.float64) + conv_bias.double()[:, None, None]).to(conv.dtype)}
+    assert_matches_reference(
+        out, ref_out, rounded_from=ref_features * ref_mask, slack=2 * forward_slack(shifted)
+    )
+    assert conv.shape[1] == 1 or not torch.equal(out, without)  # the bias changes the features
+    torch.library.opcheck(
+        torch.ops.aim.topdown_epilogue_inference.default, (conv, weight, bias, logits, coarse, eps, conv_bias)
+    )
+    with pytest.raises(RuntimeError, match=r"conv_bias must have shape \("):
+        topdown_epilogue_inference(conv, weight, bias, logits, coarse, conv_bias=conv_bias[:0])
+
+
+@pytest.mark.parametrize("device", devices())
 def test_opcheck(device):
     for conv, weight, bias, logits, coarse, noise, t, eps in _opcheck_samples(device):
         tensors = [x.requires_grad_() if x is not None else x for x in (conv, weight, bias, logits, coarse)]

@@ -39,6 +39,12 @@ def _branch(channels: int, dtype=torch.float64, seed: int = 0) -> FeatureBranch:
     return branch
 
 
+def _biased(branch: FeatureBranch, s: torch.Tensor) -> torch.Tensor:
+    """refine(align(s)) with every bias: `convolutions` plus the bias left to the epilogue ops."""
+    conv, bias = branch.convolutions(s), branch.epilogue_bias()
+    return conv if bias is None else conv + bias.to(conv.dtype)[:, None, None]
+
+
 def _input(n, c, h, w, channels_last, dtype=torch.float64, seed=1):
     s = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(seed), dtype=dtype)
     return s.contiguous(memory_format=torch.channels_last) if channels_last else s
@@ -54,8 +60,9 @@ def test_inference_branch_gives_the_convolutions_in_float64(channels, channels_l
         for n in (1, 3):
             s = _input(n, channels, h, w, channels_last)
             with torch.no_grad():
-                expected, got = branch.convolutions(s), fused.convolutions(s)
+                expected, got = branch.convolutions(s), _biased(fused, s)
                 torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+                assert (fused.epilogue_bias() is None) == fused.composed
                 torch.testing.assert_close(fused(s), branch(s), rtol=0, atol=1e-10)
             if channels_last:
                 assert got.is_contiguous(memory_format=torch.channels_last), (h, w, n)
@@ -66,13 +73,14 @@ def test_inference_branch_gives_the_convolutions_in_float64(channels, channels_l
     [
         (40, False, {"convolution": 1, "add_": 1}),
         (40, True, {"convolution": 1, "add_": 1}),
-        (320, True, {"addmm": 1, "convolution": 1}),
+        (320, True, {"addmm": 1, "convolution": 1}),  # refine's bias: in the epilogue op
         (320, False, {"convolution": 2}),
     ],
 )
 def test_each_route_launches_what_it_says(channels, channels_last, expected):
     """Below COMPOSE_BELOW one conv and the cached bias map's add; above, on channels_last, one
-    addmm (the bias inside) and the refine conv; an NCHW input keeps both convolutions."""
+    addmm (the bias inside) and the refine conv without its bias; an NCHW input keeps both
+    convolutions. A convolution's bias would be one more launch on CUDA."""
     fused = _branch(channels).fuse()
     s = _input(2, channels, 9, 6, channels_last)
     assert hasattr(fused, "composed_weight") == (channels < COMPOSE_BELOW)
@@ -98,7 +106,7 @@ def test_bfloat16_autocast_keeps_channels_last(channels):
     fused = branch.fuse()
     s = _input(2, channels, 7, 5, True, torch.float32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        got, expected = fused.convolutions(s), branch.convolutions(s)
+        got, expected = _biased(fused, s), branch.convolutions(s)
         fused.convolutions(s)  # the cached bias map, in bfloat16
     assert got.dtype == expected.dtype == torch.bfloat16
     assert got.is_contiguous(memory_format=torch.channels_last)
@@ -188,13 +196,15 @@ def test_on_cuda_eager_in_a_cuda_graph_and_under_bfloat16_autocast(channels):
             captured = fused.convolutions(s)
         assert not fused._bias_maps
         graph.replay()
+        bias = fused.epilogue_bias()
+        captured = captured if bias is None else captured + bias[:, None, None]
         torch.testing.assert_close(captured, expected, rtol=0, atol=1e-10)
-        torch.testing.assert_close(fused.convolutions(s), expected, rtol=0, atol=1e-10)
+        torch.testing.assert_close(_biased(fused, s), expected, rtol=0, atol=1e-10)
         assert len(fused._bias_maps) == (channels < COMPOSE_BELOW)
     branch32 = _branch(channels, torch.float32).cuda()
     fused32, s32 = branch32.fuse(), s.float()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        got = fused32.convolutions(s32)
+        got = _biased(fused32, s32)
     assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(got.float(), branch32.convolutions(s32), rtol=0.05, atol=0.1)

@@ -151,6 +151,28 @@ def test_sparse_branch_reads_only_the_active_neighbourhoods(channels):
     assert not torch.equal(pooled, sparse_pooled_branch(near, logits, weight, aw, ab, rw, rb, lw, lb)[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_pooled_epilogue_adds_the_convolution_bias(dtype):
+    """conv_bias, the convolution's bias, is added to conv inside pooled_epilogue (at the active
+    positions): the dense computation on conv + conv_bias."""
+    g = torch.Generator().manual_seed(9)
+    conv = torch.randn(2, 24, 5, 6, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    _, _, _, _, lw, lb = _branch_weights(4, 24, dtype, "cpu", g)
+    conv_bias = torch.randn(24, generator=g)  # float32, as a module's under autocast
+    logits, weight = _logits(2, 5, 6, 0.4, dtype, "cpu", g), torch.rand(5, 6, generator=g)
+    pooled, mask = pooled_epilogue(conv, lw, lb, logits, weight, conv_bias=conv_bias)
+    exact = conv.double() + conv_bias.double()[:, None, None]
+    expected, expected_mask = pooled_epilogue_reference(
+        exact, lw.double(), lb.double(), logits, weight.double()
+    )
+    assert torch.equal(mask, expected_mask.to(dtype))
+    torch.testing.assert_close(pooled.double(), expected, rtol=TOL[dtype], atol=TOL[dtype])
+    reference, _ = pooled_epilogue_reference(conv, lw, lb, logits, weight, conv_bias=conv_bias)
+    torch.testing.assert_close(pooled, reference, rtol=TOL[dtype], atol=TOL[dtype])
+    with pytest.raises(RuntimeError, match=r"conv_bias must have shape \(24,\)"):
+        pooled_epilogue(conv, lw, lb, logits, weight, conv_bias=conv_bias[:5])
+
+
 def test_opcheck():
     g = torch.Generator().manual_seed(4)
     s = torch.randn(2, 5, 6, 7, generator=g)
@@ -165,6 +187,7 @@ def test_opcheck():
     )
     conv = torch.randn(2, 8, 6, 7, generator=g).contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(torch.ops.aim.pooled_epilogue.default, (conv, lw, lb, logits, weight, 1e-6))
+    torch.library.opcheck(torch.ops.aim.pooled_epilogue.default, (conv, lw, lb, logits, weight, 1e-6, lb * 3))
 
 
 def test_torch_compile_fullgraph_sees_the_ops():

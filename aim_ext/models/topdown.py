@@ -61,6 +61,10 @@ class FeatureBranch(nn.Module):
     def convolutions(self, s: Tensor) -> Tensor:
         return self.refine(self.align(s))
 
+    def epilogue_bias(self) -> Tensor | None:
+        """A bias (256,) that `convolutions` leaves out and the epilogue ops add; None: none left out."""
+        return None
+
     def forward(self, s: Tensor) -> Tensor:
         return self.act(self.norm(self.convolutions(s)))
 
@@ -104,7 +108,8 @@ class InferenceFeatureBranch(FeatureBranch):
       only through the taps inside the image. Both come from float64, rounded once to the dtype.
     - From `COMPOSE_BELOW` up, on a channels_last input, the 1x1 align conv is one matrix product
       with its bias on the NHWC rows (no separate bias kernel), viewed back without a copy, then
-      the refine conv.
+      the refine conv without its bias: the epilogue ops add it (`epilogue_bias`), so T_l's
+      convolutions are two launches.
 
     The weights are computed once, from the branch's: this module is for evaluation, not training.
     """
@@ -132,12 +137,23 @@ class InferenceFeatureBranch(FeatureBranch):
         if self.composed:
             out = F.conv2d(s, self.composed_weight, None, padding=1)
             return out.add_(self._bias_map(out))
-        if not s.is_contiguous(memory_format=torch.channels_last):
-            return self.refine(self.align(s))
-        n, c, h, w = s.shape
-        rows = s.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: channels_last is NHWC in memory
-        aligned = F.linear(rows, self.align.weight.view(-1, c), self.align.bias)  # one addmm
-        return self.refine(aligned.view(n, h, w, -1).permute(0, 3, 1, 2))  # channels_last, no copy
+        if s.is_contiguous(memory_format=torch.channels_last):
+            n, c, h, w = s.shape
+            rows = s.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: channels_last is NHWC in memory
+            aligned = F.linear(rows, self.align.weight.view(-1, c), self.align.bias)  # one addmm
+            s = aligned.view(n, h, w, -1).permute(0, 3, 1, 2)  # channels_last, no copy
+        else:
+            s = self.align(s)
+        return F.conv2d(s, self.refine.weight, None, padding=1)
+
+    def epilogue_bias(self) -> Tensor | None:
+        return None if self.composed else self.refine.bias
+
+    def forward(self, s: Tensor) -> Tensor:
+        conv, bias = self.convolutions(s), self.epilogue_bias()
+        if bias is not None:
+            conv = conv + bias.to(conv.dtype)[:, None, None]
+        return self.act(self.norm(conv))
 
     def fuse(self) -> InferenceFeatureBranch:
         """Already the inference form."""
@@ -219,12 +235,15 @@ class TopDownStage(nn.Module):
         if self.training:  # noise off still trains the estimator through the straight-through gradient
             sample = logistic_noise(logits) if noise else torch.zeros_like(logits, dtype=torch.float32)
         coarse = _same_dtype(coarse, branch)
+        conv_bias = self.features.epilogue_bias() if self.uses_fused_epilogue() else None
         if self.uses_fused_epilogue() and not self.training and not torch.is_grad_enabled():
             norm = self.features.norm  # evaluation: only the auxiliary heads would read T_l(S_l)
             merged, mask = topdown_epilogue_inference(
-                branch, norm.weight, norm.bias, logits, coarse, eps=norm.eps
+                branch, norm.weight, norm.bias, logits, coarse, eps=norm.eps, conv_bias=conv_bias
             )
             return StageOutput(merged, mask, logits, None)
+        if conv_bias is not None:  # the training op takes the convolution's output with its bias
+            branch = branch + conv_bias.to(branch.dtype)[:, None, None]
         if self.uses_fused_epilogue():
             norm = self.features.norm
             merged, mask, feat = topdown_epilogue(
@@ -269,7 +288,15 @@ class TopDownStage(nn.Module):
                 eps=f.norm.eps,
             )
         if f.fusable():
-            return pooled_epilogue(branch, f.norm.weight, f.norm.bias, logits, weight, eps=f.norm.eps)
+            return pooled_epilogue(
+                branch,
+                f.norm.weight,
+                f.norm.bias,
+                logits,
+                weight,
+                eps=f.norm.eps,
+                conv_bias=f.epilogue_bias(),
+            )
         mask = (logits >= 0).to(branch.dtype)
         return masked_pool(branch, mask, weight), mask
 

@@ -32,12 +32,12 @@ SCHEMAS = (
     "topdown_epilogue(Tensor conv, Tensor ln_weight, Tensor ln_bias, Tensor logits, Tensor? coarse, "
     "Tensor? noise, float temperature, float eps) -> (Tensor, Tensor, Tensor)",
     "topdown_epilogue_inference(Tensor conv, Tensor ln_weight, Tensor ln_bias, Tensor logits, "
-    "Tensor? coarse, float eps) -> (Tensor, Tensor)",
+    "Tensor? coarse, float eps, Tensor? conv_bias=None) -> (Tensor, Tensor)",
     "topdown_epilogue_backward(Tensor grad_out, Tensor? grad_mask, Tensor? grad_features, "
     "Tensor conv, Tensor ln_weight, Tensor ln_bias, Tensor logits, Tensor? noise, float temperature, "
     "float eps, SymInt[] coarse_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "pooled_epilogue(Tensor conv, Tensor ln_weight, Tensor ln_bias, Tensor logits, "
-    "Tensor pool_weight, float eps) -> (Tensor, Tensor)",
+    "Tensor pool_weight, float eps, Tensor? conv_bias=None) -> (Tensor, Tensor)",
     "sparse_pooled_branch(Tensor s, Tensor logits, Tensor pool_weight, Tensor align_weight, "
     "Tensor? align_bias, Tensor refine_weight, Tensor? refine_bias, Tensor ln_weight, "
     "Tensor ln_bias, float eps, int? capacity) -> (Tensor, Tensor)",

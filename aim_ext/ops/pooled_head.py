@@ -71,9 +71,11 @@ def pooled_epilogue_reference(
     logits: Tensor,
     pool_weight: Tensor,
     eps: float = LAYER_NORM_EPS,
+    conv_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(pooled, mask)``: sum_p w(p) B(p) GELU(LayerNorm_C(conv))(p) per image, and B = 1[logits >= 0]."""
-    features = layer_norm_gelu(conv, ln_weight, ln_bias, eps)
+    """``(pooled, mask)``: sum_p w(p) B(p) GELU(LayerNorm_C(conv + conv_bias))(p) per image, and
+    B = 1[logits >= 0]."""
+    features = layer_norm_gelu(conv, ln_weight, ln_bias, eps, conv_bias)
     mask = (logits >= 0).to(conv.dtype)
     return masked_pool(features, mask, pool_weight), mask.contiguous(memory_format=memory_format(conv))
 
@@ -158,9 +160,9 @@ def sparse_pooled_branch_graph(
 # The ops' Python kernels: the fallback without the compiled extension, and fake kernels.
 
 
-def _pooled_epilogue_fallback(conv, ln_weight, ln_bias, logits, pool_weight, eps):
+def _pooled_epilogue_fallback(conv, ln_weight, ln_bias, logits, pool_weight, eps, conv_bias=None):
     with torch.no_grad():
-        return pooled_epilogue_reference(conv, ln_weight, ln_bias, logits, pool_weight, eps)
+        return pooled_epilogue_reference(conv, ln_weight, ln_bias, logits, pool_weight, eps, conv_bias)
 
 
 def _sparse_fallback(s, logits, pool_weight, aw, ab, rw, rb, ln_weight, ln_bias, eps, capacity):
@@ -188,7 +190,7 @@ def _check_map(x: Tensor, name: str, op: str) -> None:
         raise ValueError(f"{op}: {name} must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
 
 
-def _pooled_epilogue_fake(conv, ln_weight, ln_bias, logits, pool_weight, eps):
+def _pooled_epilogue_fake(conv, ln_weight, ln_bias, logits, pool_weight, eps, conv_bias=None):
     _check_map(conv, "conv", "pooled_epilogue")
     return _fake_outputs(conv, conv.shape[1])
 
@@ -222,14 +224,16 @@ def pooled_epilogue(
     pool_weight: Tensor,
     *,
     eps: float = LAYER_NORM_EPS,
+    conv_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """A stage's share of mean(P_T), (N, C) in the accumulation type, and its mask B_l (N, 1, H, W),
-    from the feature branch's convolution output ``conv`` (N, C, H, W); ``pool_weight`` (H, W) is
-    the stage's `pool_weights` entry. Evaluation only (no noise, no gradients)."""
-    refuse_gradient_inputs("pooled_epilogue", conv, ln_weight, ln_bias, logits)
+    from the feature branch's convolution output ``conv`` (N, C, H, W), plus ``conv_bias`` (C,), the
+    convolution's bias, where given; ``pool_weight`` (H, W) is the stage's `pool_weights` entry.
+    Evaluation only (no noise, no gradients)."""
+    refuse_gradient_inputs("pooled_epilogue", conv, ln_weight, ln_bias, logits, conv_bias)
     if torch.onnx.is_in_onnx_export():
-        return pooled_epilogue_reference(conv, ln_weight, ln_bias, logits, pool_weight, eps)
-    return torch.ops.aim.pooled_epilogue(conv, ln_weight, ln_bias, logits, pool_weight, float(eps))
+        return pooled_epilogue_reference(conv, ln_weight, ln_bias, logits, pool_weight, eps, conv_bias)
+    return torch.ops.aim.pooled_epilogue(conv, ln_weight, ln_bias, logits, pool_weight, float(eps), conv_bias)
 
 
 def sparse_pooled_branch(

@@ -84,11 +84,19 @@ def _check_all(conv, weight, bias, logits, coarse, noise, temperature, eps) -> N
         raise ValueError(f"{OP}: eps must be > 0, got {eps}")
 
 
-def layer_norm_gelu(conv: Tensor, weight: Tensor, bias: Tensor, eps: float = LAYER_NORM_EPS) -> Tensor:
-    """GELU(LayerNorm over channels) in float32 (float64 for float64), rounded once to conv's dtype."""
+def layer_norm_gelu(
+    conv: Tensor, weight: Tensor, bias: Tensor, eps: float = LAYER_NORM_EPS, conv_bias: Tensor | None = None
+) -> Tensor:
+    """GELU(LayerNorm over channels) in float32 (float64 for float64), rounded once to conv's dtype;
+    ``conv_bias`` (C,), the convolution's bias, is added to conv in that type first."""
     check_epilogue_inputs(conv, weight, bias)
     acc = acc_dtype(conv)
-    x = conv.to(acc).permute(0, 2, 3, 1)
+    x = conv.to(acc)
+    if conv_bias is not None:
+        if conv_bias.shape != (conv.shape[1],):
+            raise ValueError(f"conv_bias must have shape ({conv.shape[1]},), got {tuple(conv_bias.shape)}")
+        x = x + conv_bias.to(acc)[:, None, None]
+    x = x.permute(0, 2, 3, 1)
     normed = F.layer_norm(x, (conv.shape[1],), weight.to(acc), bias.to(acc), eps).permute(0, 3, 1, 2)
     return F.gelu(normed).to(conv.dtype)
 
@@ -103,11 +111,13 @@ def topdown_epilogue_reference(
     noise: Tensor | None = None,
     temperature: float = 1.0,
     eps: float = LAYER_NORM_EPS,
+    conv_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(out, mask, features)``: the merged map P_l, the binary mask B_l and T_l(S_l) before masking
-    (the auxiliary heads pool it). Differentiable by autograd, straight-through in training."""
+    (the auxiliary heads pool it). Differentiable by autograd, straight-through in training.
+    ``conv_bias``: the convolution's bias, added to conv first (`topdown_epilogue_inference`'s)."""
     _check_all(conv, weight, bias, logits, coarse, noise, temperature, eps)
-    features = layer_norm_gelu(conv, weight, bias, eps)
+    features = layer_norm_gelu(conv, weight, bias, eps, conv_bias)
     out, mask = masked_merge_reference(features, logits, coarse, noise=noise, temperature=temperature)
     return out, mask, features
 
@@ -125,12 +135,16 @@ def _forward_fallback(conv, weight, bias, logits, coarse, noise, temperature, ep
     return tuple(t.contiguous(memory_format=fmt) for t in (out, mask, features))
 
 
-def _inference_fallback(conv, weight, bias, logits, coarse, eps):
-    out, mask, _ = _forward_fallback(conv, weight, bias, logits, coarse, None, 1.0, eps)
-    return out, mask
+def _inference_fallback(conv, weight, bias, logits, coarse, eps, conv_bias=None):
+    fmt = memory_format(conv)
+    with torch.no_grad():
+        out, mask, _ = topdown_epilogue_reference(
+            conv, weight, bias, logits, coarse, eps=eps, conv_bias=conv_bias
+        )
+    return out.contiguous(memory_format=fmt), mask.contiguous(memory_format=fmt)
 
 
-def _inference_fake(conv, weight, bias, logits, coarse, eps):
+def _inference_fake(conv, weight, bias, logits, coarse, eps, conv_bias=None):
     out, mask, _ = _forward_fake(conv, weight, bias, logits, coarse, None, 1.0, eps)
     return out, mask
 
@@ -288,12 +302,19 @@ def topdown_epilogue_inference(
     coarse: Tensor | None = None,
     *,
     eps: float = LAYER_NORM_EPS,
+    conv_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(out, mask)`` of :func:`topdown_epilogue` in evaluation (mask 1[logits >= 0]), without
-    writing the features; no gradients (use :func:`topdown_epilogue` for them)."""
+    writing the features; no gradients (use :func:`topdown_epilogue` for them). ``conv_bias`` (C,),
+    the convolution's bias, is added to conv inside the op (a convolution without its bias saves
+    a launch)."""
     _check_all(conv, ln_weight, ln_bias, logits, coarse, None, 1.0, eps)
-    refuse_gradient_inputs("topdown_epilogue_inference", conv, ln_weight, ln_bias, logits, coarse)
+    refuse_gradient_inputs("topdown_epilogue_inference", conv, ln_weight, ln_bias, logits, coarse, conv_bias)
     if torch.onnx.is_in_onnx_export():
-        out, mask, _ = topdown_epilogue_reference(conv, ln_weight, ln_bias, logits, coarse, eps=eps)
+        out, mask, _ = topdown_epilogue_reference(
+            conv, ln_weight, ln_bias, logits, coarse, eps=eps, conv_bias=conv_bias
+        )
         return out, mask
-    return torch.ops.aim.topdown_epilogue_inference(conv, ln_weight, ln_bias, logits, coarse, float(eps))
+    return torch.ops.aim.topdown_epilogue_inference(
+        conv, ln_weight, ln_bias, logits, coarse, float(eps), conv_bias
+    )

@@ -39,17 +39,25 @@ struct Tiles {
         ps(merge_memory_format(t) == at::MemoryFormat::ChannelsLast ? t.size(1) : 1) {}
 };
 
+// Element (c, i) of a tile of conv, plus the convolution's bias where given (evaluation).
+template <typename scalar_t, typename acc_t>
+acc_t conv_value(const Tiles& g, const scalar_t* x, const acc_t* conv_bias, int64_t c, int64_t i) {
+  const acc_t v = static_cast<acc_t>(x[c * g.cs + i * g.ps]);
+  return conv_bias == nullptr ? v : v + conv_bias[c];
+}
+
 // The per-pixel LayerNorm statistics of one tile, by two passes over the channels.
 template <typename scalar_t, typename acc_t>
-void tile_statistics(const Tiles& g, const scalar_t* x, int64_t len, double eps, acc_t* mean, acc_t* rstd) {
+void tile_statistics(const Tiles& g, const scalar_t* x, int64_t len, double eps, acc_t* mean, acc_t* rstd,
+                     const acc_t* conv_bias = nullptr) {
   std::fill(mean, mean + len, acc_t(0));
   std::fill(rstd, rstd + len, acc_t(0));
   for (int64_t c = 0; c < g.C; ++c)
-    for (int64_t i = 0; i < len; ++i) mean[i] += static_cast<acc_t>(x[c * g.cs + i * g.ps]);
+    for (int64_t i = 0; i < len; ++i) mean[i] += conv_value(g, x, conv_bias, c, i);
   for (int64_t i = 0; i < len; ++i) mean[i] /= static_cast<acc_t>(g.C);
   for (int64_t c = 0; c < g.C; ++c) {
     for (int64_t i = 0; i < len; ++i) {
-      const acc_t d = static_cast<acc_t>(x[c * g.cs + i * g.ps]) - mean[i];
+      const acc_t d = conv_value(g, x, conv_bias, c, i) - mean[i];
       rstd[i] += d * d;
     }
   }
@@ -71,6 +79,7 @@ void forward_kernel(const EpilogueForward& b, const Tensor& preactivation, doubl
   const scalar_t* coarse = has_coarse ? b.coarse.const_data_ptr<scalar_t>() : nullptr;
   const acc_t* weight = b.weight.const_data_ptr<acc_t>();
   const acc_t* bias = b.bias.const_data_ptr<acc_t>();
+  const acc_t* conv_bias = b.conv_bias.defined() ? b.conv_bias.const_data_ptr<acc_t>() : nullptr;
   const acc_t* z = preactivation.const_data_ptr<acc_t>();
   scalar_t* out = b.out.mutable_data_ptr<scalar_t>();
   scalar_t* features = b.features.defined() ? b.features.mutable_data_ptr<scalar_t>() : nullptr;
@@ -83,7 +92,7 @@ void forward_kernel(const EpilogueForward& b, const Tensor& preactivation, doubl
       const int64_t n = t / g.per_image(), p0 = (t % g.per_image()) * kTile;
       const int64_t len = std::min(kTile, g.HW - p0);
       const int64_t offset = n * g.C * g.HW + p0 * g.ps;
-      tile_statistics(g, conv + offset, len, eps, mean, rstd);
+      tile_statistics(g, conv + offset, len, eps, mean, rstd, conv_bias);
       for (int64_t i = 0; i < len; ++i) {
         const int64_t p = n * g.HW + p0 + i;
         m[i] = z[p] >= 0 ? acc_t(1) : acc_t(0);
@@ -94,7 +103,7 @@ void forward_kernel(const EpilogueForward& b, const Tensor& preactivation, doubl
       for (int64_t c = 0; c < g.C; ++c) {
         for (int64_t i = 0; i < len; ++i) {
           const int64_t k = offset + c * g.cs + i * g.ps;
-          const acc_t y = (static_cast<acc_t>(conv[k]) - mean[i]) * rstd[i] * weight[c] + bias[c];
+          const acc_t y = (conv_value(g, conv + offset, conv_bias, c, i) - mean[i]) * rstd[i] * weight[c] + bias[c];
           const scalar_t f = static_cast<scalar_t>(gelu(y));
           if (features != nullptr) features[k] = f;
           // Round as the reference does: features, then features * mask, then + coarse.
@@ -210,9 +219,12 @@ std::tuple<Tensor, Tensor, Tensor> topdown_epilogue_cpu(const Tensor& conv, cons
 
 std::tuple<Tensor, Tensor> topdown_epilogue_inference_cpu(const Tensor& conv, const Tensor& weight,
                                                           const Tensor& bias, const Tensor& logits,
-                                                          const std::optional<Tensor>& coarse, double eps) {
+                                                          const std::optional<Tensor>& coarse, double eps,
+                                                          const std::optional<Tensor>& conv_bias) {
   check_epilogue_inputs(conv, weight, bias, logits, coarse, std::nullopt, 1.0, eps);
-  const EpilogueForward b = epilogue_forward_layout(conv, weight, bias, coarse, /*with_features=*/false);
+  check_conv_bias(conv, conv_bias, "topdown_epilogue_inference");
+  const EpilogueForward b =
+      epilogue_forward_layout(conv, weight, bias, coarse, /*with_features=*/false, conv_bias);
   const Tensor z = mask_preactivation(logits, std::nullopt, 1.0, acc_dtype(conv));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, conv.scalar_type(), "topdown_epilogue_inference_cpu",
                                   [&] { forward_kernel<scalar_t>(b, z, eps); });

@@ -46,11 +46,12 @@ void merge_backward(DType dtype, const MergeShape& s, const MaskInput& in, const
 void coarse_adjoint(DType dtype, const MergeShape& s, const void* grad_out, void* grad_coarse,
                     cudaStream_t stream);
 
-// features = GELU(LayerNorm_C(conv)) (weight, bias: C values in the accumulation type),
-// out = features * mask + nearest_resize(coarse); coarse may be null, features too (not written).
+// features = GELU(LayerNorm_C(conv + conv_bias)) (weight, bias, conv_bias: C values in the
+// accumulation type; conv_bias may be null: none), out = features * mask + nearest_resize(coarse);
+// coarse may be null, features too (not written).
 void epilogue_forward(DType dtype, const MergeShape& s, const MaskInput& in, const void* conv,
-                      const void* weight, const void* bias, double eps, const void* coarse,
-                      void* out, void* mask, void* features, cudaStream_t stream);
+                      const void* weight, const void* bias, const void* conv_bias, double eps,
+                      const void* coarse, void* out, void* mask, void* features, cudaStream_t stream);
 
 // Elements (accumulation type) of the workspace epilogue_backward needs for its partial sums.
 int64_t epilogue_workspace_elements(const MergeShape& s);

@@ -22,24 +22,27 @@ std::tuple<Tensor, Tensor, Tensor> topdown_epilogue_cuda(const Tensor& conv, con
   const EpilogueForward b = epilogue_forward_layout(conv, weight, bias, coarse);
   const MaskArgs mask(logits, noise, temperature);
   cuda::epilogue_forward(kernel_dtype(conv.scalar_type()), merge_shape(b.input, b.coarse), mask.input,
-                         b.input.const_data_ptr(), b.weight.const_data_ptr(), b.bias.const_data_ptr(), eps,
-                         data_or_null(b.coarse), b.out.mutable_data_ptr(), b.mask.mutable_data_ptr(),
-                         b.features.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream());
+                         b.input.const_data_ptr(), b.weight.const_data_ptr(), b.bias.const_data_ptr(),
+                         /*conv_bias=*/nullptr, eps, data_or_null(b.coarse), b.out.mutable_data_ptr(),
+                         b.mask.mutable_data_ptr(), b.features.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {b.out, b.mask, b.features};
 }
 
 std::tuple<Tensor, Tensor> topdown_epilogue_inference_cuda(const Tensor& conv, const Tensor& weight,
                                                            const Tensor& bias, const Tensor& logits,
-                                                           const std::optional<Tensor>& coarse, double eps) {
+                                                           const std::optional<Tensor>& coarse, double eps,
+                                                           const std::optional<Tensor>& conv_bias) {
   check_epilogue_inputs(conv, weight, bias, logits, coarse, std::nullopt, 1.0, eps);
+  check_conv_bias(conv, conv_bias, "topdown_epilogue_inference");
   const c10::cuda::CUDAGuard guard(conv.device());
-  const EpilogueForward b = epilogue_forward_layout(conv, weight, bias, coarse, /*with_features=*/false);
+  const EpilogueForward b =
+      epilogue_forward_layout(conv, weight, bias, coarse, /*with_features=*/false, conv_bias);
   const MaskArgs mask(logits, std::nullopt, 1.0);
   cuda::epilogue_forward(kernel_dtype(conv.scalar_type()), merge_shape(b.input, b.coarse), mask.input,
-                         b.input.const_data_ptr(), b.weight.const_data_ptr(), b.bias.const_data_ptr(), eps,
-                         data_or_null(b.coarse), b.out.mutable_data_ptr(), b.mask.mutable_data_ptr(),
-                         /*features=*/nullptr, c10::cuda::getCurrentCUDAStream());
+                         b.input.const_data_ptr(), b.weight.const_data_ptr(), b.bias.const_data_ptr(),
+                         data_or_null(b.conv_bias), eps, data_or_null(b.coarse), b.out.mutable_data_ptr(),
+                         b.mask.mutable_data_ptr(), /*features=*/nullptr, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {b.out, b.mask};
 }

@@ -33,7 +33,7 @@ __device__ __forceinline__ int64_t coarse_pixel(const MergeShape& s, int64_t p, 
 template <typename T, int V, int K>
 __global__ void __launch_bounds__(kThreads)
     forward_cl(MergeShape s, MaskInput in, const T* conv, const acc_type<T>* weight, const acc_type<T>* bias,
-               double eps, const T* coarse, T* out, T* mask, T* features) {
+               const acc_type<T>* conv_bias, double eps, const T* coarse, T* out, T* mask, T* features) {
   using acc_t = acc_type<T>;
   const int lane = threadIdx.x % kWarp;
   const int64_t C = s.C, chunks = C / V, pixels = s.N * s.H * s.W;
@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kThreads)
       if (j < chunks) {
         const Vec<T, V> v = load_vec<T, V>(conv + p * C + j * V);
 #pragma unroll
-        for (int k = 0; k < V; ++k) sum += (x[kk][k] = to_acc(v.v[k]));
+        for (int k = 0; k < V; ++k) sum += (x[kk][k] = to_acc(v.v[k]) + (conv_bias ? conv_bias[j * V + k] : acc_t(0)));
       }
     }
     const acc_t mean = warp_sum(sum) / static_cast<acc_t>(C);
@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     forward_strided(MergeShape s, MaskInput in, const T* conv, const acc_type<T>* weight, const acc_type<T>* bias,
-                    double eps, const T* coarse, T* out, T* mask, T* features) {
+                    const acc_type<T>* conv_bias, double eps, const T* coarse, T* out, T* mask, T* features) {
   using acc_t = acc_type<T>;
   const int64_t C = s.C, HW = s.H * s.W, pixels = s.N * HW, hw = s.h * s.w;
   const int64_t cs = s.channels_last ? 1 : HW, ps = s.channels_last ? C : 1;
@@ -95,11 +95,13 @@ __global__ void __launch_bounds__(kThreads)
   const float sh = coarse ? nearest_scale(s.h, s.H) : 0.f, sw = coarse ? nearest_scale(s.w, s.W) : 0.f;
   for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < pixels; p += int64_t(gridDim.x) * blockDim.x) {
     const int64_t n = p / HW, base = n * C * HW + (p - n * HW) * ps;
+    // Element c of this pixel, plus the convolution's bias where given (evaluation).
+    auto value = [&](int64_t c) { return to_acc(conv[base + c * cs]) + (conv_bias ? conv_bias[c] : acc_t(0)); };
     acc_t sum = 0, sq = 0;
-    for (int64_t c = 0; c < C; ++c) sum += to_acc(conv[base + c * cs]);
+    for (int64_t c = 0; c < C; ++c) sum += value(c);
     const acc_t mean = sum / static_cast<acc_t>(C);
     for (int64_t c = 0; c < C; ++c) {
-      const acc_t d = to_acc(conv[base + c * cs]) - mean;
+      const acc_t d = value(c) - mean;
       sq += d * d;
     }
     const acc_t rstd = finish_rstd<acc_t>(sq, C, eps);
@@ -108,7 +110,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t cbase = coarse ? n * C * hw + (coarse_pixel(s, p, sh, sw) - n * hw) * cps : 0;
     for (int64_t c = 0; c < C; ++c) {
       const int64_t e = base + c * cs;
-      const T f = from_acc<T>(gelu((to_acc(conv[e]) - mean) * rstd * weight[c] + bias[c]));
+      const T f = from_acc<T>(gelu((value(c) - mean) * rstd * weight[c] + bias[c]));
       if (features) features[e] = f;
       out[e] = merged<T>(f, m, coarse != nullptr, coarse ? coarse[cbase + c * ccs] : T{});
     }
@@ -369,8 +371,8 @@ bool rows_in_global(const MergeShape& s, size_t acc_size) { return partials_smem
 }  // namespace
 
 void epilogue_forward(DType dtype, const MergeShape& s, const MaskInput& in, const void* conv, const void* weight,
-                      const void* bias, double eps, const void* coarse, void* out, void* mask, void* features,
-                      cudaStream_t stream) {
+                      const void* bias, const void* conv_bias, double eps, const void* coarse, void* out, void* mask,
+                      void* features, cudaStream_t stream) {
   const int64_t pixels = s.N * s.H * s.W;
   if (pixels == 0) return;
   dispatch(dtype, [&](auto tag) {
@@ -380,15 +382,17 @@ void epilogue_forward(DType dtype, const MergeShape& s, const MaskInput& in, con
     const T* c = static_cast<const T*>(coarse);
     T *o = static_cast<T*>(out), *m = static_cast<T*>(mask), *f = static_cast<T*>(features);
     const auto *w = static_cast<const acc_t*>(weight), *b = static_cast<const acc_t*>(bias);
+    const auto* cb = static_cast<const acc_t*>(conv_bias);
     const int k = register_chunks<T>(s, {x, c, o, f});
     if (k == 0) {
-      forward_strided<T><<<blocks_for(pixels), kThreads, 0, stream>>>(s, in, x, w, b, eps, c, o, m, f);
+      forward_strided<T><<<blocks_for(pixels), kThreads, 0, stream>>>(s, in, x, w, b, cb, eps, c, o, m, f);
       return;
     }
     dispatch_chunks(k, [&](auto chunks) {
       constexpr int K = decltype(chunks)::value, V = 16 / sizeof(T);
       if constexpr (K * V <= kMaxRegisterValues) {
-        forward_cl<T, V, K><<<blocks_for(pixels, kWarpsPerBlock), kThreads, 0, stream>>>(s, in, x, w, b, eps, c, o, m, f);
+        forward_cl<T, V, K>
+            <<<blocks_for(pixels, kWarpsPerBlock), kThreads, 0, stream>>>(s, in, x, w, b, cb, eps, c, o, m, f);
       }
     });
   });
