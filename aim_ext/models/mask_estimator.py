@@ -59,7 +59,8 @@ class InferenceMaskEstimator(nn.Module):
     Without autograd it runs as the one op `aim_ext.ops.mask_estimator` with `algorithm`: "auto"
     takes the one-launch kernel on CUDA for small maps (the top stage) and ATen's convolutions
     otherwise, in one call with no Python between the layers. While a tracer runs (export,
-    compile) and with gradients, the layers run as modules, as they do with algorithm "modules".
+    compile) and when autograd would record, the layers run as modules, as they do with
+    algorithm "modules".
     """
 
     algorithm = "auto"  # one of ESTIMATOR_MODES; set_estimator_algorithm sets it on a whole model
@@ -84,9 +85,16 @@ class InferenceMaskEstimator(nn.Module):
         self.eval()
 
     def forward(self, s: Tensor) -> Tensor:
-        if self.algorithm == "modules" or tracing() or torch.is_grad_enabled():
+        if self.algorithm == "modules" or tracing() or self._records_gradients(s):
             return self.forward_modules(s)
         return self.forward_op(s, self.algorithm)[0]
+
+    def _records_gradients(self, s: Tensor) -> bool:
+        """Whether autograd would record this call (a fused model's parameters require none, so it
+        runs the op with gradients enabled too)."""
+        return torch.is_grad_enabled() and (
+            s.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
 
     def forward_modules(self, s: Tensor) -> Tensor:
         """A_l layer by layer, as modules."""
