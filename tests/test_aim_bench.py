@@ -86,6 +86,8 @@ def test_fused_rows_say_which_evaluation_path_ran(tmp_path, sparse, branch, esti
 def test_unknown_names_are_refused():
     with pytest.raises(SystemExit, match="unknown runtime warp; known: eager"):
         bench_main(["--device", "cpu", "--runtimes", "warp"])
+    with pytest.raises(SystemExit, match="--estimator kernel sets how fused mask estimators run; add --fuse"):
+        bench_main(["--device", "cpu", "--estimator", "kernel"])
 
 
 def test_ratios_divide_by_the_vanilla_row_of_the_same_comparison():

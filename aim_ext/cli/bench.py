@@ -151,6 +151,10 @@ def _settings(args: argparse.Namespace) -> argparse.Namespace:
             raise SystemExit(f"aim-bench: unknown {name} {', '.join(unknown)}; known: {', '.join(known)}")
     if not 0 <= args.mask_density < 1:
         raise SystemExit(f"aim-bench: --mask-density must be in [0, 1), got {args.mask_density}")
+    if args.estimator != "auto" and not args.fuse:
+        raise SystemExit(
+            f"aim-bench: --estimator {args.estimator} sets how fused mask estimators run; add --fuse"
+        )
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("aim-bench: --device cuda, but torch sees no CUDA device")
