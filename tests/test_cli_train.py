@@ -34,6 +34,15 @@ def test_configs_build_their_model(path):
     assert getattr(model, "stop_stage", None) == cfg.stop_stage
 
 
+def test_a_bad_value_or_a_missing_run_is_one_line(tmp_path, capsys):
+    assert main(["--amp", "bad", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == "aim-train: amp must be none, bf16 or fp16, got 'bad'\n"
+    assert main(["--resume", "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("aim-train: --resume: no run to continue") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_flags_override_the_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: resnet50\nepochs: 10\nchannels_last: true\n")

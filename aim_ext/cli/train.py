@@ -85,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from aim_ext.engine import TrainingError, fit
 
-    cfg = config_from_args(args)
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, FileNotFoundError) as error:  # a bad value or a missing run: one line
+        print(f"aim-train: {error}", file=sys.stderr)
+        return 2
     train, val = build_datasets(cfg, data_config(cfg))
     torch.manual_seed(cfg.seed)  # the new layers' initial weights follow the seed (the same on every rank)
     model = build_model(cfg, train.num_classes)
