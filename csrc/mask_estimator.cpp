@@ -95,6 +95,17 @@ bool kernel_takes(const Tensor& s, const EstimatorParams& p, int64_t shared_byte
   return true;
 }
 
+bool use_kernel(const Tensor& s, const EstimatorParams& p, std::string_view algorithm, int64_t shared_bytes,
+                bool auto_wins) {
+  if (algorithm == "convolutions") return false;
+  std::string why;
+  const bool takes = kernel_takes(s, p, shared_bytes, &why);
+  if (algorithm == "auto") return takes && auto_wins;
+  TORCH_CHECK(takes, kOp, ": algorithm='kernel' cannot run this input: ", why,
+              "; use algorithm='auto' or 'convolutions'");
+  return true;
+}
+
 std::tuple<Tensor, Tensor> estimator_convolutions(const Tensor& s, const EstimatorParams& p) {
   // In place where a map is this function's own: the values of the out-of-place ops, fewer buffers.
   Tensor h = at::conv2d(s, p.stem_weight, p.stem_bias, 1, 1);
@@ -228,10 +239,8 @@ std::tuple<Tensor, Tensor> mask_estimator_cpu(const Tensor& s, const Tensor& ste
   const std::string_view route(algorithm.data(), algorithm.size());
   const EstimatorParams p = estimator_params(s, stem_weight, stem_bias, block_weights, block_biases, local_weight,
                                              local_bias, context_weight, route);
-  if (route != "kernel") return estimator_convolutions(s, p);
-  std::string why;
-  TORCH_CHECK(kernel_takes(s, p, estimator::kMaxSharedBytes, &why), kOp, ": algorithm='kernel' cannot run this input: ", why,
-              "; use algorithm='auto' or 'convolutions'");
+  // "auto" takes the convolutions on the CPU: the emulation is a test tool, not a fast path.
+  if (!use_kernel(s, p, route, estimator::kMaxSharedBytes, /*auto_wins=*/false)) return estimator_convolutions(s, p);
   auto [logits, mask] = estimator_outputs(s);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "mask_estimator_cpu",
                                   [&] { emulate_kernel<scalar_t>(s, p, logits, mask); });

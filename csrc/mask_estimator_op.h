@@ -44,6 +44,12 @@ EstimatorParams estimator_params(const Tensor& s, const Tensor& stem_weight, con
 // kMaxSharedBytes, or the device's smaller limit). With `why`, the reason it does not.
 bool kernel_takes(const Tensor& s, const EstimatorParams& p, int64_t shared_bytes, std::string* why = nullptr);
 
+// Whether `algorithm` takes the kernel route: "kernel" always (an error naming the reason where
+// the kernel cannot run the input), "auto" where the kernel takes the input and `auto_wins`,
+// "convolutions" never.
+bool use_kernel(const Tensor& s, const EstimatorParams& p, std::string_view algorithm, int64_t shared_bytes,
+                bool auto_wins);
+
 // The convolution route: (logits, mask), each (N, 1, H, W) in s's dtype, contiguous.
 std::tuple<Tensor, Tensor> estimator_convolutions(const Tensor& s, const EstimatorParams& p);
 

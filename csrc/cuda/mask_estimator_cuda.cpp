@@ -6,7 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <string>
+#include <vector>
 
 #include "../mask_estimator.h"
 #include "../mask_estimator_op.h"
@@ -61,15 +61,10 @@ std::tuple<Tensor, Tensor> mask_estimator_cuda(const Tensor& s, const Tensor& st
   // The kernel's shared memory, or the device's smaller opt-in limit (99 KiB on sm_86/89).
   int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, s.get_device()));
-  std::string why;
-  const bool takes = kernel_takes(s, p, std::min<int64_t>(estimator::kMaxSharedBytes, optin), &why);
-  if (route == "kernel") {
-    TORCH_CHECK(takes, "mask_estimator: algorithm='kernel' cannot run this input: ", why,
-                "; use algorithm='auto' or 'convolutions'");
-    return run_kernel(s, p);
-  }
   const bool wins = s.size(0) <= kAutoMaxBatch && s.size(2) * s.size(3) <= kAutoMaxPositions;
-  return takes && wins ? run_kernel(s, p) : estimator_convolutions(s, p);
+  return use_kernel(s, p, route, std::min<int64_t>(estimator::kMaxSharedBytes, optin), wins)
+             ? run_kernel(s, p)
+             : estimator_convolutions(s, p);
 }
 
 }  // namespace
