@@ -2,9 +2,11 @@
 
 import json
 import pickle
+from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils.data import Dataset
 
 import aim_ext
@@ -26,6 +28,9 @@ class Blobs(Dataset):
             x0 = 2 if y == 0 else size // 2 + 2
             self.images[i, :, 8:20, x0 : x0 + 10] += 2.0
         self.place = torch.randint(0, 2, (count,), generator=g)
+        # Python ints: loading an item reads no tensor value (test_a_training_step_reads_nothing_back).
+        self.label_of = self.labels.tolist()
+        self.group_of = (2 * self.labels + self.place).tolist()
         self.poison = False
 
     def __len__(self) -> int:
@@ -33,11 +38,7 @@ class Blobs(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         image = self.images[i] * (float("nan") if self.poison else 1.0)
-        return {
-            "image": image,
-            "label": int(self.labels[i]),
-            "group": int(2 * self.labels[i] + self.place[i]),
-        }
+        return {"image": image, "label": self.label_of[i], "group": self.group_of[i]}
 
 
 def tiny_config(tmp_path, **kw) -> TrainConfig:
@@ -322,3 +323,85 @@ def test_freeze_levels_of_mobilenet_v2_stop_at_level_2(stop_stage):
             ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.", "blocks.2.")
         )
         assert parameter.requires_grad != inside, name
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor's values back to the host (a wait for a GPU)."""
+
+    READS = ("_local_scalar_dense", "nonzero", "masked_select", "equal", "allclose", "_unique2", "unique_dim")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.READS:
+            self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("stop_stage", [None, 3])
+def test_a_training_step_reads_nothing_back(tmp_path, monkeypatch, stop_stage):
+    """Between two reads of the running statistics (every log_every steps and at the end of the
+    epoch), a step (forward, loss, backward, clipping, AdamW, the schedule) reads no value back:
+    an epoch's reads, the statistics' own left out, do not grow with its number of steps."""
+    epoch, read = train_module.train_one_epoch, train_module.RunningStats.read
+    mode = HostReads()
+
+    def watched_epoch(*args, **kwargs):
+        with mode:
+            return epoch(*args, **kwargs)
+
+    def unwatched_read(self, world):
+        with _disable_current_modes():
+            return read(self, world)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", watched_epoch)
+    monkeypatch.setattr(train_module.RunningStats, "read", unwatched_read)
+    counts = []
+    for steps in (2, 6):
+        cfg = tiny_config(
+            tmp_path / str(steps), epochs=1, stop_stage=stop_stage, max_steps_per_epoch=steps, log_every=100
+        )
+        mode.calls.clear()
+        fit(cfg, Blobs(64, 0), Blobs(16, 1), make_model(cfg), log=lambda *_: None)
+        counts.append(dict(mode.calls))
+    assert counts[0] == counts[1]  # per epoch: the end-of-epoch weights check, one read per parameter
+    assert set(counts[0]) == {"_local_scalar_dense"}
+    assert counts[0]["_local_scalar_dense"] <= len(list(make_model(cfg).parameters())) + 2
+
+
+def test_statistics_are_read_once_per_interval(tmp_path, monkeypatch):
+    reads = []
+    original = train_module.RunningStats.read
+
+    def counted(self, world):
+        reads.append(self.seen)
+        return original(self, world)
+
+    monkeypatch.setattr(train_module.RunningStats, "read", counted)
+    cfg = tiny_config(tmp_path, epochs=1, max_steps_per_epoch=7, log_every=3)
+    fit(cfg, Blobs(64, 0), Blobs(16, 1), make_model(cfg), log=lambda *_: None)
+    assert reads == [24, 48, 56, 56]  # after steps 3 and 6, at the epoch's last step, and its summary
+
+
+def test_a_non_finite_gradient_skips_the_update_on_the_device(tmp_path):
+    """_optimizer_step: NaN gradients (a non-finite loss) leave the weights and AdamW's state as
+    they were, without reading the flag back; finite ones update."""
+    cfg = tiny_config(tmp_path, grad_clip=1.0)
+    model = make_model(cfg)
+    optimizer = train_module.build_optimizer(model, cfg)
+    model(torch.randn(2, 3, 32, 32)).logits.sum().backward()
+    train_module._optimizer_step(model, optimizer, cfg, None)
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = [s["step"].clone() for s in optimizer.state.values()]
+    model(torch.randn(2, 3, 32, 32) * float("nan")).logits.sum().backward()
+    with HostReads() as mode:
+        train_module._optimizer_step(model, optimizer, cfg, None)
+    assert not mode.calls
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    assert all(torch.equal(a, s["step"]) for a, s in zip(steps, optimizer.state.values(), strict=True))
+    model(torch.randn(2, 3, 32, 32)).logits.sum().backward()
+    train_module._optimizer_step(model, optimizer, cfg, None)
+    assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))

@@ -64,6 +64,7 @@ class TrainConfig:
     mask_log_every: int = 5  # epochs between saved masks of the fixed validation batch
     mask_log_images: int = 8
     max_steps_per_epoch: int | None = None  # for smoke tests
+    log_every: int = 20  # training steps between reads of the running statistics from the device
 
     def area_schedule_duration(self) -> int:
         """Annealing length in epochs: as configured, else half of training."""
@@ -75,6 +76,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         if self.accum_steps < 1 or self.batch_size < 1:
             raise ValueError("batch_size and accum_steps must be >= 1")
         if self.freeze_levels < 0:

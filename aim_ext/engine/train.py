@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -112,11 +111,9 @@ def train_one_epoch(
     keep_frozen_in_eval(model)
     set_gumbel_for_epoch(unwrap(model), cfg, epoch)
     tau = area_target(area_schedule(cfg), epoch)
-    sums: dict[str, float] = defaultdict(float)
-    areas: dict[int, float] = defaultdict(float)
-    seen = correct = 0
     steps = _steps(data, cfg)
     lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}  # this epoch's first
+    running = RunningStats(device)
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(data, total=steps, desc=f"epoch {epoch}", leave=False, disable=None)
     for step, batch in enumerate(bar):
@@ -132,25 +129,25 @@ def train_one_epoch(
             terms, output = _forward_backward(
                 model, images, labels, tau, group_size, cfg, device, scaler, world
             )
-        if terms is None:
-            raise TrainingError(
-                f"non-finite loss at epoch {epoch}, step {step}: stopping; "
-                "the last checkpoint is the last good state"
-            )
+        running.add(step, terms, output, labels)
         if closes_group:
-            _optimizer_step(model, optimizer, cfg, scaler)
+            _optimizer_step(model, optimizer, cfg, scaler)  # skipped on the device if not finite
             scheduler.step()  # per optimizer step, not per micro-batch
-        _accumulate(sums, areas, terms, output, len(labels))
-        logits = output.logits if isinstance(output, AIMOutput) else output
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += len(labels)
-        bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", acc=f"{correct / seen:.3f}")
-    keys, stages = sorted(sums), sorted(areas)
-    totals = world.sum([sums[k] for k in keys] + [areas[i] for i in stages] + [seen, correct])
-    seen, correct = max(totals[-2], 1), totals[-1]
-    stats = {key: value / seen for key, value in zip(keys, totals, strict=False)}
-    stats["train_acc"] = correct / seen
-    stats["mask_area"] = [value / seen for value in totals[len(keys) : len(keys) + len(stages)]]
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            totals = running.read(world)  # the only device-to-host read of the loop
+            if totals["bad_step"] >= 0:
+                raise TrainingError(
+                    f"non-finite loss at epoch {epoch}, step {totals['bad_step']}: stopping; "
+                    "the last checkpoint is the last good state"
+                )
+            bar.set_postfix(
+                loss=f"{totals['loss'] / totals['seen']:.3f}", acc=f"{totals['correct'] / totals['seen']:.3f}"
+            )
+    totals = running.read(world)
+    seen = max(totals["seen"], 1)
+    stats = {key: totals[key] / seen for key in LOSS_KEYS}
+    stats["train_acc"] = totals["correct"] / seen
+    stats["mask_area"] = [value / seen for value in totals["areas"]]
     stats["tau"] = tau
     stats["lr"] = lrs
     if not all(torch.isfinite(p).all() for p in unwrap(model).parameters()):
@@ -160,9 +157,51 @@ def train_one_epoch(
     return stats
 
 
+LOSS_KEYS = ("area_loss", "aux_ce", "final_ce", "loss")
+
+
+class RunningStats:
+    """The epoch's loss terms, correct predictions and mask areas, summed on the device (float64,
+    weighted by the batch size), and the first step whose loss was not finite: a training step
+    reads nothing back; `read` does, once per logging interval."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums: Tensor | None = None  # LOSS_KEYS, correct, then one area per stage
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.seen = 0
+
+    def add(self, step: int, terms: LossTerms, output, labels: Tensor) -> None:
+        batch = len(labels)
+        logits = output.logits if isinstance(output, AIMOutput) else output
+        values = [terms.area, terms.aux_ce, terms.final_ce, terms.total]  # LOSS_KEYS' order
+        values = [v.detach().double() * batch for v in values]
+        values.append((logits.detach().argmax(1) == labels).sum().double())
+        if isinstance(output, AIMOutput):
+            values += [active_area(mask.detach()).double() * batch for mask in output.masks]
+        stacked = torch.stack(values)
+        self.sums = stacked if self.sums is None else self.sums + stacked
+        finite = torch.isfinite(terms.total.detach())
+        self.bad_step = torch.where(finite | (self.bad_step >= 0), self.bad_step, step)
+        self.seen += batch
+
+    def read(self, world: World) -> dict[str, Any]:
+        """The sums over every process of a distributed run, and the first bad step (-1: none)."""
+        sums = [] if self.sums is None else self.sums.tolist()
+        totals = world.sum([*sums, self.seen])
+        n = len(LOSS_KEYS)
+        out: dict[str, Any] = dict(zip(LOSS_KEYS, totals[:n] if sums else [0.0] * n, strict=True))
+        out["correct"] = totals[n] if sums else 0.0
+        out["areas"] = totals[n + 1 : len(sums)]
+        out["seen"] = totals[len(sums)]
+        bad = [b for b in world.gather(int(self.bad_step)) if b >= 0]
+        out["bad_step"] = min(bad) if bad else -1
+        return out
+
+
 def _forward_backward(model, images, labels, tau, group_size, cfg, device, scaler, world: World):
-    """Loss terms of one micro-batch and their backward; (None, None) when the loss is not finite
-    on any process (all of them learn it at once, so none waits in the gradient all-reduce)."""
+    """Loss terms of one micro-batch and their backward. A non-finite loss is not checked here (that
+    would wait for the device): `RunningStats` records its step and `_optimizer_step` skips the
+    update it would cause."""
     with autocast(cfg, device):
         output = model(images)
         terms = aim_loss(
@@ -174,8 +213,6 @@ def _forward_backward(model, images, labels, tau, group_size, cfg, device, scale
             sum_over_batch=world.sum_over_batch(),
             aux_weight=cfg.aux_weight,
         )
-    if world.sum([float(not torch.isfinite(terms.total))])[0] > 0:
-        return None, None
     loss = terms.total / group_size
     (scaler.scale(loss) if scaler else loss).backward()
     return terms, output
@@ -189,26 +226,22 @@ def _inputs(batch: dict, cfg: TrainConfig, device: torch.device) -> tuple[Tensor
 
 
 def _optimizer_step(model: nn.Module, optimizer, cfg: TrainConfig, scaler) -> None:
+    """Clip and step. Gradients that are not finite (from a non-finite loss, on any process of a
+    distributed run) make the fused AdamW skip the update on the device (`found_inf`), with no read
+    back; under fp16 the grad scaler does the same."""
     if scaler:
         scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm)
     if scaler:
         scaler.step(optimizer)
         scaler.update()
     else:
+        optimizer.found_inf = (~torch.isfinite(norm)).float()
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-
-
-def _accumulate(sums: dict, areas: dict, terms: LossTerms, output, batch: int) -> None:
-    sums["loss"] += terms.total.item() * batch
-    sums["final_ce"] += terms.final_ce.item() * batch
-    sums["aux_ce"] += terms.aux_ce.item() * batch
-    sums["area_loss"] += terms.area.item() * batch
-    if isinstance(output, AIMOutput):
-        for i, mask in enumerate(output.masks):
-            areas[i] += active_area(mask.detach()).item() * batch
 
 
 @torch.no_grad()
