@@ -383,7 +383,7 @@ def test_statistics_are_read_once_per_interval(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module.RunningStats, "read", counted)
     cfg = tiny_config(tmp_path, epochs=1, max_steps_per_epoch=7, log_every=3)
     fit(cfg, Blobs(64, 0), Blobs(16, 1), make_model(cfg), log=lambda *_: None)
-    assert reads == [24, 48, 56, 56]  # after steps 3 and 6, at the epoch's last step, and its summary
+    assert reads == [24, 48, 56]  # after steps 3 and 6, and at the end of the epoch
 
 
 def test_a_non_finite_gradient_skips_the_update_on_the_device(tmp_path):

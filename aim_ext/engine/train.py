@@ -133,17 +133,12 @@ def train_one_epoch(
         if closes_group:
             _optimizer_step(model, optimizer, cfg, scaler)  # skipped on the device if not finite
             scheduler.step()  # per optimizer step, not per micro-batch
-        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-            totals = running.read(world)  # the only device-to-host read of the loop
-            if totals["bad_step"] >= 0:
-                raise TrainingError(
-                    f"non-finite loss at epoch {epoch}, step {totals['bad_step']}: stopping; "
-                    "the last checkpoint is the last good state"
-                )
+        if (step + 1) % cfg.log_every == 0:
+            totals = _checked(running.read(world), epoch)  # the only device-to-host read of the loop
             bar.set_postfix(
                 loss=f"{totals['loss'] / totals['seen']:.3f}", acc=f"{totals['correct'] / totals['seen']:.3f}"
             )
-    totals = running.read(world)
+    totals = _checked(running.read(world), epoch)
     seen = max(totals["seen"], 1)
     stats = {key: totals[key] / seen for key in LOSS_KEYS}
     stats["train_acc"] = totals["correct"] / seen
@@ -155,6 +150,16 @@ def train_one_epoch(
             f"non-finite weights after epoch {epoch}: not checkpointed; the last checkpoint is good"
         )
     return stats
+
+
+def _checked(totals: dict[str, Any], epoch: int) -> dict[str, Any]:
+    """`RunningStats.read`'s totals, or the error naming the first step whose loss was not finite."""
+    if totals["bad_step"] >= 0:
+        raise TrainingError(
+            f"non-finite loss at epoch {epoch}, step {totals['bad_step']}: stopping; "
+            "the last checkpoint is the last good state"
+        )
+    return totals
 
 
 LOSS_KEYS = ("area_loss", "aux_ce", "final_ce", "loss")
