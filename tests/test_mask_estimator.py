@@ -3,6 +3,10 @@ module it replaces, and itself across routes, devices, replays and bad input."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import CUDA_REASON
@@ -296,3 +300,35 @@ def test_cuda_auto_takes_the_kernel_for_the_top_stage_only():
     assert "stem_partials" in kernel_names(torch.randn(1, 64, 7, 7, device="cuda"), params)
     assert "stem_partials" not in kernel_names(torch.randn(1, 64, 14, 14, device="cuda"), params)
     assert "stem_partials" not in kernel_names(torch.randn(16, 64, 7, 7, device="cuda"), params)
+
+
+def test_without_the_compiled_kernels_the_op_is_its_reference():
+    """AIM_EXT_NO_KERNELS=1: the op runs mask_estimator_reference (parameters cast to s's dtype);
+    the kernel route, which needs the extension, says so."""
+    script = """
+import warnings, torch
+warnings.simplefilter("ignore")
+from aim_ext.ops import mask_estimator, mask_estimator_reference
+g = torch.Generator().manual_seed(0)
+def r(*shape):
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * 0.2
+s = r(2, 5, 4, 6)
+convs = [r(32, 32, 3, 3) for _ in range(6)]
+params = [r(32, 5, 3, 3), r(32), convs, [r(32) for _ in convs], r(1, 32, 1, 1), r(1), r(1, 32)]
+def to(p, dtype):
+    return [t.to(dtype) for t in p] if isinstance(p, list) else p.to(dtype)
+floats = [to(p, torch.float32) for p in params]  # cast back to s's float64 exactly
+logits, mask = mask_estimator(s, *floats)
+expected, expected_mask = mask_estimator_reference(s, *[to(p, torch.float64) for p in floats])
+print(torch.equal(logits, expected), torch.equal(mask, expected_mask), logits.dtype)
+try:
+    mask_estimator(s, *params, algorithm="kernel")
+except RuntimeError as error:
+    print(error)
+"""
+    env = {**os.environ, "AIM_EXT_NO_KERNELS": "1"}
+    lines = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert lines[0] == "True True torch.float64"
+    assert lines[1] == "mask_estimator: algorithm='kernel' needs the compiled aim_ext kernels"

@@ -69,13 +69,13 @@ def _fallback(
         )
     if algorithm == "kernel":
         raise RuntimeError("mask_estimator: algorithm='kernel' needs the compiled aim_ext kernels")
-    params = [stem_weight, stem_bias, *block_weights, *block_biases, local_weight, local_bias, context_weight]
-    params = [p.to(s.dtype) for p in params]
-    k = len(block_weights)
+
+    def cast(t):  # the parameters in s's dtype, as the compiled routes take them
+        return [x.to(s.dtype) for x in t] if isinstance(t, list) else t.to(s.dtype)
+
+    params = (stem_weight, stem_bias, block_weights, block_biases, local_weight, local_bias, context_weight)
     with torch.no_grad():
-        return mask_estimator_reference(
-            s, params[0], params[1], params[2 : 2 + k], params[2 + k : 2 + 2 * k], *params[2 + 2 * k :]
-        )
+        return mask_estimator_reference(s, *(cast(p) for p in params))
 
 
 def _fake(
