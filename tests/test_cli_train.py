@@ -35,8 +35,14 @@ def test_configs_build_their_model(path):
 
 
 def test_a_bad_value_or_a_missing_run_is_one_line(tmp_path, capsys):
-    assert main(["--amp", "bad", "--out", str(tmp_path / "run")]) == 2
-    assert capsys.readouterr().err == "aim-train: amp must be none, bf16 or fp16, got 'bad'\n"
+    with pytest.raises(SystemExit) as exit_:  # a flag's choices: argparse's usage error
+        main(["--step", "graph", "--out", str(tmp_path / "run")])
+    assert exit_.value.code == 2
+    assert "argument --step: invalid choice: 'graph'" in capsys.readouterr().err
+    path = tmp_path / "bad.yaml"
+    path.write_text("amp: bad\n")
+    assert main(["--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == "aim-train: amp must be one of none, bf16, fp16, got 'bad'\n"
     assert main(["--resume", "--out", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("aim-train: --resume: no run to continue") and err.count("\n") == 1

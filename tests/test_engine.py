@@ -14,6 +14,7 @@ import aim_ext.engine.train as train_module
 from aim_ext import create_model
 from aim_ext.engine import TrainConfig, TrainingError, fit, load_config
 from aim_ext.engine.optim import parameter_groups
+from aim_ext.engine.step import StepContext, optimizer_step
 from aim_ext.models import load_checkpoint, load_model_state
 
 
@@ -126,7 +127,7 @@ def test_resume_ends_with_the_same_weights(tmp_path, monkeypatch, stop_stage):
     original = train_module.train_one_epoch
 
     def interrupted(*args, **kwargs):
-        if args[5] == 2:  # the epoch argument
+        if args[4] == 2:  # the epoch argument
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
@@ -151,7 +152,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     snapshot = {}
 
     def poison_second_epoch(*args, **kwargs):
-        if args[5] == 1:
+        if args[4] == 1:
             snapshot["last"] = (tmp_path / "run" / "last.pt").read_bytes()
             train.poison = True
         return original(*args, **kwargs)
@@ -387,21 +388,24 @@ def test_statistics_are_read_once_per_interval(tmp_path, monkeypatch):
 
 
 def test_a_non_finite_gradient_skips_the_update_on_the_device(tmp_path):
-    """_optimizer_step: NaN gradients (a non-finite loss) leave the weights and AdamW's state as
+    """optimizer_step: NaN gradients (a non-finite loss) leave the weights and AdamW's state as
     they were, without reading the flag back; finite ones update."""
     cfg = tiny_config(tmp_path, grad_clip=1.0)
     model = make_model(cfg)
     optimizer = train_module.build_optimizer(model, cfg)
+    ctx = StepContext(model, optimizer, cfg, torch.device("cpu"))
     model(torch.randn(2, 3, 32, 32)).logits.sum().backward()
-    train_module._optimizer_step(model, optimizer, cfg, None)
+    optimizer_step(ctx)
+    optimizer.zero_grad()
     before = [p.detach().clone() for p in model.parameters()]
     steps = [s["step"].clone() for s in optimizer.state.values()]
     model(torch.randn(2, 3, 32, 32) * float("nan")).logits.sum().backward()
     with HostReads() as mode:
-        train_module._optimizer_step(model, optimizer, cfg, None)
+        optimizer_step(ctx)
+    optimizer.zero_grad()
     assert not mode.calls
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     assert all(torch.equal(a, s["step"]) for a, s in zip(steps, optimizer.state.values(), strict=True))
     model(torch.randn(2, 3, 32, 32)).logits.sum().backward()
-    train_module._optimizer_step(model, optimizer, cfg, None)
+    optimizer_step(ctx)
     assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))

@@ -2,6 +2,7 @@
 
     aim-train --config configs/waterbirds95/convnext_tiny_aim2_25.yaml --data-root DATA --out runs/x
     aim-train --model resnet50 --stop-stage 3 --dataset cub --data-root CUB_200_2011 --epochs 100
+    aim-train --config ... --amp bf16 --channels-last --step cuda-graph    # a GPU's fastest step
 
 Every key of `aim_ext.engine.TrainConfig` is a flag (`--lr-mask 1e-3`, `--no-channels-last`); flags
 override the YAML file. `--resume` continues the run in `--out` where it stopped.
@@ -52,7 +53,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             )
         else:
             parser.add_argument(
-                flag, type=_TYPES[kind], default=argparse.SUPPRESS, help=f"default {field.default}"
+                flag,
+                type=_TYPES[kind],
+                choices=field.metadata.get("choices"),
+                default=argparse.SUPPRESS,
+                help=f"default {field.default}",
             )
 
 
@@ -83,7 +88,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from aim_ext.engine import TrainingError, fit
+    from aim_ext.engine import StepError, TrainingError, fit
 
     try:
         cfg = config_from_args(args)
@@ -95,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(cfg, train.num_classes)
     try:
         best = fit(cfg, train, val, model, resume=args.resume)
+    except StepError as error:  # a step kind this run cannot use: refused before training
+        print(f"aim-train: {error}", file=sys.stderr)
+        return 2
     except TrainingError as error:
         print(f"aim-train: {error}", file=sys.stderr)
         return 1

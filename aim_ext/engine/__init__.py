@@ -4,6 +4,7 @@ checkpoints."""
 from aim_ext.engine.build import build_datasets, build_model, build_split, data_config
 from aim_ext.engine.checkpoint import save_atomic
 from aim_ext.engine.config import TrainConfig, load_config
+from aim_ext.engine.step import StepError, build_step
 from aim_ext.engine.train import (
     TrainingError,
     fit,
@@ -15,9 +16,11 @@ from aim_ext.engine.train import (
 
 __all__ = [
     "TrainConfig",
+    "StepError",
     "TrainingError",
     "build_datasets",
     "build_model",
+    "build_step",
     "build_split",
     "data_config",
     "fit",

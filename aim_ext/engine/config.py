@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,15 @@ import yaml
 
 from aim_ext.losses import AREA_WEIGHT, LABEL_SMOOTHING
 from aim_ext.models.aim import HEAD_DROP_RATE
+
+AMP_MODES = ("none", "bf16", "fp16")
+# How a training step runs (aim_ext.engine.step): operation by operation, torch.compile'd, or
+# captured whole into a CUDA graph and replayed.
+STEP_KINDS = ("eager", "compile", "cuda-graph")
+
+
+def _choice(default: str, choices: tuple[str, ...]):
+    return field(default=default, metadata={"choices": choices})
 
 
 @dataclass
@@ -56,7 +65,8 @@ class TrainConfig:
     noise_off_epoch: int | None = None  # from this epoch on, train without Gumbel noise
     # run
     seed: int = 0
-    amp: str = "none"  # none | bf16 | fp16 (CUDA)
+    amp: str = _choice("none", AMP_MODES)  # bf16 and fp16 autocast on CUDA
+    step: str = _choice("eager", STEP_KINDS)
     channels_last: bool = False
     device: str = "auto"
     out: str = "runs/train"
@@ -74,8 +84,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def __post_init__(self) -> None:
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise ValueError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        for item in dataclasses.fields(self):
+            choices = item.metadata.get("choices")
+            if choices and getattr(self, item.name) not in choices:
+                raise ValueError(
+                    f"{item.name} must be one of {', '.join(choices)}, got {getattr(self, item.name)!r}"
+                )
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         if self.accum_steps < 1 or self.batch_size < 1:

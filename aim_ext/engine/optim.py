@@ -47,9 +47,10 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # Fused: one kernel per step, and it takes `found_inf` (a device flag) to skip a non-finite
-    # update without reading anything back (engine/train.py).
-    return torch.optim.AdamW(parameter_groups(model, cfg), fused=True)
+    """Fused AdamW: one kernel per group and step, and it takes `found_inf` (a device flag) to skip
+    a non-finite update without reading anything back (engine/step.py). A step captured into a CUDA
+    graph needs `capturable=True`: the step count and learning rate are read on the device."""
+    return torch.optim.AdamW(parameter_groups(model, cfg), fused=True, capturable=cfg.step == "cuda-graph")
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):

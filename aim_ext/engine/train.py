@@ -21,9 +21,19 @@ from aim_ext.engine.config import TrainConfig
 from aim_ext.engine.distributed import World, unwrap
 from aim_ext.engine.freeze import freeze_levels, keep_frozen_in_eval
 from aim_ext.engine.optim import build_optimizer, build_scheduler
-from aim_ext.losses import AreaSchedule, LossTerms, active_area, aim_loss, area_target
+from aim_ext.engine.step import (
+    LOSS_KEYS,
+    EagerStep,
+    GraphStep,
+    StepContext,
+    autocast,
+    build_step,
+    check_step,
+    use_tensor_learning_rates,
+)
+from aim_ext.losses import AreaSchedule, area_target
 from aim_ext.metrics import classification_metrics, mask_areas
-from aim_ext.models import AIM, AIMOutput, architecture, is_inference_only, load_checkpoint, load_model_state
+from aim_ext.models import AIM, architecture, is_inference_only, load_checkpoint, load_model_state
 
 
 class TrainingError(RuntimeError):
@@ -34,14 +44,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def autocast(cfg: TrainConfig, device: torch.device):
-    """Mixed precision on CUDA when asked for; full precision otherwise."""
-    if cfg.amp == "none" or device.type != "cuda":
-        return nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
-    return torch.autocast("cuda", dtype=dtype)
 
 
 def area_schedule(cfg: TrainConfig) -> AreaSchedule | None:
@@ -94,46 +96,45 @@ def _steps(loader_: DataLoader, cfg: TrainConfig) -> int:
 
 
 def train_one_epoch(
-    model: nn.Module,
+    step: EagerStep | GraphStep,
     data: DataLoader,
-    optimizer: torch.optim.Optimizer,
     scheduler,
     cfg: TrainConfig,
     epoch: int,
-    device: torch.device,
-    scaler: torch.amp.GradScaler | None = None,
     world: World | None = None,
 ) -> dict[str, Any]:
-    """One pass over the training data; returns the mean loss terms, accuracy and mask areas
-    (over all processes of a distributed run)."""
+    """One pass over the training data with `step` (`aim_ext.engine.step`); returns the mean loss
+    terms, accuracy and mask areas (over all processes of a distributed run)."""
     world = world or World()
+    ctx = step.ctx
+    model = ctx.model
     model.train()
     keep_frozen_in_eval(model)
     set_gumbel_for_epoch(unwrap(model), cfg, epoch)
     tau = area_target(area_schedule(cfg), epoch)
+    if ctx.tau is not None:
+        ctx.tau.fill_(tau)  # in place: a compiled or captured step reads the new value
     steps = _steps(data, cfg)
-    lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}  # this epoch's first
-    running = RunningStats(device)
-    optimizer.zero_grad(set_to_none=True)
+    names = [g.get("name", str(i)) for i, g in enumerate(ctx.optimizer.param_groups)]
+    lrs = dict(zip(names, scheduler.get_last_lr(), strict=True))  # this epoch's first
+    running = RunningStats(ctx.device)
+    ctx.optimizer.zero_grad(set_to_none=True)
     bar = tqdm(data, total=steps, desc=f"epoch {epoch}", leave=False, disable=None)
-    for step, batch in enumerate(bar):
-        if step >= steps:
+    for index, batch in enumerate(bar):
+        if index >= steps:
             break
-        images, labels = _inputs(batch, cfg, device)
-        group_start = step - step % cfg.accum_steps
+        images, labels = _inputs(batch, cfg, ctx.device)
+        group_start = index - index % cfg.accum_steps
         group_size = min(cfg.accum_steps, steps - group_start)  # the last group may be shorter
-        closes_group = step + 1 == group_start + group_size
+        closes_group = index + 1 == group_start + group_size
         # DDP all-reduces gradients only on the micro-batch that closes an accumulation group.
         sync = nullcontext() if closes_group or world.size == 1 else model.no_sync()
         with sync:
-            terms, output = _forward_backward(
-                model, images, labels, tau, group_size, cfg, device, scaler, world
-            )
-        running.add(step, terms, output, labels)
+            stats = step(images, labels, group_size, closes_group)  # skips a non-finite update
+        running.add(index, stats, len(labels))
         if closes_group:
-            _optimizer_step(model, optimizer, cfg, scaler)  # skipped on the device if not finite
             scheduler.step()  # per optimizer step, not per micro-batch
-        if (step + 1) % cfg.log_every == 0:
+        if (index + 1) % cfg.log_every == 0:
             totals = _checked(running.read(world), epoch)  # the only device-to-host read of the loop
             bar.set_postfix(
                 loss=f"{totals['loss'] / totals['seen']:.3f}", acc=f"{totals['correct'] / totals['seen']:.3f}"
@@ -162,30 +163,22 @@ def _checked(totals: dict[str, Any], epoch: int) -> dict[str, Any]:
     return totals
 
 
-LOSS_KEYS = ("area_loss", "aux_ce", "final_ce", "loss")
-
-
 class RunningStats:
-    """The epoch's loss terms, correct predictions and mask areas, summed on the device (float64,
-    weighted by the batch size), and the first step whose loss was not finite: a training step
-    reads nothing back; `read` does, once per logging interval."""
+    """The epoch's `step_statistics` summed on the device, and the first step whose loss was not
+    finite: a training step reads nothing back; `read` does, once per logging interval."""
 
     def __init__(self, device: torch.device) -> None:
         self.sums: Tensor | None = None  # LOSS_KEYS, correct, then one area per stage
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.seen = 0
 
-    def add(self, step: int, terms: LossTerms, output, labels: Tensor) -> None:
-        batch = len(labels)
-        logits = output.logits if isinstance(output, AIMOutput) else output
-        values = [terms.area, terms.aux_ce, terms.final_ce, terms.total]  # LOSS_KEYS' order
-        values = [v.detach().double() * batch for v in values]
-        values.append((logits.detach().argmax(1) == labels).sum().double())
-        if isinstance(output, AIMOutput):
-            values += [active_area(mask.detach()).double() * batch for mask in output.masks]
-        stacked = torch.stack(values)
-        self.sums = stacked if self.sums is None else self.sums + stacked
-        finite = torch.isfinite(terms.total.detach())
+    def add(self, step: int, stats: Tensor, batch: int) -> None:
+        """`stats` may be a captured graph's output, which its next replay overwrites: it is added
+        here, on the stream of the step, before that."""
+        if self.sums is None:
+            self.sums = torch.zeros_like(stats[:-1])
+        self.sums += stats[:-1]
+        finite = stats[-1] > 0
         self.bad_step = torch.where(finite | (self.bad_step >= 0), self.bad_step, step)
         self.seen += batch
 
@@ -203,50 +196,11 @@ class RunningStats:
         return out
 
 
-def _forward_backward(model, images, labels, tau, group_size, cfg, device, scaler, world: World):
-    """Loss terms of one micro-batch and their backward. A non-finite loss is not checked here (that
-    would wait for the device): `RunningStats` records its step and `_optimizer_step` skips the
-    update it would cause."""
-    with autocast(cfg, device):
-        output = model(images)
-        terms = aim_loss(
-            output,
-            labels,
-            tau,
-            area_weight=cfg.area_weight,
-            label_smoothing=cfg.label_smoothing,
-            sum_over_batch=world.sum_over_batch(),
-            aux_weight=cfg.aux_weight,
-        )
-    loss = terms.total / group_size
-    (scaler.scale(loss) if scaler else loss).backward()
-    return terms, output
-
-
 def _inputs(batch: dict, cfg: TrainConfig, device: torch.device) -> tuple[Tensor, Tensor]:
     images = batch["image"].to(device, non_blocking=True)
     if cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, batch["label"].to(device, non_blocking=True)
-
-
-def _optimizer_step(model: nn.Module, optimizer, cfg: TrainConfig, scaler) -> None:
-    """Clip and step. Gradients that are not finite (from a non-finite loss, on any process of a
-    distributed run) make the fused AdamW skip the update on the device (`found_inf`), with no read
-    back; under fp16 the grad scaler does the same."""
-    if scaler:
-        scaler.unscale_(optimizer)
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if cfg.grad_clip:
-        torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm)
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.found_inf = (~torch.isfinite(norm)).float()
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
@@ -326,6 +280,7 @@ def fit(
             torch.cuda.set_device(device)
         if not world.is_main:
             log = _silent
+        check_step(cfg, device, world.size, len(train_set))  # before anything is written or trained
         return _fit(cfg, train_set, val_set, model, out, device, world, resume, log)
     finally:
         world.close()
@@ -347,6 +302,7 @@ def _fit(
     if resume and (out / "last.pt").exists():
         start, best = _restore(out / "last.pt", model, optimizer, scheduler, scaler, world, cfg)
         log(f"resumed from {out / 'last.pt'} at epoch {start}")
+    use_tensor_learning_rates(optimizer, device)  # after a restore, which brings its own values
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         _prepare_run_folder(out, start if resume else 0)
@@ -355,17 +311,38 @@ def _fit(
     if world.size > 1:
         ids = [device.index] if device.type == "cuda" else None
         trained = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    tau = torch.ones((), device=device) if cfg.area_final is not None else None
+    step = build_step(StepContext(trained, optimizer, cfg, device, scaler, world, tau))
+    if start < cfg.epochs:
+        _prepare_step(step, train_set, cfg, start, world)
     val_loader = loader(val_set, cfg, shuffle=False)
     fixed = _fixed_batch(val_set, cfg) if world.is_main else None
     for epoch in range(start, cfg.epochs):
         data = loader(train_set, cfg, shuffle=True, epoch=epoch, world=world)
-        stats = train_one_epoch(trained, data, optimizer, scheduler, cfg, epoch, device, scaler, world)
+        stats = train_one_epoch(step, data, scheduler, cfg, epoch, world)
         rngs = world.gather(rng_state())
         if world.is_main:
             run = _RunState(model, optimizer, scheduler, scaler, cfg, device, out, log, val_loader, fixed)
             best = _end_of_epoch(run, epoch, stats, rngs, best)
         world.barrier()  # the other processes wait for the checkpoint
     return best["metrics"] or {}
+
+
+def _prepare_step(step: EagerStep | GraphStep, train_set: Dataset, cfg: TrainConfig, epoch: int, world: World) -> None:
+    """Build the step ahead of training where its kind does (a CUDA graph is captured here, so a
+    step that cannot be captured fails before the first update), on a batch of zeros of the
+    training batches' shape. Reading the example image leaves every random generator as it was."""
+    generators = rng_state()
+    shape = train_set[0]["image"].shape
+    set_rng_state(generators)
+    ctx = step.ctx
+    ctx.model.train()
+    keep_frozen_in_eval(ctx.model)
+    set_gumbel_for_epoch(unwrap(ctx.model), cfg, epoch)
+    images = torch.zeros(cfg.batch_size // world.size, *shape, device=ctx.device)
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    step.prepare(images, torch.zeros(len(images), dtype=torch.int64, device=ctx.device))
 
 
 def _prepare_run_folder(out: Path, start: int) -> None:
