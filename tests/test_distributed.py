@@ -4,6 +4,7 @@ import json
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from test_engine import Blobs, make_model, tiny_config
@@ -57,9 +58,11 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert len(_losses(tmp_path / "double" / "run")) == 2
 
 
-def test_aim_trains_under_ddp(tmp_path):
-    """AIM's outputs and its global active area (a differentiable all_reduce) work across processes."""
-    cfg = tiny_config(tmp_path, model="convnext_atto", stop_stage=2, epochs=1, batch_size=8)
+@pytest.mark.parametrize("step", ["eager", pytest.param("compile", marks=pytest.mark.slow)])
+def test_aim_trains_under_ddp(tmp_path, step):
+    """AIM's outputs and its global active area (a differentiable all_reduce) work across
+    processes, with the eager and the compiled step."""
+    cfg = tiny_config(tmp_path, model="convnext_atto", stop_stage=2, epochs=1, batch_size=8, step=step)
     mp.spawn(_worker, args=(2, _free_port(), cfg.to_dict()), nprocs=2, join=True)
     (line,) = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     metrics = json.loads(line)

@@ -116,14 +116,19 @@ def test_training_writes_the_run_folder(tmp_path):
     assert load_config(run / "config.yaml") == cfg
 
 
-@pytest.mark.parametrize("stop_stage", [None, 3])
-def test_resume_ends_with_the_same_weights(tmp_path, monkeypatch, stop_stage):
+@pytest.mark.parametrize(
+    ("stop_stage", "step"),
+    [(None, "eager"), (3, "eager"), pytest.param(3, "compile", marks=pytest.mark.slow)],
+)
+def test_resume_ends_with_the_same_weights(tmp_path, monkeypatch, stop_stage, step):
+    """Bit for bit, for the eager step and (on the CPU) the compiled one: its code is the same in
+    the resumed process, and nothing in a step depends on what ran before but the saved state."""
     train, val = Blobs(32, 0), Blobs(16, 1)
-    whole = tiny_config(tmp_path / "whole", stop_stage=stop_stage)
+    whole = tiny_config(tmp_path / "whole", stop_stage=stop_stage, step=step)
     reference = make_model(whole)
     fit(whole, train, val, reference, log=lambda *_: None)
 
-    cut = tiny_config(tmp_path / "cut", stop_stage=stop_stage)
+    cut = tiny_config(tmp_path / "cut", stop_stage=stop_stage, step=step)
     original = train_module.train_one_epoch
 
     def interrupted(*args, **kwargs):
@@ -258,11 +263,12 @@ def test_config_from_yaml_with_overrides(tmp_path):
         load_config(path)
 
 
-def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
+@pytest.mark.parametrize("step", ["eager", pytest.param("compile", marks=pytest.mark.slow)])
+def test_gradient_accumulation_matches_the_larger_batch(tmp_path, step):
     # ConvNeXt (no BatchNorm) without dropout: two micro-batches of 4 make one step of 8.
     common = dict(model="convnext_atto", stop_stage=None, drop_rate=0.0, epochs=2, warmup_epochs=1)
     whole = tiny_config(tmp_path / "whole", batch_size=8, **common)
-    split = tiny_config(tmp_path / "split", batch_size=4, accum_steps=2, **common)
+    split = tiny_config(tmp_path / "split", batch_size=4, accum_steps=2, step=step, **common)
     models = []
     for cfg in (whole, split):
         model = make_model(cfg)

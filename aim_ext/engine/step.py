@@ -48,7 +48,9 @@ def autocast(cfg: TrainConfig, device: torch.device, *, cache: bool = True):
     return torch.autocast("cuda", dtype=dtype, cache_enabled=cache)
 
 
-def check_step(cfg: TrainConfig, device: torch.device, world_size: int = 1, images: int | None = None) -> None:
+def check_step(
+    cfg: TrainConfig, device: torch.device, world_size: int = 1, images: int | None = None
+) -> None:
     """Refuse, before anything trains, a step kind this run cannot use (`images`: the size of the
     training split, when known)."""
     if cfg.step != "cuda-graph":
@@ -160,7 +162,9 @@ class EagerStep:
     def forward_backward(self, images: Tensor, labels: Tensor, group_size: int) -> Tensor:
         return forward_backward(self.ctx, images, labels, group_size)
 
-    def __call__(self, images: Tensor, labels: Tensor, group_size: int = 1, closes_group: bool = True) -> Tensor:
+    def __call__(
+        self, images: Tensor, labels: Tensor, group_size: int = 1, closes_group: bool = True
+    ) -> Tensor:
         stats = self.forward_backward(images, labels, group_size)
         if closes_group:
             optimizer_step(self.ctx)
@@ -254,7 +258,9 @@ class GraphStep:
                 ) from None
         return _Captured(graph, static_images, static_labels, stats)
 
-    def __call__(self, images: Tensor, labels: Tensor, group_size: int = 1, closes_group: bool = True) -> Tensor:
+    def __call__(
+        self, images: Tensor, labels: Tensor, group_size: int = 1, closes_group: bool = True
+    ) -> Tensor:
         captured = self._graph(images, labels)
         captured.images.copy_(images, non_blocking=True)
         captured.labels.copy_(labels, non_blocking=True)

@@ -116,7 +116,7 @@ def train_one_epoch(
         ctx.tau.fill_(tau)  # in place: a compiled or captured step reads the new value
     steps = _steps(data, cfg)
     names = [g.get("name", str(i)) for i, g in enumerate(ctx.optimizer.param_groups)]
-    lrs = dict(zip(names, scheduler.get_last_lr(), strict=True))  # this epoch's first
+    lrs = {name: float(lr) for name, lr in zip(names, scheduler.get_last_lr(), strict=True)}  # epoch's first
     running = RunningStats(ctx.device)
     ctx.optimizer.zero_grad(set_to_none=True)
     bar = tqdm(data, total=steps, desc=f"epoch {epoch}", leave=False, disable=None)
@@ -328,7 +328,9 @@ def _fit(
     return best["metrics"] or {}
 
 
-def _prepare_step(step: EagerStep | GraphStep, train_set: Dataset, cfg: TrainConfig, epoch: int, world: World) -> None:
+def _prepare_step(
+    step: EagerStep | GraphStep, train_set: Dataset, cfg: TrainConfig, epoch: int, world: World
+) -> None:
     """Build the step ahead of training where its kind does (a CUDA graph is captured here, so a
     step that cannot be captured fails before the first update), on a batch of zeros of the
     training batches' shape. Reading the example image leaves every random generator as it was."""
