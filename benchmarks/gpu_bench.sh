@@ -3,9 +3,10 @@
 #   build the extension (sm_90 only; the merge kernels' four files in parallel, nvcc on every
 #   CPU), check that the CUDA kernels load, the fused models at batch 1 in CUDA graphs (the mask
 #   estimator op against its modules, its tests, its crossover, a kernel-time profile), the fused
-#   models at batch 256 (dense and sparse branches), aim-bench batch 1 (eager, CUDA graphs) and 256
-#   (eager), the CUDA tests of the ops and the concurrent branches, the training step at batch 64
-#   (eager), where the time goes at batch 1 (profile_overhead.py), batch 1 on one stream, then,
+#   training step's tests and its eager and captured steps at batch 64, the fused models at batch
+#   256 (dense and sparse branches), aim-bench batch 1 (eager, CUDA graphs) and 256 (eager), the
+#   CUDA tests of the ops and the concurrent branches, where the time goes at batch 1
+#   (profile_overhead.py), batch 1 on one stream, then,
 #   while time is left: compiled training steps, a training profile, torch.compile with CUDA
 #   graphs and AOTInductor at batch 1, and the ops benchmark.
 # Every step has a time limit and all of them share BUDGET seconds (default 450); a step that
@@ -66,6 +67,11 @@ step estimator_crossover 45 "$PY" benchmarks/estimator_crossover.py --device cud
   --json "$WORK/estimator_crossover.json"
 step profile_fused_b1 30 "${PROFILE[@]}" --model convnext_tiny --stop-stages 2,1 --batch 1 --fuse \
   --out "$WORK/profile_fused_b1.md"
+# The training step at batch 64 in bf16, eager and captured into a CUDA graph (the compiled step,
+# slow to compile, comes later): the training-step targets, and the captured step's CUDA tests.
+step tests_train_step 90 "$PY" -m pytest -q -p no:cacheprovider --tb=short tests/test_train_step.py
+step bench_train 150 "${BENCH[@]}" --runtimes "" --train-runtimes eager,cuda-graph --train-batch 64 \
+  --out "$WORK/bench_train"
 # The fused models (both sides), the pooled head, dense then sparse feature branches: the targets of
 # sparse masked inference at batch 256, then the new kernels' CUDA tests (graph capture, no sync).
 step bench_fused_b256 90 "${BENCH[@]}" --batch-sizes 256 --runtimes eager --no-train --fuse --sparse off \
@@ -78,7 +84,6 @@ step bench_b1 60 "${BENCH[@]}" --batch-sizes 1 --runtimes eager,cudagraphs --no-
 step bench_b256 60 "${BENCH[@]}" --batch-sizes 256 --runtimes eager --no-train --out "$WORK/bench_b256"
 step tests 75 "$PY" -m pytest -q -p no:cacheprovider -n 8 --tb=short -k "cuda or concurrent" \
   tests/test_concurrency.py tests/test_masked_merge.py tests/test_epilogue.py
-step bench_train 70 "${BENCH[@]}" --runtimes "" --train-runtimes eager --train-batch 64 --out "$WORK/bench_train"
 step profile_convnext_b1 30 "${PROFILE[@]}" --model convnext_tiny --stop-stages 2,1 --batch 1 \
   --out "$WORK/profile_convnext_b1.md"
 step bench_b1_one_stream 30 "${BENCH[@]}" --batch-sizes 1 --runtimes cudagraphs --no-train \
@@ -89,8 +94,8 @@ step profile_train 45 "${PROFILE[@]}" --model convnext_tiny --stop-stages 2 --tr
   --out "$WORK/profile_train.md"
 step profile_convnext_b256 30 "${PROFILE[@]}" --model convnext_tiny --stop-stages 1 --batch 256 --eager \
   --reps 10 --out "$WORK/profile_convnext_b256.md"
-step bench_train_compiled 200 "${BENCH[@]}" --families convnext_tiny --stop-stages vanilla,2 --runtimes "" \
-  --train-runtimes compile --train-batch 64 --out "$WORK/bench_train_compiled"
+step bench_train_compiled 240 "${BENCH[@]}" --runtimes "" --train-runtimes compile --train-batch 64 \
+  --out "$WORK/bench_train_compiled"
 step bench_b1_compiled 200 "${BENCH[@]}" --families convnext_tiny --batch-sizes 1 \
   --runtimes compile-cudagraphs,aoti --no-train --out "$WORK/bench_b1_compiled"
 step bench_ops 90 "$PY" benchmarks/bench_ops.py --no-compile --repeats 30 --json "$WORK/bench_ops.json"

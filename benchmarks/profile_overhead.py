@@ -189,7 +189,7 @@ def profile_training(name: str, stop_stages: list[int], args) -> list[str]:
     s = Setting("cuda", dtype, args.train_batch, size, True, Path("."))
     lines = [f"### Training step, {name}, batch {args.train_batch}, {args.dtype} autocast, eager", ""]
     for stop in [None, *stop_stages]:
-        step = prepare_train_step(create_model(name, num_classes=1000, stop_stage=stop), s, compiled=False)
+        step = prepare_train_step(create_model(name, num_classes=1000, stop_stage=stop), s, "eager")
         ms = median_ms(step, graph=False, reps=max(args.reps // 5, 10))
         launches = kernels(step)
         by_name: dict[str, list[float]] = {}

@@ -67,6 +67,33 @@ def test_runtimes_that_cannot_run_here_are_rows_with_the_reason(tmp_path):
     assert all(r["status"] == "ok" for r in rows if r["runtime"] == "eager")
 
 
+def test_training_rows_time_the_step_kinds_aim_train_runs(tmp_path):
+    """The eager step trains (its statistics: the loss term of a real step); the captured step is a
+    row that says why it cannot run on a CPU; float16 training is a row with its reason."""
+    argv = ["--device", "cpu", "--quick", "--runtimes", "", "--families", "mobilenetv2_100"]
+    argv += ["--image-size", "32", "--train-batch", "2", "--rounds", "1", "--per-round", "1"]
+    argv += ["--train-runtimes", "eager,cuda-graph", "--dtypes", "float32,float16"]
+    assert bench_main([*argv, "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    status = {(r["runtime"], r["dtype"], r["variant"]): r["status"] for r in rows}
+    assert len(rows) == 8 and {r["kind"] for r in rows} == {"train"}
+    assert status[("eager", "float32", "vanilla")] == status[("eager", "float32", "AIM[3]")] == "ok"
+    assert status[("cuda-graph", "float32", "AIM[3]")] == (
+        "unavailable: --step cuda-graph needs a CUDA device; this run is on cpu: "
+        "use --step compile or --step eager"
+    )
+    assert status[("eager", "float16", "vanilla")].startswith(
+        "unavailable: float16 training needs the grad scaler"
+    )
+    eager = [r for r in rows if r["status"] == "ok"]
+    assert all(r["ratio_to_fastest_vanilla"] for r in eager)
+    step = prepare_train_step(
+        create_model("mobilenetv2_100", num_classes=3, stop_stage=3), _setting(tmp_path), "eager"
+    )
+    stats = step()
+    assert stats.dtype == torch.float64 and bool(stats[-1]) and float(stats[3]) > 0  # a finite loss
+
+
 @pytest.mark.parametrize("sparse,branch,estimator", [("on", "sparse", "kernel"), ("off", "dense", "modules")])
 def test_fused_rows_say_which_evaluation_path_ran(tmp_path, sparse, branch, estimator):
     argv = ["--device", "cpu", "--quick", "--no-train", "--families", "resnet50", "--image-size", "64"]
@@ -83,9 +110,15 @@ def test_fused_rows_say_which_evaluation_path_ran(tmp_path, sparse, branch, esti
     assert f"pooled: s4 {branch}, s3 {branch} |" in (tmp_path / "results.md").read_text()
 
 
+def _setting(tmp_path):
+    return Setting("cpu", torch.float32, 2, (32, 32), False, tmp_path)
+
+
 def test_unknown_names_are_refused():
     with pytest.raises(SystemExit, match="unknown runtime warp; known: eager"):
         bench_main(["--device", "cpu", "--runtimes", "warp"])
+    with pytest.raises(SystemExit, match="unknown training runtime graph; known: eager, compile, cuda-graph"):
+        bench_main(["--device", "cpu", "--train-runtimes", "graph"])
     with pytest.raises(SystemExit, match="--estimator kernel sets how fused mask estimators run; add --fuse"):
         bench_main(["--device", "cpu", "--estimator", "kernel"])
 
@@ -169,8 +202,8 @@ def test_compiled_training_step_runs_and_learns(tmp_path):
     spatial sizes inductor cannot compile with gradients: each row compiles static)."""
     torch.manual_seed(0)
     earlier = Setting("cpu", torch.float32, 2, (32, 32), False, tmp_path)
-    prepare_train_step(create_model("convnext_atto", num_classes=3, stop_stage=2), earlier, compiled=True)()
+    prepare_train_step(create_model("convnext_atto", num_classes=3, stop_stage=2), earlier, "compile")()
     s = Setting("cpu", torch.float32, 4, (48, 48), False, tmp_path)
-    step = prepare_train_step(create_model("convnext_atto", num_classes=3, stop_stage=2), s, compiled=True)
-    losses = [step().detach().item() for _ in range(6)]
+    step = prepare_train_step(create_model("convnext_atto", num_classes=3, stop_stage=2), s, "compile")
+    losses = [float(step()[3]) for _ in range(6)]  # the statistics' loss term
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses

@@ -19,7 +19,8 @@ KEY = ("kind", "family", "runtime", "batch", "dtype")  # rows compared with each
 
 def add_ratios(rows: list[dict]) -> None:
     """`overhead_ratio` = AIM median / vanilla median of the same family, runtime, batch and dtype;
-    training rows also get `ratio_to_fastest_vanilla` (over the vanilla steps, eager or compiled)."""
+    training rows also get `ratio_to_fastest_vanilla` (over the vanilla steps of every kind: eager,
+    compiled, captured)."""
     ok = [r for r in rows if r["status"] == "ok"]
     vanilla = {tuple(r[k] for k in KEY): r for r in ok if r["variant"] == "vanilla"}
     for row in rows:

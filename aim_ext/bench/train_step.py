@@ -1,42 +1,50 @@
-"""One training step (forward, loss, backward, AdamW step) of a model, eager or compiled.
+"""The training step aim-train runs (`aim_ext.engine.step`), on a fixed batch, for timing.
 
-AIM models use the paper's loss (Eq. 7, tau 0.25, Gumbel noise on); vanilla models smoothed
-cross-entropy. Reduced precision is autocast here, as training runs it (weights stay float32).
+Each kind of step (`TRAIN_STEPS`: eager, compile, cuda-graph) is prepared as `aim-train --step`
+prepares it: fused AdamW (capturable for the captured step) with its learning rates as tensors,
+the paper's loss (Eq. 7, tau 0.25, Gumbel noise on) for AIM models and smoothed cross-entropy for
+vanilla ones, no gradient clipping. Reduced precision is autocast, as training runs it (weights
+stay float32); float16 is refused, as `--step cuda-graph` refuses the grad scaler it needs.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from aim_ext.bench.runtimes import Setting, Unavailable, compile_static
-from aim_ext.losses import aim_loss
+from aim_ext.bench.runtimes import Setting, Unavailable
+from aim_ext.engine import TrainConfig
+from aim_ext.engine.config import STEP_KINDS
+from aim_ext.engine.optim import build_optimizer
+from aim_ext.engine.step import StepContext, StepError, build_step, use_tensor_learning_rates
+
+TRAIN_STEPS = STEP_KINDS
+AMP = {torch.float32: "none", torch.bfloat16: "bf16"}
 
 
-def prepare_train_step(model: nn.Module, s: Setting, *, compiled: bool) -> Callable[[], object]:
-    if s.dtype == torch.float16 and s.device != "cuda":
-        raise Unavailable("float16 autocast training runs on CUDA only")
-    model = model.to(s.device).train()
+def prepare_train_step(model: nn.Module, s: Setting, kind: str) -> Callable[[], object]:
+    """One training step of `kind` per call, on a fixed batch of the setting; raises Unavailable
+    where this kind, dtype or device cannot run."""
+    if s.dtype not in AMP:
+        raise Unavailable(
+            "float16 training needs the grad scaler; the training rows run float32 and bfloat16"
+        )
+    device = torch.device(s.device)
+    cfg = TrainConfig(amp=AMP[s.dtype], channels_last=s.channels_last, step=kind, device=s.device)
+    model = model.to(device).train()
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = build_optimizer(model, cfg)
+    use_tensor_learning_rates(optimizer, device)
     images = s.image().float()
     labels = torch.randint(0, model.num_classes, (s.batch,), generator=torch.Generator().manual_seed(0))
-    labels = labels.to(s.device)
-    forward = compile_static(model) if compiled else model
-    autocast = (
-        torch.autocast(s.device, dtype=s.dtype) if s.dtype != torch.float32 else contextlib.nullcontext()
-    )
-
-    def step():
-        with autocast:
-            loss = aim_loss(forward(images), labels, tau=0.25).total
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss
-
-    return step
+    labels = labels.to(device)
+    tau = torch.full((), 0.25, device=device)
+    try:
+        step = build_step(StepContext(model, optimizer, cfg, device, tau=tau))
+        step.prepare(images, labels)
+    except StepError as error:
+        raise Unavailable(str(error)) from None
+    return lambda: step(images, labels)

@@ -29,7 +29,7 @@ from aim_ext.bench import report
 from aim_ext.bench.cost import gmacs, parameters_m
 from aim_ext.bench.runtimes import BATCH_ONE_ONLY, OUTSIDE_TORCH_MEMORY, RUNTIMES, Setting, Unavailable
 from aim_ext.bench.timing import peak_memory_mib, time_interleaved
-from aim_ext.bench.train_step import prepare_train_step
+from aim_ext.bench.train_step import TRAIN_STEPS, prepare_train_step
 from aim_ext.bench.variants import FAMILIES, Variant, calibrate_mask_density, family_variants
 from aim_ext.export import example_image
 from aim_ext.models import AIM, ESTIMATOR_MODES, InferenceMaskEstimator, fuse_for_inference
@@ -54,7 +54,7 @@ FULL = {
     "dtypes": list(DTYPES),
     "image_size": 224,
     "train_batch": 64,
-    "train_runtimes": ["eager", "compile"],
+    "train_runtimes": list(TRAIN_STEPS),
     "warmup": 10,
     "rounds": 5,
     "per_round": 20,
@@ -87,7 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--train", action=argparse.BooleanOptionalAction, default=True, help="time training steps"
     )
     parser.add_argument("--train-batch", type=int)
-    parser.add_argument("--train-runtimes", type=_names, help="eager, compile")
+    parser.add_argument(
+        "--train-runtimes",
+        type=_names,
+        help="the training step kinds (aim-train --step): " + ", ".join(TRAIN_STEPS),
+    )
     parser.add_argument("--warmup", type=int, help="untimed calls per model before timing")
     parser.add_argument("--rounds", type=int, help="alternating rounds over the models of a comparison")
     parser.add_argument("--per-round", type=int, help="timed calls per model and round")
@@ -144,7 +148,7 @@ def _settings(args: argparse.Namespace) -> argparse.Namespace:
         ("runtime", RUNTIMES, args.runtimes),
         ("dtype", DTYPES, args.dtypes),
         ("family", FAMILIES, args.families),
-        ("training runtime", ("eager", "compile"), args.train_runtimes),
+        ("training runtime", TRAIN_STEPS, args.train_runtimes),
     ):
         unknown = [g for g in given if g not in known]
         if unknown:
@@ -291,8 +295,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                     return RUNTIMES[runtime](model, variant.name, s)
             else:
 
-                def prepare(model, variant, s, compiled=runtime == "compile"):
-                    return prepare_train_step(variant.build(args.num_classes), s, compiled=compiled)
+                def prepare(model, variant, s, kind=runtime):
+                    return prepare_train_step(variant.build(args.num_classes), s, kind)
 
             rows += _compare(kind, runtime, variants, models, costs, setting, args, prepare)
     return rows

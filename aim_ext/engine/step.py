@@ -3,8 +3,8 @@ one of three ways (`TrainConfig.step`, `aim-train --step`):
 
 - "eager": operation by operation, as the Python code reaches it.
 - "compile": forward, loss and backward compiled by `torch.compile` (static shapes; on CUDA
-  `mode="reduce-overhead"`, which replays the compiled graphs as CUDA graphs). Clipping and the
-  fused AdamW update stay eager: a few launches per step.
+  `mode="reduce-overhead"`, which replays the compiled graphs as CUDA graphs, unless gradients
+  accumulate). Clipping and the fused AdamW update stay eager: a few launches per step.
 - "cuda-graph": the whole step, AdamW included, captured into one CUDA graph per batch shape and
   Gumbel-noise setting, then replayed (PyTorch's whole-network capture: static input buffers,
   warm-up on a side stream, `capturable=True`). The Gumbel noise is drawn inside the graph from
@@ -174,20 +174,23 @@ class EagerStep:
 
 class CompiledStep(EagerStep):
     """Forward, loss and backward through `torch.compile` with static shapes (one compilation per
-    batch shape and Gumbel-noise setting); the update as in the eager step."""
+    batch shape and Gumbel-noise setting); the update as in the eager step. On CUDA the compiled
+    graphs are replayed as CUDA graphs (`mode="reduce-overhead"`), except under gradient
+    accumulation: a replay reuses its output memory, and the gradients of one micro-batch must
+    outlive the next."""
 
     def __init__(self, ctx: StepContext) -> None:
         super().__init__(ctx)
-        self.on_cuda = ctx.device.type == "cuda"
+        self.graphs = ctx.device.type == "cuda" and ctx.cfg.accum_steps == 1
 
         def run(images: Tensor, labels: Tensor, group_size: int) -> Tensor:
             return forward_backward(ctx, images, labels, group_size)
 
-        self._compiled = torch.compile(run, dynamic=False, mode="reduce-overhead" if self.on_cuda else None)
+        self._compiled = torch.compile(run, dynamic=False, mode="reduce-overhead" if self.graphs else None)
 
     def forward_backward(self, images: Tensor, labels: Tensor, group_size: int) -> Tensor:
-        if self.on_cuda:
-            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are read
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
         return self._compiled(images, labels, group_size).clone()
 
 
