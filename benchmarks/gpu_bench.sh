@@ -69,7 +69,7 @@ step profile_fused_b1 30 "${PROFILE[@]}" --model convnext_tiny --stop-stages 2,1
   --out "$WORK/profile_fused_b1.md"
 # The training step at batch 64 in bf16, eager and captured into a CUDA graph (the compiled step,
 # slow to compile, comes later): the training-step targets, and the captured step's CUDA tests.
-step tests_train_step 90 "$PY" -m pytest -q -p no:cacheprovider --tb=short tests/test_train_step.py
+step tests_train_step 90 "$PY" -m pytest -q -p no:cacheprovider --tb=short -m "not slow" tests/test_train_step.py
 step bench_train 150 "${BENCH[@]}" --runtimes "" --train-runtimes eager,cuda-graph --train-batch 64 \
   --out "$WORK/bench_train"
 # The fused models (both sides), the pooled head, dense then sparse feature branches: the targets of

@@ -12,9 +12,9 @@ from test_engine import Blobs, make_model, tiny_config
 
 from aim_ext.cli.train import main as train_main
 from aim_ext.engine import StepError, fit
-from aim_ext.engine.optim import build_optimizer, build_scheduler
+from aim_ext.engine.optim import build_optimizer, build_scheduler, load_optimizer_state
 from aim_ext.engine.step import StepContext, build_step, check_step, rolled_back, use_tensor_learning_rates
-from aim_ext.models import AIM
+from aim_ext.models import AIM, load_checkpoint
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
@@ -108,9 +108,13 @@ def test_a_compiled_step_follows_tau_and_the_learning_rate_without_recompiling(t
 
 
 def test_the_schedule_fills_the_learning_rate_tensors_in_place(tmp_path):
+    """As fit builds them: the schedule over float rates, then the rates made tensors."""
     cfg = tiny_config(tmp_path)
-    model, optimizer, _ = _trainer(cfg)
+    model = make_model(cfg)
+    optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=4)
+    use_tensor_learning_rates(optimizer, torch.device("cpu"))
+    model(torch.randn(2, 3, 32, 32)).logits.sum().backward()
     tensors = [group["lr"] for group in optimizer.param_groups]
     values = []
     for _ in range(6):
@@ -168,6 +172,21 @@ def test_a_step_kind_the_run_cannot_use_is_refused(tmp_path, changes, device, wo
     check_step(tiny_config(tmp_path, **changes), torch.device(device), world, images)  # eager runs
 
 
+def test_a_run_resumed_with_another_step_kind_keeps_its_own_optimizer_options(tmp_path):
+    """The checkpoint's AdamW options (an eager run's capturable=False) must not replace the
+    resumed run's: a CUDA graph needs capturable=True. The moments and steps are the checkpoint's."""
+    cfg = tiny_config(tmp_path, epochs=1)
+    fit(cfg, Blobs(32, 0), Blobs(16, 1), make_model(cfg), log=lambda *_: None)
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")["optimizer"]
+    graph_cfg = dataclasses.replace(cfg, step="cuda-graph")
+    optimizer = build_optimizer(make_model(graph_cfg), graph_cfg)
+    load_optimizer_state(optimizer, saved)
+    assert all(g["capturable"] and g["fused"] for g in optimizer.param_groups)
+    assert all(not g["capturable"] for g in saved["param_groups"])
+    restored = [s["exp_avg"] for s in optimizer.state_dict()["state"].values()]
+    assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(restored, saved["state"].values(), strict=True))
+
+
 def test_fit_refuses_before_writing_anything(tmp_path):
     cfg = tiny_config(tmp_path, step="cuda-graph")
     with pytest.raises(StepError, match="needs a CUDA device"):
@@ -206,7 +225,7 @@ def test_graph_step_gives_the_eager_weights_after_five_steps(tmp_path):
 
 
 @needs_cuda
-@pytest.mark.parametrize("kind", ["compile", "cuda-graph"])
+@pytest.mark.parametrize("kind", [pytest.param("compile", marks=pytest.mark.slow), "cuda-graph"])
 def test_bf16_steps_follow_the_eager_losses(tmp_path, kind):
     """Under bf16 autocast (float32 weights) the five losses agree with the eager step's."""
     cfg = _exact_config(tmp_path, device="cuda", channels_last=True, amp="bf16")
@@ -250,3 +269,47 @@ def test_a_step_with_a_host_read_cannot_be_captured(tmp_path):
     model, _, step = _trainer(cfg, "cuda", model=Reads(make_model(cfg)))
     with pytest.raises(StepError, match="cannot capture this training step"):
         step.prepare(*_batches(1, device="cuda")[0])
+
+
+@needs_cuda
+def test_replays_follow_the_learning_rate_and_a_second_capture_after_the_noise_switch(tmp_path):
+    """A zero learning rate filled in place reaches the replays (the weights stay); turning the
+    noise off captures a second graph that trains."""
+    cfg = tiny_config(tmp_path, device="cuda", step="cuda-graph")
+    model, optimizer, step = _trainer(cfg, "cuda")
+    batches = _batches(3, device="cuda")
+    step.prepare(*batches[0])
+    step(*batches[0])
+    for group in optimizer.param_groups:
+        group["lr"].fill_(0.0)
+    before = {
+        n: t.clone() for n, t in model.state_dict().items() if "running" not in n and t.is_floating_point()
+    }
+    step(*batches[1])
+    assert all(torch.equal(model.state_dict()[n], t) for n, t in before.items())
+    for group in optimizer.param_groups:
+        group["lr"].fill_(1e-3)
+    model.set_gumbel(noise=False)
+    stats = step(*batches[2])
+    assert len(step._graphs) == 1 and next(iter(step._graphs))[-1] is False
+    assert bool(stats[-1]) and any(not torch.equal(model.state_dict()[n], t) for n, t in before.items())
+
+
+@needs_cuda
+def test_fit_with_a_captured_step_resumes_an_eager_run(tmp_path):
+    """aim-train --step cuda-graph end to end: one eager epoch, then two captured ones resumed from
+    its checkpoint (the resumed optimizer stays capturable), the noise switched off at epoch 2."""
+    common = dict(device="cuda", epochs=3, noise_off_epoch=2, channels_last=True, amp="bf16")
+    first = tiny_config(tmp_path, **common)
+    with pytest.raises(KeyboardInterrupt):
+        fit(first, Blobs(32, 0), Blobs(16, 1), make_model(first), log=_stop_after_epoch_0)
+    resumed = dataclasses.replace(first, step="cuda-graph")
+    best = fit(resumed, Blobs(32, 0), Blobs(16, 1), make_model(resumed), resume=True, log=lambda *_: None)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and best
+
+
+def _stop_after_epoch_0(line):
+    """fit's log: epoch 0's line comes after its checkpoint; stop there, as an interrupted run."""
+    if line.startswith("epoch 0:"):
+        raise KeyboardInterrupt

@@ -53,6 +53,18 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(parameter_groups(model, cfg), fused=True, capturable=cfg.step == "cuda-graph")
 
 
+RUN_OPTIONS = ("fused", "capturable", "foreach")  # how this run steps, not what it learned
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """A saved AdamW state (moments, step counts, learning rates) under this run's options: a run
+    resumed with another `--step` keeps its own `capturable`, which a CUDA graph needs."""
+    options = [{k: g[k] for k in RUN_OPTIONS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kept in zip(optimizer.param_groups, options, strict=True):
+        group.update(kept)
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int):
     """Multiplier of the base learning rate at a step: linear warm-up, then cosine to zero."""
 

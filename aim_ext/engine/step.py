@@ -18,7 +18,7 @@ updates in place, so a compiled or captured step sees each new value without bei
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 
 import torch
@@ -65,8 +65,8 @@ def check_step(
         )
     if cfg.amp == "fp16":
         raise StepError(
-            "--step cuda-graph cannot run the fp16 grad scaler, which reads its overflow flag back "
-            f"every step: use --amp bf16, or {alternative}"
+            "--step cuda-graph does not capture the fp16 grad scaler (its scale and bookkeeping "
+            f"change from step to step in Python): use --amp bf16, which needs none, or {alternative}"
         )
     if world_size > 1:
         raise StepError(
@@ -250,13 +250,18 @@ class GraphStep:
             # Gradients set to None: backward allocates them in the graph's pool, and every
             # replay writes them anew instead of adding to them.
             ctx.optimizer.zero_grad(set_to_none=True)
+            previous = torch.cuda.current_stream(ctx.device)
             try:
                 with torch.cuda.graph(graph):
                     stats = whole_step()
             except RuntimeError as error:
-                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                # A capture that failed inside leaves the capture stream current and the graph
+                # half-made (torch.cuda.graph's exit stops at capture_end): undo both.
+                torch.cuda.set_stream(previous)
+                with suppress(RuntimeError):
+                    graph.reset()
                 raise StepError(
-                    f"--step cuda-graph cannot capture this training step ({reason}): "
+                    f"--step cuda-graph cannot capture this training step ({_first_cause(error)}): "
                     "use --step compile or --step eager"
                 ) from None
         return _Captured(graph, static_images, static_labels, stats)
@@ -269,6 +274,14 @@ class GraphStep:
         captured.labels.copy_(labels, non_blocking=True)
         captured.graph.replay()
         return captured.stats
+
+
+def _first_cause(error: BaseException) -> str:
+    """The first line of the error that started a chain (a failed capture's own error comes last)."""
+    while error.__context__ is not None:
+        error = error.__context__
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 @contextmanager

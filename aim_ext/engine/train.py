@@ -20,7 +20,7 @@ from aim_ext.engine.checkpoint import rng_state, save_atomic, set_rng_state
 from aim_ext.engine.config import TrainConfig
 from aim_ext.engine.distributed import World, unwrap
 from aim_ext.engine.freeze import freeze_levels, keep_frozen_in_eval
-from aim_ext.engine.optim import build_optimizer, build_scheduler
+from aim_ext.engine.optim import build_optimizer, build_scheduler, load_optimizer_state
 from aim_ext.engine.step import (
     LOSS_KEYS,
     EagerStep,
@@ -303,18 +303,18 @@ def _fit(
         start, best = _restore(out / "last.pt", model, optimizer, scheduler, scaler, world, cfg)
         log(f"resumed from {out / 'last.pt'} at epoch {start}")
     use_tensor_learning_rates(optimizer, device)  # after a restore, which brings its own values
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        _prepare_run_folder(out, start if resume else 0)
-        (out / "config.yaml").write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
     trained = model
     if world.size > 1:
         ids = [device.index] if device.type == "cuda" else None
         trained = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     tau = torch.ones((), device=device) if cfg.area_final is not None else None
     step = build_step(StepContext(trained, optimizer, cfg, device, scaler, world, tau))
-    if start < cfg.epochs:
+    if start < cfg.epochs:  # a step that cannot be captured fails here, before the folder changes
         _prepare_step(step, train_set, cfg, start, world)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _prepare_run_folder(out, start if resume else 0)
+        (out / "config.yaml").write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
     val_loader = loader(val_set, cfg, shuffle=False)
     fixed = _fixed_batch(val_set, cfg) if world.is_main else None
     for epoch in range(start, cfg.epochs):
@@ -473,7 +473,7 @@ def _restore(
     state = load_checkpoint(path)
     _check_resume_config(path, state.get("config", {}), cfg)
     load_model_state(model, state, source=str(path))
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])

@@ -144,7 +144,8 @@ def nearest_source_indices(in_size: int, out_size: int, device: torch.device | s
     min(floor(dst * scale), in - 1) with scale = in / out, all in float32."""
     scale = torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32)
     dst = torch.arange(out_size, dtype=torch.float32, device=device)
-    return (dst * scale.to(device)).floor().long().clamp_(max=in_size - 1)
+    # The 0-d CPU scale is a scalar operand (no copy to the device: a CUDA graph captures this).
+    return (dst * scale).floor().long().clamp_(max=in_size - 1)
 
 
 def _selection(in_size: int, out_size: int, like: Tensor) -> Tensor:
