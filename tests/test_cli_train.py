@@ -73,20 +73,37 @@ def test_flags_override_the_yaml(tmp_path):
     assert (cfg.randaugment, cfg.stop_stage) == ((2, 5), 3)
 
 
-@pytest.mark.parametrize("stop_stage", [None, 3])
-def test_train_on_waterbirds_fixture(tmp_path, capsys, stop_stage):
+def waterbirds_flags(tmp_path) -> list[str]:
+    """aim-train's data flags for a Waterbirds fixture written under tmp_path."""
     cub = make_cub(tmp_path / "CUB_200_2011")
     make_waterbirds(tmp_path / "waterbirds", cub)
-    out = tmp_path / "run"
-    flags = [
-        "--model",
-        "resnet18",
+    return [
         "--dataset",
         "waterbirds",
         "--data-root",
         str(tmp_path / "waterbirds"),
         "--cub-root",
         str(cub.root),
+    ]
+
+
+def test_aim_train_refuses_a_graph_step_on_the_cpu_in_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*waterbirds_flags(tmp_path), "--model", "resnet18", "--stop-stage", "3", "--device", "cpu"]
+    argv += ["--step", "cuda-graph", "--num-workers", "0", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("aim-train: --step cuda-graph needs a CUDA device") and err.count("\n") == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("stop_stage", [None, 3])
+def test_train_on_waterbirds_fixture(tmp_path, capsys, stop_stage):
+    out = tmp_path / "run"
+    flags = [
+        *waterbirds_flags(tmp_path),
+        "--model",
+        "resnet18",
         "--image-size",
         "48",
         "--epochs",

@@ -7,10 +7,8 @@ import dataclasses
 
 import pytest
 import torch
-from fixtures_data import make_cub, make_waterbirds
 from test_engine import Blobs, make_model, tiny_config
 
-from aim_ext.cli.train import main as train_main
 from aim_ext.engine import StepError, fit
 from aim_ext.engine.optim import build_optimizer, build_scheduler, load_optimizer_state
 from aim_ext.engine.step import StepContext, build_step, check_step, rolled_back, use_tensor_learning_rates
@@ -192,26 +190,6 @@ def test_fit_refuses_before_writing_anything(tmp_path):
     with pytest.raises(StepError, match="needs a CUDA device"):
         fit(cfg, Blobs(32, 0), Blobs(16, 1), make_model(cfg), log=lambda *_: None)
     assert not (tmp_path / "run").exists()
-
-
-def test_aim_train_refuses_a_graph_step_on_the_cpu_in_one_line(tmp_path, capsys):
-    cub = make_cub(tmp_path / "CUB_200_2011")
-    make_waterbirds(tmp_path / "waterbirds", cub)
-    out = tmp_path / "run"
-    argv = [
-        "--dataset",
-        "waterbirds",
-        "--data-root",
-        str(tmp_path / "waterbirds"),
-        "--cub-root",
-        str(cub.root),
-    ]
-    argv += ["--model", "resnet18", "--stop-stage", "3", "--device", "cpu", "--step", "cuda-graph"]
-    argv += ["--num-workers", "0", "--out", str(out)]
-    assert train_main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("aim-train: --step cuda-graph needs a CUDA device") and err.count("\n") == 1
-    assert not out.exists()
 
 
 @needs_cuda
