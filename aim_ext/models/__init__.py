@@ -12,6 +12,7 @@ from aim_ext.models.mask_estimator import (
     MaskEstimator,
     set_estimator_algorithm,
 )
+from aim_ext.models.saved import ModelFileError, load_model, save_pretrained
 from aim_ext.models.topdown import (
     FeatureBranch,
     InferenceFeatureBranch,
@@ -27,6 +28,7 @@ __all__ = [
     "ClassifierHead",
     "FeatureBranch",
     "MaskEstimator",
+    "ModelFileError",
     "StageOutput",
     "TopDownStage",
     "InferenceFeatureBranch",
@@ -37,10 +39,12 @@ __all__ = [
     "fuse_for_inference",
     "is_inference_only",
     "load_checkpoint",
+    "load_model",
     "load_model_state",
     "load_weights",
     "masked_avg_pool",
     "model_data_config",
+    "save_pretrained",
     "set_estimator_algorithm",
     "use_fused_epilogue",
 ]

@@ -84,6 +84,7 @@ class AIM(nn.Module):
         self.backbone_name = backbone
         self.stop_stage = stop_stage
         self.num_classes = num_classes
+        self.width = width
         self.stage_indices = list(range(top, stop_stage - 1, -1))  # top stage first
         self.stages = nn.ModuleList(TopDownStage(channels[i], width) for i in self.stage_indices)
         self.aux_heads = nn.ModuleList(

@@ -1,0 +1,229 @@
+"""A trained model that travels: a folder with `model.safetensors` and `config.json` (timm's layout),
+saved and loaded without the data it was trained on; also the model of an aim-train run folder or
+checkpoint. Nothing is executed from a file: weights come from safetensors or `weights_only` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+from torch import nn
+
+from aim_ext.models.aim import AIM
+from aim_ext.models.checkpoint import architecture, load_checkpoint, load_model_state
+from aim_ext.models.factory import create_model, model_data_config
+from aim_ext.models.fusion import is_inference_only
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "aim-ext saved model"
+FORMAT_VERSION = 1
+RUN_MODEL_FOLDER = "model"  # where aim-train puts the saved model inside its run folder
+
+
+class ModelFileError(ValueError):
+    """A saved model, run folder or checkpoint that cannot be loaded; the message says why."""
+
+
+def save_pretrained(
+    model: nn.Module,
+    folder: str | Path,
+    *,
+    labels: list[str] | None = None,
+    metrics: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+    image_size: int | None = None,
+) -> Path:
+    """Write `folder/model.safetensors` and `folder/config.json`: the architecture (backbone, stop
+    stage, width), the classes and their names, the input size, mean and std, the Gumbel settings,
+    the package version and, when given, the validation metrics and a training summary. Each file
+    is written whole or not at all. Returns the folder."""
+    if is_inference_only(model):
+        raise ValueError("save_pretrained: save the trained model, before aim_ext.fuse_for_inference")
+    num_classes = int(model.num_classes)
+    if labels is not None and len(labels) != num_classes:
+        raise ValueError(f"save_pretrained: {len(labels)} labels for a model of {num_classes} classes")
+    name = model.backbone_name if isinstance(model, AIM) else model.pretrained_cfg["architecture"]
+    stop = getattr(model, "stop_stage", None)
+    data = model_data_config(name, stop)
+    size = image_size or data["input_size"][-1]
+    config: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": architecture(model),
+        "backbone": name,
+        "stop_stage": stop,
+        "width": getattr(model, "width", None),
+        "num_classes": num_classes,
+        "labels": list(labels) if labels is not None else [str(i) for i in range(num_classes)],
+        "input_size": [3, size, size],
+        "mean": list(data["mean"]),
+        "std": list(data["std"]),
+        "interpolation": data.get("interpolation", "bicubic"),
+        "gumbel": {"temperature": model.temperature, "noise": model.gumbel_noise}
+        if stop is not None
+        else None,
+        "aim_ext_version": _version(),
+        "metrics": metrics,
+        "training": training,
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    _write_atomic(folder / WEIGHTS_FILE, lambda path: safetensors.torch.save_file(weights, str(path)))
+    text = json.dumps(config, indent=2, default=float) + "\n"
+    _write_atomic(folder / CONFIG_FILE, lambda path: Path(path).write_text(text))
+    return folder
+
+
+def load_model(source: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """The model in `source`, in eval mode, with `model.pretrained_cfg` (input size, mean, std,
+    label names) set. `source` is a saved-model folder, an aim-train run folder (its saved model,
+    else its best checkpoint and config; never its dataset), or an aim-train checkpoint
+    (`best.pt`, `last.pt`). Raises ModelFileError naming the problem."""
+    path = Path(source)
+    if path.is_dir() and (path / CONFIG_FILE).is_file():
+        model, config = _load_saved(path)
+    elif path.is_dir() and (path / RUN_MODEL_FOLDER / CONFIG_FILE).is_file():
+        model, config = _load_saved(path / RUN_MODEL_FOLDER)
+    elif path.is_dir() and (path / "best.pt").is_file():
+        model, config = _load_checkpoint_file(path / "best.pt")
+    elif path.is_file():
+        model, config = _load_checkpoint_file(path)
+    elif path.is_dir():
+        raise ModelFileError(
+            f"{path} holds no model: expected {CONFIG_FILE} and {WEIGHTS_FILE}, or an aim-train run "
+            "folder with best.pt"
+        )
+    else:
+        raise ModelFileError(f"model not found: {path}")
+    model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **_pretrained_cfg(config)}
+    if isinstance(model, AIM):
+        model.default_cfg = model.pretrained_cfg
+    return model.to(device).eval()
+
+
+def _load_saved(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelFileError(f"{folder / CONFIG_FILE} is not a readable config: {error}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ModelFileError(f"{folder / CONFIG_FILE} is not an {FORMAT} config")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{folder} was saved in format {config['format_version']}; this aim-ext reads up to "
+            f"{FORMAT_VERSION}: upgrade aim-ext"
+        )
+    model = _build(config["backbone"], config["stop_stage"], config["num_classes"], config.get("width"))
+    gumbel = config.get("gumbel")
+    if gumbel and isinstance(model, AIM):
+        model.set_gumbel(temperature=gumbel["temperature"], noise=gumbel["noise"])
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise ModelFileError(f"{weights_path} is missing")
+    try:
+        weights = safetensors.torch.load_file(str(weights_path))
+    except (SafetensorError, OSError) as error:
+        raise ModelFileError(f"{weights_path} is not a readable safetensors file ({error})") from None
+    _load_weights(model, {"architecture": config.get("architecture"), "model": weights}, str(weights_path))
+    return model, config
+
+
+def _load_checkpoint_file(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """An aim-train checkpoint: its config names the model; its weights give the classes."""
+    try:
+        state = load_checkpoint(path)
+    except FileNotFoundError:
+        raise ModelFileError(f"model not found: {path}") from None
+    except Exception as error:  # truncated, not a torch file, or a pickle that weights_only refuses
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelFileError(f"{path} is not a checkpoint aim-ext can load safely ({reason[:200]})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ModelFileError(f"{path} is not an aim-train checkpoint (no model weights and config)")
+    run = state["config"]
+    name, stop = run.get("model"), run.get("stop_stage")
+    num_classes = _classes_in(name, stop, state["model"], path)
+    model = _build(name, stop, num_classes, None)
+    _load_weights(model, state, str(path))
+    config = {
+        "backbone": name,
+        "stop_stage": stop,
+        "num_classes": num_classes,
+        "labels": _run_labels(path.parent, num_classes),
+        "input_size": [3, run.get("image_size", 224), run.get("image_size", 224)],
+        **{k: v for k, v in model_data_config(name, stop).items() if k in ("mean", "std", "interpolation")},
+    }
+    return model, config
+
+
+def _build(name: str, stop: int | None, num_classes: int, width: int | None) -> nn.Module:
+    extra = {"width": width} if stop is not None and width else {}
+    try:
+        return create_model(name, num_classes=num_classes, stop_stage=stop, **extra)
+    except (RuntimeError, ValueError) as error:  # timm's "unknown model", a bad stop stage
+        raise ModelFileError(f"cannot build {name} (stop stage {stop}): {error}") from None
+
+
+def _load_weights(model: nn.Module, state: dict[str, Any], source: str) -> None:
+    try:
+        load_model_state(model, state, source=source)
+    except (ValueError, RuntimeError) as error:  # another architecture, other keys or shapes
+        raise ModelFileError(str(error).splitlines()[0]) from None
+
+
+def _classes_in(name: str, stop: int | None, weights: dict[str, torch.Tensor], path: Path) -> int:
+    """The number of classes of a checkpoint's weights: the rows of its classifier, the tensors
+    whose first dimension follows num_classes."""
+    with torch.device("meta"):
+        one, two = (create_model(name, num_classes=n, stop_stage=stop).state_dict() for n in (1, 2))
+    sized = [k for k in one if one[k].shape != two[k].shape and k in weights]
+    if not sized:
+        raise ModelFileError(f"{path}: no classifier weights of {name} found in the checkpoint")
+    return int(weights[sized[0]].shape[0])
+
+
+def _run_labels(folder: Path, num_classes: int) -> list[str]:
+    """The class names of the run's saved model when aim-train wrote one, else the indices."""
+    config = folder / RUN_MODEL_FOLDER / CONFIG_FILE
+    if config.is_file():
+        labels = json.loads(config.read_text()).get("labels")
+        if isinstance(labels, list) and len(labels) == num_classes:
+            return labels
+    return [str(i) for i in range(num_classes)]
+
+
+def _pretrained_cfg(config: dict[str, Any]) -> dict[str, Any]:
+    """timm's pretrained_cfg keys a transform needs, and the label names."""
+    return {
+        "input_size": tuple(config["input_size"]),
+        "mean": tuple(config["mean"]),
+        "std": tuple(config["std"]),
+        "interpolation": config.get("interpolation", "bicubic"),
+        "num_classes": config["num_classes"],
+        "label_names": list(config["labels"]),
+    }
+
+
+def _write_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _version() -> str:
+    from aim_ext import __version__
+
+    return __version__
