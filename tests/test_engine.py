@@ -112,8 +112,17 @@ def test_training_writes_the_run_folder(tmp_path):
     assert len(lines[0]["mask_area"]) == 2 and set(lines[0]["lr"]) == {"backbone", "topdown", "mask"}
     assert best["val_worst_group_acc"] == max(m["val_worst_group_acc"] for m in lines)
     assert sorted(p.name for p in (run / "masks").iterdir()) == ["epoch_0000.pt", "epoch_0001.pt"]
-    assert {"best.pt", "last.pt", "config.yaml"} <= {p.name for p in run.iterdir()}
+    assert {"best.pt", "last.pt", "config.yaml", "model"} <= {p.name for p in run.iterdir()}
     assert load_config(run / "config.yaml") == cfg
+    saved = json.loads((run / "model" / "config.json").read_text())  # the selected model, saved
+    assert (
+        saved["metrics"]["val_acc"] == best["val_acc"]
+        and saved["training"]["selected_epoch"] == best["epoch"]
+    )
+    assert saved["labels"] == ["0", "1"] and saved["input_size"] == [3, 32, 32]
+    selected = load_checkpoint(run / "best.pt")["model"]
+    loaded = aim_ext.load_model(run / "model").state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in selected.items())
 
 
 @pytest.mark.parametrize(
@@ -193,7 +202,15 @@ def test_a_fresh_run_leaves_nothing_of_an_earlier_one(tmp_path):
     cfg = tiny_config(tmp_path, epochs=2)
     fit(cfg, Blobs(16, 0), Blobs(8, 1), make_model(cfg), log=lambda *_: None)
     cfg.epochs = 1
-    fit(cfg, Blobs(16, 0), Blobs(8, 1), make_model(cfg), log=lambda *_: None)
+    seen = []
+    fit(
+        cfg,
+        Blobs(16, 0),
+        Blobs(8, 1),
+        make_model(cfg),
+        log=lambda *_: seen.append((tmp_path / "run" / "model").exists()),
+    )
+    assert seen and not any(seen)  # the earlier run's saved model is gone while the new one trains
     run = tmp_path / "run"
     assert sorted(p.name for p in (run / "masks").iterdir()) == ["epoch_0000.pt"]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,7 +34,16 @@ from aim_ext.engine.step import (
 )
 from aim_ext.losses import AreaSchedule, area_target
 from aim_ext.metrics import classification_metrics, mask_areas
-from aim_ext.models import AIM, architecture, is_inference_only, load_checkpoint, load_model_state
+from aim_ext.models import (
+    AIM,
+    architecture,
+    is_inference_only,
+    load_checkpoint,
+    load_model,
+    load_model_state,
+    save_pretrained,
+)
+from aim_ext.models.saved import RUN_MODEL_FOLDER
 
 
 class TrainingError(RuntimeError):
@@ -325,7 +335,31 @@ def _fit(
             run = _RunState(model, optimizer, scheduler, scaler, cfg, device, out, log, val_loader, fixed)
             best = _end_of_epoch(run, epoch, stats, rngs, best)
         world.barrier()  # the other processes wait for the checkpoint
+    if world.is_main and (out / "best.pt").is_file():
+        _save_model(out, train_set, cfg, best)
     return best["metrics"] or {}
+
+
+def _save_model(out: Path, train_set: Dataset, cfg: TrainConfig, best: dict) -> None:
+    """The selected model as a saved-model folder (`out/model`): what load_model, aim-eval,
+    aim-export and aim-explain take, with the class names and the validation metrics."""
+    metrics = _plain(best["metrics"] or {})
+    summary = {
+        "dataset": cfg.dataset,
+        "epochs": cfg.epochs,
+        "selected_epoch": metrics.get("epoch"),
+        "image_size": cfg.image_size,
+        "pretrained": cfg.pretrained or bool(cfg.pretrained_file),
+    }
+    validation = {k: v for k, v in metrics.items() if k.startswith("val_")}
+    save_pretrained(
+        load_model(out / "best.pt"),
+        out / RUN_MODEL_FOLDER,
+        labels=getattr(train_set, "classes", None),
+        metrics=validation,
+        training=summary,
+        image_size=cfg.image_size,
+    )
 
 
 def _prepare_step(
@@ -358,6 +392,7 @@ def _prepare_run_folder(out: Path, start: int) -> None:
             (out / name).unlink(missing_ok=True)
         for snapshot in (out / "masks").glob("epoch_*.pt"):
             snapshot.unlink()
+        shutil.rmtree(out / RUN_MODEL_FOLDER, ignore_errors=True)
         return
     if metrics.exists():
         kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["epoch"] < start]
