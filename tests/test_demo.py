@@ -7,6 +7,7 @@ import torch
 
 from aim_ext.cli import demo
 from aim_ext.explain.counterfactual import counterfactual_rates
+from aim_ext.models import load_model
 
 
 def test_counterfactual_rates_by_hand():
@@ -56,6 +57,11 @@ def test_demo_writes_results_and_resumes(cache, tmp_path, monkeypatch, capsys):
     report = (out / "report.md").read_text()
     assert "test worst-group accuracy" in report and "compare/report.md" in report
     assert (out / "compare" / "gradcam_compare.png").is_file()
+    # The demo's trained models are saved models a user can pick up, with TuxBirds' class names.
+    saved = load_model(out / "aim" / "model")
+    assert saved.stop_stage == demo.STOP_STAGE and saved.pretrained_cfg["input_size"] == (3, 32, 32)
+    assert len(set(saved.pretrained_cfg["label_names"])) == saved.num_classes >= 2
+    assert not any(name.isdigit() for name in saved.pretrained_cfg["label_names"])
     # Run again: both trainings are finished, so nothing retrains; the results are rewritten.
     checkpoints = {n: (out / n / "last.pt").stat().st_mtime_ns for n in ("vanilla", "aim")}
     capsys.readouterr()
