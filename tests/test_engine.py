@@ -263,11 +263,12 @@ class Payload:
         return (print, ("code ran while loading",))
 
 
-def test_untrusted_checkpoints_do_not_run_code(tmp_path):
+def test_untrusted_checkpoints_do_not_run_code(tmp_path, capsys):
     path = tmp_path / "evil.pt"
     path.write_bytes(pickle.dumps({"model": Payload()}))
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match="evil.pt is not a checkpoint aim-ext can load safely") as error:
         load_checkpoint(path)
+    assert "\n" not in str(error.value) and "code ran" not in capsys.readouterr().out
 
 
 def test_config_from_yaml_with_overrides(tmp_path):

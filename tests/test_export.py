@@ -28,7 +28,7 @@ from aim_ext.export import (
     run_onnxruntime,
     tensorrt_available,
 )
-from aim_ext.models import create_model, load_weights
+from aim_ext.models import create_model, load_weights, save_pretrained
 
 pytestmark = pytest.mark.slow
 
@@ -215,6 +215,30 @@ def test_cli_names_the_keys_of_a_checkpoint_from_another_model(tmp_path, capsys)
     assert not (tmp_path / "m.onnx").exists()
     assert export_main([*argv, "--checkpoint", str(tmp_path / "absent.pt")]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_cli_exports_a_saved_model_with_no_other_flags(tmp_path, capsys):
+    """aim-export SAVED --onnx OUT: the architecture, classes and input size come from the folder."""
+    model = _model(num_classes=3, seed=7, image_size=(64, 64))
+    save_pretrained(model, tmp_path / "saved", labels=["a", "b", "c"], image_size=64)
+    assert export_main([str(tmp_path / "saved"), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "aim-export: resnet18+AIM[3], classes 3, image (64, 64)" in out
+    image = example_image(1, (64, 64), seed=3)
+    _assert_agrees(model, image, run_onnxruntime(tmp_path / "m.onnx", image.numpy()))
+    with pytest.raises(SystemExit):  # a saved model brings its architecture: no --model as well
+        export_main([str(tmp_path / "saved"), "--model", "resnet50", "--onnx", str(tmp_path / "x.onnx")])
+
+
+def test_cli_refuses_a_garbage_checkpoint_in_one_line(tmp_path, capsys):
+    (tmp_path / "garbage.pt").write_bytes(b"\x80\x04garbage")
+    argv = ["--model", "resnet18", "--num-classes", "3", "--onnx", str(tmp_path / "m.onnx")]
+    assert export_main([*argv, "--checkpoint", str(tmp_path / "garbage.pt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("aim-export: ") and "garbage.pt is not a checkpoint aim-ext can load safely" in err
+    assert err.count("\n") == 1 and not (tmp_path / "m.onnx").exists()
+    assert export_main([str(tmp_path / "garbage.pt"), "--onnx", str(tmp_path / "m.onnx")]) == 1
+    assert "is not a checkpoint aim-ext can load safely" in capsys.readouterr().err
 
 
 def test_cli_needs_an_output():

@@ -1,5 +1,6 @@
 """`aim-export`: the evaluation model (logits, then the masks) to ONNX, AOTInductor or TensorRT.
 
+    aim-export runs/demo/aim/model --onnx model.onnx        # a saved model, run folder or best.pt
     aim-export --model convnext_tiny --stop-stage 2 --num-classes 200 --checkpoint RUN/best.pt \\
         --onnx model.onnx --dynamic-batch
     aim-export --model resnet50 --stop-stage 3 --num-classes 2 --aot model.pt2 --device cuda
@@ -28,17 +29,26 @@ from aim_ext.export.graph import example_image, image_size_of, output_names, ref
 from aim_ext.export.onnx_export import DEFAULT_OPSET, export_onnx, onnxruntime_providers, run_onnxruntime
 from aim_ext.export.tensorrt_export import MISSING, TensorRTRunner, build_engine, tensorrt_available
 from aim_ext.export.verify import compare_outputs, format_checks
-from aim_ext.models import AIM, create_model, fuse_for_inference, load_weights
+from aim_ext.models import AIM, architecture, create_model, fuse_for_inference, load_model, load_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aim-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, help="timm backbone name, e.g. convnext_tiny")
+    parser.add_argument(
+        "source",
+        nargs="?",
+        type=Path,
+        help="a trained model: a saved-model folder (aim_ext.save_pretrained), an aim-train run folder "
+        "or checkpoint; it brings its architecture, classes and input size (no --model needed)",
+    )
+    parser.add_argument("--model", help="without SOURCE: the timm backbone name, e.g. convnext_tiny")
     parser.add_argument("--stop-stage", type=int, help="AIM's stop stage; leave out for the vanilla model")
-    parser.add_argument("--num-classes", type=int, required=True)
-    parser.add_argument("--checkpoint", type=Path, help="an aim-train checkpoint or a state_dict file")
+    parser.add_argument("--num-classes", type=int, help="without SOURCE: the number of classes")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="with --model: an aim-train checkpoint or a state_dict file"
+    )
     parser.add_argument("--image-size", type=int, help="square input size (default: the model's, e.g. 224)")
     parser.add_argument("--onnx", type=Path, metavar="OUT.onnx")
     parser.add_argument("--aot", type=Path, metavar="OUT.pt2", help="AOTInductor package")
@@ -71,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.source is None and (args.model is None or args.num_classes is None):
+        parser.error("name a trained model (SOURCE) or --model and --num-classes")
+    if args.source is not None and (
+        args.model or args.checkpoint or args.num_classes or args.stop_stage is not None
+    ):
+        parser.error(
+            "SOURCE brings its own architecture and weights: leave out --model, --stop-stage, "
+            "--num-classes and --checkpoint"
+        )
     if not (args.onnx or args.aot or args.tensorrt):
         parser.error("name at least one output: --onnx OUT.onnx, --aot OUT.pt2 or --tensorrt OUT.plan")
     if args.batch_size < 1:
@@ -82,9 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
     try:
-        model = create_model(args.model, num_classes=args.num_classes, stop_stage=args.stop_stage)
-        if args.checkpoint is not None:
-            load_weights(model, args.checkpoint)
+        if args.source is not None:
+            model = load_model(args.source)
+        else:
+            model = create_model(args.model, num_classes=args.num_classes, stop_stage=args.stop_stage)
+            if args.checkpoint is not None:
+                load_weights(model, args.checkpoint)
         model.eval()
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"aim-export: {error}", file=sys.stderr)
@@ -96,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(exported, AIM):
         exported.sparse_inference = args.sparse
     print(
-        f"aim-export: {args.model} stop_stage={args.stop_stage} classes={args.num_classes}, image {size}, "
+        f"aim-export: {architecture(model)}, classes {model.num_classes}, image {size}, "
         f"{'float16' if args.fp16 else 'float32'}, "
         f"{'fused for inference' if args.fuse else 'not fused'}"
         f"{f', sparse branches {args.sparse}' if isinstance(model, AIM) else ''}, "

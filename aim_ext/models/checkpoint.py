@@ -22,11 +22,17 @@ def architecture(model: nn.Module) -> str:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint safely (weights_only=True), with a clear error when it is missing."""
+    """Load a checkpoint safely (weights_only=True), with a clear error when it is missing or is
+    not one (truncated, another format, or a pickle that would run code)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many kinds, from UnpicklingError to RuntimeError
+        text = str(error).strip()
+        reason = text.splitlines()[0][:160] if text else type(error).__name__
+        raise ValueError(f"{path} is not a checkpoint aim-ext can load safely ({reason})") from None
 
 
 def load_model_state(model: nn.Module, state: dict[str, Any], source: str = "checkpoint") -> None:

@@ -143,9 +143,8 @@ def _load_checkpoint_file(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         state = load_checkpoint(path)
     except FileNotFoundError:
         raise ModelFileError(f"model not found: {path}") from None
-    except Exception as error:  # truncated, not a torch file, or a pickle that weights_only refuses
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelFileError(f"{path} is not a checkpoint aim-ext can load safely ({reason[:200]})") from None
+    except ValueError as error:  # truncated, not a torch file, or a pickle that weights_only refuses
+        raise ModelFileError(str(error)) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ModelFileError(f"{path} is not an aim-train checkpoint (no model weights and config)")
     run = state["config"]
