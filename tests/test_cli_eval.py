@@ -166,6 +166,36 @@ def test_errors(runs, tmp_path, capsys):
         aim_eval.main(["--compare", str(runs["aim"])])
 
 
+def test_a_saved_model_evaluates_on_a_dataset_it_is_given(runs, tmp_path, capsys):
+    """aim-train's saved model (RUN/model) with --dataset: the run's numbers, without its config;
+    without --dataset, or on data of another number of classes, one line."""
+    root = runs["root"]
+    common = ["--device", "cpu", "--attribution", "gradcam", "--max-images", "4", "--figures", "0"]
+    assert aim_eval.main([str(runs["aim"]), *common, "--out", str(tmp_path / "run")]) == 0
+    data = [
+        "--dataset",
+        "waterbirds",
+        "--data-root",
+        str(root / "waterbirds"),
+        "--cub-root",
+        str(root / "CUB_200_2011"),
+    ]
+    saved = runs["aim"] / "model"
+    assert aim_eval.main([str(saved), *common, *data, "--out", str(tmp_path / "saved")]) == 0
+    by_run, by_saved = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("run", "saved"))
+    for key in ("avg_acc", "worst_group_acc", "epg"):
+        assert by_saved[key] == pytest.approx(by_run[key]), key
+    assert by_saved["checkpoint"].endswith("model.safetensors")
+    capsys.readouterr()
+    assert aim_eval.main([str(saved), *common]) == 1
+    assert "is a saved model, which names no data: give --dataset" in capsys.readouterr().err
+    make_folder(root / "three", classes=("cat", "dog", "owl"))
+    other = ["--dataset", "folder", "--data-root", str(root / "three"), "--split", "val"]
+    assert aim_eval.main([str(saved), *common, *other]) == 1
+    err = capsys.readouterr().err
+    assert "classifies 2 classes; folder at" in err and "has 3" in err and err.count("\n") == 1
+
+
 def test_dataset_without_masks(runs, capsys):
     make_folder(runs["root"] / "folder")
     run = _train(runs["root"], "folder_aim", 3, dataset="folder", epochs=1)

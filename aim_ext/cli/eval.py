@@ -3,6 +3,7 @@
     aim-eval runs/wb95_aim                      # writes runs/wb95_aim/eval_test/report.md
     aim-eval runs/wb95_aim --split val --attribution gradcam --target pred --max-images 200
     aim-eval --compare runs/wb95_vanilla runs/wb95_aim   # writes runs/wb95_aim/compare_wb95_vanilla/
+    aim-eval runs/demo/aim/model --dataset tuxbirds100   # a saved model on any dataset
 
 The work is done by `aim_ext.explain` (`run`, `evaluate`, `reports`); this module only parses the
 command line.
@@ -28,8 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "runs", nargs="+", type=Path, metavar="RUN", help="run folder(s) written by aim-train"
+        "runs",
+        nargs="+",
+        type=Path,
+        metavar="RUN",
+        help="run folder(s) written by aim-train, or saved models (aim_ext.save_pretrained; with --dataset)",
     )
+    parser.add_argument(
+        "--dataset",
+        help="evaluate on this dataset instead of the run's (required for a saved model), e.g. cub, "
+        "waterbirds, folder, tuxbirds95",
+    )
+    parser.add_argument("--data-root", help="with --dataset: its root folder")
+    parser.add_argument("--cub-root", help="with --dataset waterbirds or travelingbirds: the CUB tree")
     parser.add_argument("--compare", action="store_true", help="compare two runs: --compare RUN_A RUN_B")
     parser.add_argument(
         "--checkpoint", default="best", help="best, last, or a checkpoint file (default best)"
@@ -87,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             num_workers=args.num_workers,
             counterfactuals=args.counterfactuals,
             counterfactual_images=args.counterfactual_images,
+            dataset=args.dataset,
+            data_root=args.data_root,
+            cub_root=args.cub_root,
         )
         if args.compare:
             _, _, report = compare_runs(*args.runs, options, out=args.out)

@@ -6,6 +6,7 @@ validation batch."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,8 @@ from torch.utils.data import Dataset
 
 from aim_ext.engine import TrainConfig, build_model, build_split, data_config, load_config, resolve_device
 from aim_ext.explain.attributions import METHODS
-from aim_ext.models import AIM, load_checkpoint, load_model_state
+from aim_ext.models import AIM, load_checkpoint, load_model, load_model_state
+from aim_ext.models.saved import CONFIG_FILE, WEIGHTS_FILE
 
 
 class EvalError(RuntimeError):
@@ -38,6 +40,11 @@ class EvalOptions:
     num_workers: int | None = None  # None: the run's setting
     counterfactuals: bool = True  # TuxBirds: background-swap and background-only rates
     counterfactual_images: int | None = None  # None: every evaluated image
+    # Another dataset than the run's (required for a saved model, which names none): its name,
+    # root and, for Waterbirds and TravelingBirds, the CUB tree.
+    dataset: str | None = None
+    data_root: str | None = None
+    cub_root: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -93,29 +100,75 @@ def _checkpoint_path(folder: Path, checkpoint: str) -> Path:
 
 
 def open_run(folder: str | Path, options: EvalOptions) -> Run:
-    """Load a run's config and checkpoint, build its model and the dataset split to evaluate."""
+    """Load a run's config and checkpoint (or a saved model), build its model and the dataset
+    split to evaluate."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EvalError(f"run folder not found: {folder}")
+    if (folder / CONFIG_FILE).is_file():
+        return _open_saved_model(folder, options)
     config = folder / "config.yaml"
     if not config.is_file():
-        raise EvalError(f"no config.yaml in {folder}: not a run folder written by aim-train")
+        raise EvalError(
+            f"no config.yaml in {folder}: not a run folder written by aim-train, nor a saved model"
+        )
     try:
-        cfg = load_config(config)
+        cfg = _with_dataset(load_config(config), options)
     except ValueError as error:
         raise EvalError(f"{config}: {error}") from error
     path = _checkpoint_path(folder, options.checkpoint)
     # The checkpoint replaces every weight: never fetch or read the pretrained ones again.
     cfg = dataclasses.replace(cfg, pretrained=False, pretrained_file=None)
     data = data_config(cfg)
-    mean, std = tuple(data["mean"]), tuple(data["std"])
     dataset = build_split(cfg, options.split, data)
     model = build_model(cfg, num_classes=dataset.num_classes)
-    state = load_checkpoint(path)
     try:
+        state = load_checkpoint(path)
         load_model_state(model, state, source=str(path))
     except (ValueError, RuntimeError) as error:  # RuntimeError: tensor sizes (e.g. number of classes)
         raise EvalError(f"cannot load {path}: {error}") from error
+    return _ready(folder, cfg, path, state.get("epoch"), model, dataset, data, options)
+
+
+def _open_saved_model(folder: Path, options: EvalOptions) -> Run:
+    """A saved model (aim_ext.save_pretrained) on the dataset the options name."""
+    if options.dataset is None:
+        raise EvalError(f"{folder} is a saved model, which names no data: give --dataset (and --data-root)")
+    try:
+        model = load_model(folder)
+    except ValueError as error:
+        raise EvalError(str(error)) from None
+    pretrained = model.pretrained_cfg
+    cfg = TrainConfig(
+        model=model.backbone_name if isinstance(model, AIM) else pretrained["architecture"],
+        stop_stage=getattr(model, "stop_stage", None),
+        image_size=pretrained["input_size"][-1],
+        num_workers=0,
+    )
+    cfg = _with_dataset(cfg, options)
+    data = {"mean": pretrained["mean"], "std": pretrained["std"]}
+    dataset = build_split(cfg, options.split, data)
+    if dataset.num_classes != model.num_classes:
+        raise EvalError(
+            f"{folder} classifies {model.num_classes} classes; {cfg.dataset} at {cfg.data_root} has "
+            f"{dataset.num_classes}"
+        )
+    epoch = json.loads((folder / CONFIG_FILE).read_text()).get("training") or {}
+    return _ready(
+        folder, cfg, folder / WEIGHTS_FILE, epoch.get("selected_epoch"), model, dataset, data, options
+    )
+
+
+def _with_dataset(cfg: TrainConfig, options: EvalOptions) -> TrainConfig:
+    if options.dataset is None:
+        return cfg
+    changes = {"dataset": options.dataset, "data_root": options.data_root or ""}
+    if options.cub_root:
+        changes["cub_root"] = options.cub_root
+    return dataclasses.replace(cfg, **changes)
+
+
+def _ready(folder, cfg, path, epoch, model, dataset, data, options: EvalOptions) -> Run:
     device = resolve_device(options.device)
     # Attributions need gradients of activations and inputs only, never of the weights: skipping
     # the weight gradients saves a third of the backward pass.
@@ -125,6 +178,5 @@ def open_run(folder: str | Path, options: EvalOptions) -> Run:
         # Only the training split's groups are read: a generated dataset need not be rendered.
         train_groups = build_split(cfg, "train", data, prerender=False).groups
         train_counts = {g: train_groups.count(g) for g in sorted(set(train_groups))}
-    return Run(
-        folder, cfg, path, state.get("epoch"), model, dataset, options.split, mean, std, device, train_counts
-    )
+    mean, std = tuple(data["mean"]), tuple(data["std"])
+    return Run(folder, cfg, path, epoch, model, dataset, options.split, mean, std, device, train_counts)
