@@ -85,3 +85,21 @@ def test_a_broken_link_is_caught(tmp_path):
     )
     expected = ["docs/missing.md#x", "docs/images/missing.png", "docs/absent.md"]
     assert broken_links(readme, tmp_path) == expected
+
+
+def test_the_license_and_the_citation_are_what_the_package_declares():
+    import tomllib
+
+    import yaml
+
+    import aim_ext
+
+    root = Path(__file__).parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT" and (root / "LICENSE").read_text().startswith("MIT License")
+    citation = yaml.safe_load((root / "CITATION.cff").read_text())
+    assert citation["cff-version"] == "1.2.0" and citation["license"] == "MIT"
+    assert citation["version"] == aim_ext.__version__
+    paper = citation["preferred-citation"]
+    assert paper["title"].startswith("AIM: Amending Inherent Interpretability")
+    assert [a["family-names"] for a in paper["authors"]] == ["Alshami", "Agnihotri", "Schiele", "Keuper"]
