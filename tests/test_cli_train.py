@@ -49,6 +49,21 @@ def test_a_bad_value_or_a_missing_run_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dataset", "nope"], "aim-train: unknown dataset 'nope'; expected one of cub, folder"),
+        (["--dataset", "cub", "--data-root", "/missing"], "aim-train: CUB-200-2011 root not found: /missing"),
+        (["--model", "nonet", "--dataset", "tuxbirds95"], "aim-train: Unknown model (nonet)"),
+    ],
+)
+def test_a_bad_dataset_or_model_is_one_line(tmp_path, capsys, flags, message):
+    assert main([*flags, "--device", "cpu", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_flags_override_the_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: resnet50\nepochs: 10\nchannels_last: true\n")

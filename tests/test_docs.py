@@ -89,7 +89,6 @@ def test_a_broken_link_is_caught(tmp_path):
 
 def test_the_license_and_the_citation_are_what_the_package_declares():
     import tomllib
-
     import yaml
 
     import aim_ext

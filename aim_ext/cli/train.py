@@ -95,9 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:  # a bad value or a missing run: one line
         print(f"aim-train: {error}", file=sys.stderr)
         return 2
-    train, val = build_datasets(cfg, data_config(cfg))
-    torch.manual_seed(cfg.seed)  # the new layers' initial weights follow the seed (the same on every rank)
-    model = build_model(cfg, train.num_classes)
+    try:  # an unknown dataset or model, a missing data root or index file: one line
+        train, val = build_datasets(cfg, data_config(cfg))
+        torch.manual_seed(
+            cfg.seed
+        )  # the new layers' initial weights follow the seed (the same on every rank)
+        model = build_model(cfg, train.num_classes)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"aim-train: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
     try:
         best = fit(cfg, train, val, model, resume=args.resume)
     except StepError as error:  # a step kind this run cannot use: refused before training
