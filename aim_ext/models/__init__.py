@@ -12,6 +12,7 @@ from aim_ext.models.mask_estimator import (
     MaskEstimator,
     set_estimator_algorithm,
 )
+from aim_ext.models.registry import ARCHITECTURES
 from aim_ext.models.saved import ModelFileError, load_model, save_pretrained
 from aim_ext.models.topdown import (
     FeatureBranch,
@@ -22,6 +23,7 @@ from aim_ext.models.topdown import (
 )
 
 __all__ = [
+    "ARCHITECTURES",
     "ESTIMATOR_MODES",
     "AIM",
     "AIMOutput",
