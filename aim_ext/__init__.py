@@ -9,9 +9,19 @@ __all__ = [
     "AIMOutput",
     "__version__",
     "create_model",
+    "explain_images",
     "fuse_for_inference",
     "load_model",
     "losses",
     "ops",
     "save_pretrained",
 ]
+
+
+def __getattr__(name: str):
+    """`aim_ext.explain_images`, loaded on first use (it brings matplotlib and captum)."""
+    if name == "explain_images":
+        from aim_ext.explain.images import explain_images
+
+        return explain_images
+    raise AttributeError(f"module 'aim_ext' has no attribute {name!r}")

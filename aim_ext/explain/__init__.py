@@ -13,10 +13,18 @@ from typing import Any
 
 from aim_ext.explain.epg import energy_pointing_game, resize_maps
 
-_LAZY = {"attribute": "attributions", "gradcam_layer": "attributions", "METHODS": "attributions"}
+_LAZY = {
+    "attribute": "attributions",
+    "gradcam_layer": "attributions",
+    "METHODS": "attributions",
+    "explain_images": "images",
+    "Explanation": "images",
+}
 
 __all__ = [
     "METHODS",
+    "Explanation",
+    "explain_images",
     "attribute",
     "energy_pointing_game",
     "gradcam_layer",
