@@ -247,14 +247,6 @@ class AIM(nn.Module):
         ]
         return AIMOutput(logits, aux, [s.mask for s in stages], [s.mask_logits for s in stages])
 
-    def explain(self, images: Tensor, *, top_k: int = 5, gradcam: bool = False):
-        """`aim_ext.explain_images(self, images, ...)`: the logits, the top classes with their names,
-        every stage's mask, the merged mask at image resolution and optionally GradCAM on P_T.
-        (Imported here, on use: the explain layer sits above the models.)"""
-        from aim_ext.explain.images import explain_images
-
-        return explain_images(self, images, top_k=top_k, gradcam=gradcam)
-
     def predict(
         self, x: Tensor, *, merged_map: bool = False
     ) -> tuple[Tensor, list[Tensor]] | tuple[Tensor, list[Tensor], Tensor]:

@@ -5,6 +5,7 @@ checkpoint. Nothing is executed from a file: weights come from safetensors or `w
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import tempfile
@@ -223,6 +224,8 @@ def _write_atomic(path: Path, write) -> None:
 
 
 def _version() -> str:
-    from aim_ext import __version__
-
-    return __version__
+    """The installed aim-ext's version (its package metadata: this layer sits below the facade)."""
+    try:
+        return importlib.metadata.version("aim-ext")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
