@@ -1,11 +1,15 @@
 """`aim-demo` end to end at a tiny size, and the counterfactual rates it reports."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from aim_ext.cli import demo
+from aim_ext.cli.explain import main as explain_main
+from aim_ext.cli.export import main as export_main
 from aim_ext.explain.counterfactual import counterfactual_rates
 from aim_ext.models import load_model
 
@@ -62,6 +66,19 @@ def test_demo_writes_results_and_resumes(cache, tmp_path, monkeypatch, capsys):
     assert saved.stop_stage == demo.STOP_STAGE and saved.pretrained_cfg["input_size"] == (3, 32, 32)
     assert len(set(saved.pretrained_cfg["label_names"])) == saved.num_classes >= 2
     assert not any(name.isdigit() for name in saved.pretrained_cfg["label_names"])
+    # ... and what a user does with it: explain a photo, export it, load it through torch.hub.
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (120, 90), (70, 130, 200)).save(photo)
+    model_dir = str(out / "aim" / "model")
+    assert explain_main([model_dir, str(photo), "--out", str(tmp_path / "explained"), "--device", "cpu"]) == 0
+    assert (tmp_path / "explained" / "000_photo.png").is_file()
+    assert export_main([model_dir, "--onnx", str(tmp_path / "m.onnx")]) == 0
+    hub = torch.hub.load(
+        str(Path(__file__).parents[1]), "mobilenetv2_100_aim3", source="local", pretrained=model_dir
+    )
+    image = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(hub(image), saved(image))
     # Run again: both trainings are finished, so nothing retrains; the results are rewritten.
     checkpoints = {n: (out / n / "last.pt").stat().st_mtime_ns for n in ("vanilla", "aim")}
     capsys.readouterr()
