@@ -1,5 +1,6 @@
 """The training engine: recipe groups, exact resume, atomic and safe checkpoints, failures."""
 
+import csv
 import json
 import pickle
 from collections import Counter
@@ -114,6 +115,12 @@ def test_training_writes_the_run_folder(tmp_path):
     assert sorted(p.name for p in (run / "masks").iterdir()) == ["epoch_0000.pt", "epoch_0001.pt"]
     assert {"best.pt", "last.pt", "config.yaml", "model"} <= {p.name for p in run.iterdir()}
     assert load_config(run / "config.yaml") == cfg
+    with (run / "summary.csv").open() as handle:  # timm's per-epoch table
+        table = list(csv.DictReader(handle))
+    assert [int(r["epoch"]) for r in table] == [0, 1]
+    assert float(table[1]["val_acc"]) == pytest.approx(lines[1]["val_acc"])
+    assert float(table[0]["lr_topdown"]) == pytest.approx(lines[0]["lr"]["topdown"])
+    assert float(table[1]["mask_area_1"]) == pytest.approx(lines[1]["mask_area"][1])
     saved = json.loads((run / "model" / "config.json").read_text())  # the selected model, saved
     assert (
         saved["metrics"]["val_acc"] == best["val_acc"]

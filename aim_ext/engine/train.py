@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import os
 import shutil
+import tempfile
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -388,6 +391,7 @@ def _prepare_run_folder(out: Path, start: int) -> None:
     metrics = out / "metrics.jsonl"
     if start == 0:
         metrics.unlink(missing_ok=True)
+        (out / "summary.csv").unlink(missing_ok=True)
         for name in ("best.pt", "last.pt"):
             (out / name).unlink(missing_ok=True)
         for snapshot in (out / "masks").glob("epoch_*.pt"):
@@ -450,6 +454,7 @@ def _end_of_epoch(run: _RunState, epoch: int, stats: dict, rngs: list, best: dic
     save_atomic(state, out / "last.pt")
     with (out / "metrics.jsonl").open("a") as handle:
         handle.write(json.dumps(_plain(metrics)) + "\n")
+    _write_summary(out)
     log(
         f"epoch {epoch}: loss {stats['loss']:.4f} train acc {stats['train_acc']:.3f} "
         f"val acc {metrics['val_acc']:.3f}"
@@ -461,6 +466,33 @@ def _end_of_epoch(run: _RunState, epoch: int, stats: dict, rngs: list, best: dic
         + (" (best)" if is_best else "")
     )
     return best
+
+
+def _write_summary(out: Path) -> None:
+    """`summary.csv`, timm's per-epoch table, rewritten from metrics.jsonl (so a resumed run's is
+    right too): one row per epoch, one column per number, lists and mappings spread out
+    (`mask_area_0`, `lr_backbone`, `val_group_acc_3`)."""
+    rows = [_flat(json.loads(line)) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    fd, tmp = tempfile.mkstemp(prefix=".summary.csv.", dir=out)
+    with os.fdopen(fd, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, out / "summary.csv")
+
+
+def _flat(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{name}_"))
+        elif isinstance(value, list):
+            flat.update(_flat({str(i): v for i, v in enumerate(value)}, f"{name}_"))
+        else:
+            flat[name] = value
+    return flat
 
 
 def _silent(*_: Any) -> None:
