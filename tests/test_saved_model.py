@@ -81,10 +81,9 @@ def test_bad_files_are_refused_in_one_line_and_nothing_runs(tmp_path):
     with pytest.raises(ModelFileError, match="model not found"):
         load_model(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelFileError, match="holds no model"):
+    with pytest.raises(ModelFileError, match="holds no model") as error:
         load_model(tmp_path / "empty")
-    for error in ("holds no model", "not found"):
-        assert "\n" not in error
+    assert "\n" not in str(error.value)
 
 
 def test_save_pretrained_refuses_a_fused_model_and_wrong_labels(tmp_path):

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from aim_ext.cache import write_atomic
 from aim_ext.engine.checkpoint import rng_state, save_atomic, set_rng_state
 from aim_ext.engine.config import TrainConfig
 from aim_ext.engine.distributed import World, unwrap
@@ -474,12 +474,11 @@ def _write_summary(out: Path) -> None:
     (`mask_area_0`, `lr_backbone`, `val_group_acc_3`)."""
     rows = [_flat(json.loads(line)) for line in (out / "metrics.jsonl").read_text().splitlines()]
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    fd, tmp = tempfile.mkstemp(prefix=".summary.csv.", dir=out)
-    with os.fdopen(fd, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, out / "summary.csv")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(out / "summary.csv", table.getvalue().encode())
 
 
 def _flat(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -3,12 +3,12 @@ of `ARCHITECTURES`, new or loaded from a saved model checked by SHA-256, carryin
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
+from aim_ext.cache import sha256_file
 from aim_ext.models.checkpoint import architecture
 from aim_ext.models.factory import create_model
 from aim_ext.models.registry import ARCHITECTURES
@@ -52,6 +52,6 @@ def hub_model(
 def _check_sha256(path: Path, expected: str) -> None:
     if not path.is_file():
         raise ModelFileError(f"model not found: {path}")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256_file(path)
     if digest != expected.lower():
         raise ModelFileError(f"{path} has SHA-256 {digest}, not the expected {expected}")

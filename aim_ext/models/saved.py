@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from aim_ext.cache import write_atomic
 from aim_ext.models.aim import AIM
 from aim_ext.models.checkpoint import architecture, load_checkpoint, load_model_state
 from aim_ext.models.factory import create_model, model_data_config
@@ -78,9 +77,8 @@ def save_pretrained(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _write_atomic(folder / WEIGHTS_FILE, lambda path: safetensors.torch.save_file(weights, str(path)))
-    text = json.dumps(config, indent=2, default=float) + "\n"
-    _write_atomic(folder / CONFIG_FILE, lambda path: Path(path).write_text(text))
+    write_atomic(folder / WEIGHTS_FILE, safetensors.torch.save(weights))
+    write_atomic(folder / CONFIG_FILE, (json.dumps(config, indent=2, default=float) + "\n").encode())
     return folder
 
 
@@ -210,17 +208,6 @@ def _pretrained_cfg(config: dict[str, Any]) -> dict[str, Any]:
         "num_classes": config["num_classes"],
         "label_names": list(config["labels"]),
     }
-
-
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _version() -> str:
