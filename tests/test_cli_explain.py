@@ -77,3 +77,24 @@ def test_aim_explain_writes_a_figure_per_image_and_names_the_bad_ones(saved, tmp
 def test_aim_explain_refuses_a_model_it_cannot_load(tmp_path, capsys):
     assert main([str(tmp_path / "nothing"), str(_photo(tmp_path / "a.jpg"))]) == 2
     assert capsys.readouterr().err == f"aim-explain: model not found: {tmp_path / 'nothing'}\n"
+
+
+def test_transparent_parts_are_read_over_white(tmp_path):
+    from aim_ext.cli.explain import read_image
+
+    rgba = Image.new("RGBA", (20, 20), (0, 0, 0, 0))  # transparent black: a viewer shows white
+    rgba.paste((200, 40, 40, 255), (0, 0, 10, 20))  # an opaque left half
+    rgba.paste((0, 0, 200, 128), (10, 0, 20, 10))  # a half-transparent blue corner
+    rgba.save(tmp_path / "a.png")
+    pixels = read_image(tmp_path / "a.png").load()
+    assert pixels[2, 2] == (200, 40, 40) and pixels[15, 15] == (255, 255, 255)
+    assert pixels[15, 5] == pytest.approx((127, 127, 227), abs=1)  # 200 * a + 255 * (1 - a), a = 128/255
+    palette = Image.new("P", (20, 20), 1)
+    palette.putpalette([0, 0, 0, 10, 200, 10] + [0] * 762)
+    palette.paste(0, (0, 0, 20, 10))
+    palette.save(tmp_path / "p.png", transparency=0)  # palette colour 0 (black) is transparent
+    pixels = read_image(tmp_path / "p.png").load()
+    assert pixels[5, 5] == (255, 255, 255) and pixels[5, 15] == (10, 200, 10)
+    grey = Image.new("LA", (20, 20), (90, 255))
+    grey.save(tmp_path / "g.png")
+    assert read_image(tmp_path / "g.png").load()[0, 0] == (90, 90, 90)

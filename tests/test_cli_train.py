@@ -1,6 +1,7 @@
 """`aim-train` end to end on fixture data in the real on-disk formats, and the shipped configs."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,13 @@ def test_a_bad_value_or_a_missing_run_is_one_line(tmp_path, capsys):
     path.write_text("amp: bad\n")
     assert main(["--config", str(path), "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err == "aim-train: amp must be one of none, bf16, fp16, got 'bad'\n"
+    path.write_text("dataset: nope\n")
+    assert main(["--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.startswith("aim-train: dataset must be one of cub, folder, hard_imagenet")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--dataset", "nope"])
+    assert exit_.value.code == 2
+    assert "argument --dataset: invalid choice: 'nope'" in capsys.readouterr().err
     assert main(["--resume", "--out", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("aim-train: --resume: no run to continue") and err.count("\n") == 1
@@ -52,7 +60,6 @@ def test_a_bad_value_or_a_missing_run_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--dataset", "nope"], "aim-train: unknown dataset 'nope'; expected one of cub, folder"),
         (["--dataset", "cub", "--data-root", "/missing"], "aim-train: CUB-200-2011 root not found: /missing"),
         (["--model", "nonet", "--dataset", "tuxbirds95"], "aim-train: Unknown model (nonet)"),
     ],
@@ -61,6 +68,18 @@ def test_a_bad_dataset_or_model_is_one_line(tmp_path, capsys, flags, message):
     assert main([*flags, "--device", "cpu", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_tensorboard_logging_without_tensorboard_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if it were not installed
+    flags = ["--dataset", "tuxbirds95", "--model", "resnet18", "--stop-stage", "3", "--image-size", "32"]
+    assert main([*flags, "--log", "tensorboard", "--device", "cpu", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == 'aim-train: --log tensorboard needs the tensorboard package: pip install "aim-ext[tensorboard]"\n'
+    )
     assert not (tmp_path / "run").exists()
 
 

@@ -4,10 +4,11 @@
     aim-explain runs/demo/aim/model *.jpg --gradcam --top-k 3 --out my_explanations
 
 MODEL is a saved model (aim_ext.save_pretrained, e.g. an aim-train run's model/), a run folder or a
-checkpoint. Each image (JPEG, PNG, any size; grayscale and RGBA are converted to RGB) is resized and
-cropped as the model's config says. Per image it prints the top classes with probabilities and the
-active fraction of each stage's mask and of the merged mask, and writes a PNG (the image, each
-stage's mask, the merged mask over the image, GradCAM with --gradcam); index.html shows them all.
+checkpoint. Each image (JPEG, PNG, any size; grayscale becomes RGB, transparent parts are shown over
+white) is resized and cropped as the model's config says. Per image it prints the top classes with
+probabilities and the active fraction of each stage's mask and of the merged mask, and writes a PNG
+(the image, each stage's mask, the merged mask over the image, GradCAM with --gradcam); index.html
+shows them all.
 An image that cannot be read is named and skipped; the exit status is then 1.
 """
 
@@ -41,7 +42,7 @@ def read_image(path: Path):
     try:
         with Image.open(path) as image:
             image.load()
-            rgb = image.convert("RGB")
+            rgb = _on_white(image)
     except FileNotFoundError:
         raise ValueError("not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:  # not an image, truncated
@@ -51,6 +52,17 @@ def read_image(path: Path):
     if min(rgb.size) < MIN_SIDE:
         raise ValueError(f"too small ({rgb.size[0]}x{rgb.size[1]} pixels; at least {MIN_SIDE} on each side)")
     return rgb
+
+
+def _on_white(image):
+    """RGB, with any transparent parts (RGBA, LA, a palette's transparent colour) shown over white,
+    as a viewer shows them, instead of the black or arbitrary colour under zero alpha."""
+    from PIL import Image
+
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def main(argv: list[str] | None = None) -> int:

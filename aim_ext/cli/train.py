@@ -33,23 +33,31 @@ _TYPES = {"int": int, "float": float, "str": str}
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; absent flags leave the YAML/default value alone, and
-    optional values take 'none' to unset them."""
+    """One flag per TrainConfig field, with the field's help and default; absent flags leave the
+    YAML/default value alone, and optional values take 'none' to unset them."""
     for field in config_fields():
         flag = "--" + field.name.replace("_", "-")
         kind = str(field.type).replace(" ", "")
+        text = field.metadata["help"]
         if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text
+            )
         elif kind == "tuple[int,int]":
             parser.add_argument(
-                flag, type=int, nargs=2, default=argparse.SUPPRESS, metavar=("OPS", "MAGNITUDE")
+                flag,
+                type=int,
+                nargs=2,
+                default=argparse.SUPPRESS,
+                metavar=("OPS", "MAGNITUDE"),
+                help=f"{text} (default {' '.join(map(str, field.default))})",
             )
         elif kind.endswith("|None"):
             parser.add_argument(
                 flag,
                 type=_optional(_TYPES[kind[: -len("|None")]]),
                 default=argparse.SUPPRESS,
-                help=f"default {field.default} ('none' to unset)",
+                help=f"{text} (default {str(field.default).lower()})",
             )
         else:
             parser.add_argument(
@@ -57,14 +65,16 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 type=_TYPES[kind],
                 choices=field.metadata.get("choices"),
                 default=argparse.SUPPRESS,
-                help=f"default {field.default}",
+                help=f"{text} (default {field.default!r})"
+                if kind == "str"
+                else f"{text} (default {field.default})",
             )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aim-train",
-        description=__doc__.splitlines()[0],
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", type=Path, help="YAML file of training config keys")
@@ -106,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         best = fit(cfg, train, val, model, resume=args.resume)
-    except StepError as error:  # a step kind this run cannot use: refused before training
+    except (StepError, ModuleNotFoundError) as error:  # refused before training: a step kind this
+        # run cannot use, or --log tensorboard without tensorboard
         print(f"aim-train: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:

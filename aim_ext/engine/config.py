@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from aim_ext.data import list_datasets
 from aim_ext.losses import AREA_WEIGHT, LABEL_SMOOTHING
 from aim_ext.models.aim import HEAD_DROP_RATE
 
@@ -16,10 +17,14 @@ AMP_MODES = ("none", "bf16", "fp16")
 # How a training step runs (aim_ext.engine.step): operation by operation, torch.compile'd, or
 # captured whole into a CUDA graph and replayed.
 STEP_KINDS = ("eager", "compile", "cuda-graph")
+# Where the per-epoch metrics go: metrics.jsonl and summary.csv always; TensorBoard event files too.
+LOG_KINDS = ("jsonl", "tensorboard")
 
 
-def _choice(default: str, choices: tuple[str, ...]):
-    return field(default=default, metadata={"choices": choices})
+def _knob(default: Any, help: str, choices: tuple[str, ...] | None = None):
+    """A config field with the text of its `aim-train --help` line (and its allowed values)."""
+    metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -27,54 +32,67 @@ class TrainConfig:
     """Every knob of a training run. Defaults follow the paper's recipe (appendix A.1, Tables 4 and 5)."""
 
     # model
-    model: str = "convnext_tiny"
-    stop_stage: int | None = None  # None: the vanilla backbone
-    pretrained: bool = False
-    pretrained_file: str | None = None
-    drop_rate: float = HEAD_DROP_RATE
-    drop_path_rate: float = 0.3
-    freeze_levels: int = 0  # backbone feature levels below this one are frozen (0: train everything)
+    model: str = _knob("convnext_tiny", "the timm backbone, e.g. convnext_tiny, resnet50, mobilenetv2_100")
+    stop_stage: int | None = _knob(
+        None, "AIM's stop stage, the lowest masked level (none: the vanilla backbone)"
+    )
+    pretrained: bool = _knob(False, "start from timm's ImageNet weights (fetched into the cache)")
+    pretrained_file: str | None = _knob(None, "start from this backbone state_dict file instead")
+    drop_rate: float = _knob(HEAD_DROP_RATE, "dropout before the classifier heads")
+    drop_path_rate: float = _knob(0.3, "stochastic depth of the backbone's blocks")
+    freeze_levels: int = _knob(0, "freeze the backbone's feature levels below this one (0: train everything)")
     # data
-    dataset: str = "cub"
-    data_root: str = ""
-    image_size: int = 224
-    randaugment: tuple[int, int] = (3, 9)
-    batch_size: int = 64
-    num_workers: int = 4
-    skip_bad_images: bool = False
-    cub_root: str | None = None  # Waterbirds / TravelingBirds: the CUB tree with segmentations
-    imagenet_root: str | None = None  # Hard ImageNet: the user's ImageNet folder
+    dataset: str = _knob("cub", "the dataset", choices=tuple(list_datasets()))
+    data_root: str = _knob("", "the dataset's folder (the TuxBirds datasets: a cache folder, or empty)")
+    image_size: int = _knob(224, "square training and evaluation size in pixels")
+    randaugment: tuple[int, int] = _knob(
+        (3, 9), "RandAugment's number of operations and magnitude (0 0: off)"
+    )
+    batch_size: int = _knob(64, "images per optimizer step, over all processes")
+    num_workers: int = _knob(4, "data loader processes")
+    skip_bad_images: bool = _knob(False, "leave out unreadable images with a warning instead of stopping")
+    cub_root: str | None = _knob(None, "Waterbirds, TravelingBirds: the CUB tree with its segmentations")
+    imagenet_root: str | None = _knob(None, "Hard ImageNet: your ImageNet folder")
     # optimisation
-    epochs: int = 200
-    lr_backbone: float = 7e-6
-    lr_topdown: float = 1e-2
-    lr_mask: float = 1e-3  # binary-Gumbel decision layers train better slower, without decay
-    weight_decay: float = 1e-3
-    weight_decay_mask: float = 0.0
-    warmup_epochs: int = 5
-    label_smoothing: float = LABEL_SMOOTHING
-    accum_steps: int = 1
-    grad_clip: float | None = None
+    epochs: int = _knob(200, "training epochs")
+    lr_backbone: float = _knob(7e-6, "AdamW learning rate of the backbone")
+    lr_topdown: float = _knob(1e-2, "learning rate of AIM's top-down pathway and the classifier")
+    lr_mask: float = _knob(
+        1e-3, "learning rate of the mask estimators (binary-Gumbel decision layers train better slower)"
+    )
+    weight_decay: float = _knob(1e-3, "AdamW weight decay")
+    weight_decay_mask: float = _knob(0.0, "weight decay of the mask estimators")
+    warmup_epochs: int = _knob(5, "linear warm-up before the cosine schedule")
+    label_smoothing: float = _knob(LABEL_SMOOTHING, "label smoothing of the classification losses")
+    accum_steps: int = _knob(1, "micro-batches per optimizer step (gradient accumulation)")
+    grad_clip: float | None = _knob(None, "clip the gradient norm to this value (none: no clipping)")
     # AIM: active-area annealing (Eq. 6-7) and the binary Gumbel
-    area_final: float | None = 0.25  # None: no annealing, no area loss
-    area_start: int = 0
-    area_duration: int | None = None  # None: half of training
-    area_weight: float = AREA_WEIGHT
-    aux_weight: float = 1.0  # 0: the "no auxiliary losses" ablation
-    temperature: float = 1.0
-    noise_off_epoch: int | None = None  # from this epoch on, train without Gumbel noise
+    area_final: float | None = _knob(
+        0.25, "the active-area target tau at the end of annealing (none: no area loss)"
+    )
+    area_start: int = _knob(0, "the epoch annealing starts")
+    area_duration: int | None = _knob(None, "annealing length in epochs (none: half of training)")
+    area_weight: float = _knob(AREA_WEIGHT, "weight of the active-area loss (Eq. 7)")
+    aux_weight: float = _knob(
+        1.0, "weight of the auxiliary heads' losses (0: the no-auxiliary-loss ablation)"
+    )
+    temperature: float = _knob(1.0, "the binary Gumbel-softmax temperature")
+    noise_off_epoch: int | None = _knob(None, "from this epoch on, train without Gumbel noise")
     # run
-    seed: int = 0
-    amp: str = _choice("none", AMP_MODES)  # bf16 and fp16 autocast on CUDA
-    step: str = _choice("eager", STEP_KINDS)
-    channels_last: bool = False
-    device: str = "auto"
-    out: str = "runs/train"
-    select_from: int | None = None  # earlier epochs are never selected (e.g. before annealing ends)
-    mask_log_every: int = 5  # epochs between saved masks of the fixed validation batch
-    mask_log_images: int = 8
-    max_steps_per_epoch: int | None = None  # for smoke tests
-    log_every: int = 20  # training steps between reads of the running statistics from the device
+    seed: int = _knob(0, "seed of the new layers' weights, the data order and the Gumbel noise")
+    amp: str = _knob("none", "autocast on CUDA", choices=AMP_MODES)
+    step: str = _knob("eager", "how a training step runs (docs/training.md)", choices=STEP_KINDS)
+    channels_last: bool = _knob(False, "train in the channels_last memory format (faster on GPUs)")
+    device: str = _knob("auto", "cpu, cuda, cuda:N or auto (cuda if present)")
+    out: str = _knob("runs/train", "the run folder")
+    select_from: int | None = _knob(None, "select the best epoch from this one on (e.g. after annealing)")
+    log: str = _knob(
+        "jsonl", "per-epoch metrics: metrics.jsonl and summary.csv, plus TensorBoard", choices=LOG_KINDS
+    )
+    mask_log_every: int = _knob(5, "epochs between saved masks of the fixed validation batch")
+    mask_log_images: int = _knob(8, "images in the fixed validation batch")
+    max_steps_per_epoch: int | None = _knob(None, "stop each epoch after this many steps (smoke tests)")
+    log_every: int = _knob(20, "training steps between reads of the running statistics from the device")
 
     def area_schedule_duration(self) -> int:
         """Annealing length in epochs: as configured, else half of training."""

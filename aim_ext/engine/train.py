@@ -35,6 +35,7 @@ from aim_ext.engine.step import (
     check_step,
     use_tensor_learning_rates,
 )
+from aim_ext.engine.tensorboard import TENSORBOARD_FOLDER, TensorBoardLog, require_tensorboard
 from aim_ext.losses import AreaSchedule, area_target
 from aim_ext.metrics import classification_metrics, mask_areas
 from aim_ext.models import (
@@ -294,6 +295,8 @@ def fit(
         if not world.is_main:
             log = _silent
         check_step(cfg, device, world.size, len(train_set))  # before anything is written or trained
+        if cfg.log == "tensorboard" and world.is_main:
+            require_tensorboard()
         return _fit(cfg, train_set, val_set, model, out, device, world, resume, log)
     finally:
         world.close()
@@ -330,14 +333,21 @@ def _fit(
         (out / "config.yaml").write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
     val_loader = loader(val_set, cfg, shuffle=False)
     fixed = _fixed_batch(val_set, cfg) if world.is_main else None
-    for epoch in range(start, cfg.epochs):
-        data = loader(train_set, cfg, shuffle=True, epoch=epoch, world=world)
-        stats = train_one_epoch(step, data, scheduler, cfg, epoch, world)
-        rngs = world.gather(rng_state())
-        if world.is_main:
-            run = _RunState(model, optimizer, scheduler, scaler, cfg, device, out, log, val_loader, fixed)
-            best = _end_of_epoch(run, epoch, stats, rngs, best)
-        world.barrier()  # the other processes wait for the checkpoint
+    board = TensorBoardLog(out, start) if world.is_main and cfg.log == "tensorboard" else None
+    try:
+        for epoch in range(start, cfg.epochs):
+            data = loader(train_set, cfg, shuffle=True, epoch=epoch, world=world)
+            stats = train_one_epoch(step, data, scheduler, cfg, epoch, world)
+            rngs = world.gather(rng_state())
+            if world.is_main:
+                run = _RunState(
+                    model, optimizer, scheduler, scaler, cfg, device, out, log, val_loader, fixed, board
+                )
+                best = _end_of_epoch(run, epoch, stats, rngs, best)
+            world.barrier()  # the other processes wait for the checkpoint
+    finally:
+        if board is not None:
+            board.close()
     if world.is_main and (out / "best.pt").is_file():
         _save_model(out, train_set, cfg, best)
     return best["metrics"] or {}
@@ -397,6 +407,7 @@ def _prepare_run_folder(out: Path, start: int) -> None:
         for snapshot in (out / "masks").glob("epoch_*.pt"):
             snapshot.unlink()
         shutil.rmtree(out / RUN_MODEL_FOLDER, ignore_errors=True)
+        shutil.rmtree(out / TENSORBOARD_FOLDER, ignore_errors=True)
         return
     if metrics.exists():
         kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["epoch"] < start]
@@ -417,6 +428,7 @@ class _RunState:
     log: Any
     val_loader: DataLoader
     fixed: Tensor | None
+    board: TensorBoardLog | None = None
 
 
 def _end_of_epoch(run: _RunState, epoch: int, stats: dict, rngs: list, best: dict) -> dict:
@@ -437,7 +449,7 @@ def _end_of_epoch(run: _RunState, epoch: int, stats: dict, rngs: list, best: dic
     is_best = selectable and key > best["key"]
     if is_best:
         best = {"key": key, "metrics": metrics}
-    _log_masks(model, run.fixed, cfg, epoch, device, out)
+    masks = _log_masks(model, run.fixed, cfg, epoch, device, out)
     state = {
         "architecture": architecture(model),
         "model": model.state_dict(),
@@ -449,12 +461,18 @@ def _end_of_epoch(run: _RunState, epoch: int, stats: dict, rngs: list, best: dic
         "rng": rngs,  # one state per process
         "config": _plain(cfg.to_dict()),
     }
-    if is_best:
-        save_atomic({k: state[k] for k in ("architecture", "model", "epoch", "config")}, out / "best.pt")
-    save_atomic(state, out / "last.pt")
+    # The records first, then the checkpoints: a run that stops between them resumes before this
+    # epoch, and the resumed run drops the epoch's records (metrics.jsonl) or purges them (TensorBoard).
     with (out / "metrics.jsonl").open("a") as handle:
         handle.write(json.dumps(_plain(metrics)) + "\n")
     _write_summary(out)
+    if run.board is not None:
+        run.board.epoch(epoch, _plain(metrics))
+        if masks is not None:
+            run.board.masks(epoch, run.fixed, masks)
+    if is_best:
+        save_atomic({k: state[k] for k in ("architecture", "model", "epoch", "config")}, out / "best.pt")
+    save_atomic(state, out / "last.pt")
     log(
         f"epoch {epoch}: loss {stats['loss']:.4f} train acc {stats['train_acc']:.3f} "
         f"val acc {metrics['val_acc']:.3f}"
@@ -559,14 +577,18 @@ def _fixed_batch(val_set: Dataset, cfg: TrainConfig) -> Tensor | None:
 
 
 @torch.no_grad()
-def _log_masks(model: nn.Module, fixed: Tensor | None, cfg, epoch: int, device, out: Path) -> None:
+def _log_masks(model: nn.Module, fixed: Tensor | None, cfg, epoch: int, device, out: Path) -> list | None:
+    """Save the fixed batch's masks every `mask_log_every` epochs and at the last; returns them
+    (None in the other epochs)."""
     last = epoch == cfg.epochs - 1
     if not isinstance(model, AIM) or fixed is None or (epoch % cfg.mask_log_every and not last):
-        return
+        return None
     # predict() must not disturb the training RNG: evaluation masks draw no noise.
     model.eval()
     _, masks = model.predict(fixed.to(device))
-    save_atomic({"epoch": epoch, "masks": [m.cpu() for m in masks]}, out / "masks" / f"epoch_{epoch:04d}.pt")
+    masks = [m.cpu() for m in masks]
+    save_atomic({"epoch": epoch, "masks": masks}, out / "masks" / f"epoch_{epoch:04d}.pt")
+    return masks
 
 
 def _plain(value: Any) -> Any:
