@@ -70,8 +70,15 @@ def test_demo_writes_results_and_resumes(cache, tmp_path, monkeypatch, capsys):
     photo = tmp_path / "photo.png"
     Image.new("RGB", (120, 90), (70, 130, 200)).save(photo)
     model_dir = str(out / "aim" / "model")
+    capsys.readouterr()
     assert explain_main([model_dir, str(photo), "--out", str(tmp_path / "explained"), "--device", "cpu"]) == 0
     assert (tmp_path / "explained" / "000_photo.png").is_file()
+    explained = capsys.readouterr().out.splitlines()
+    # The example notebook, run on this demo's models: the same classes for the photo as aim-explain.
+    outputs = _run_notebook(tmp_path / "notebook", out, photo)
+    top = [line for line in explained[1:] if "%" in line and "active" not in line]
+    assert top and "\n".join(top) in outputs["text"] and "mean EPG: AIM" in outputs["text"]
+    assert outputs["images"] == 2  # the TuxBirds figure and the photo's
     assert export_main([model_dir, "--onnx", str(tmp_path / "m.onnx")]) == 0
     hub = torch.hub.load(
         str(Path(__file__).parents[1]), "mobilenetv2_100_aim3", source="local", pretrained=model_dir
@@ -93,6 +100,28 @@ def test_demo_writes_results_and_resumes(cache, tmp_path, monkeypatch, capsys):
     assert [name.split("-r1-")[0] for name in stores] == [
         f"{s}-95-32px-seed0" for s in ("test", "train", "val")
     ]
+
+
+def _run_notebook(folder: Path, demo_dir: Path, photo: Path) -> dict:
+    """Execute examples/explain_tuxbirds.ipynb in `folder` (a kernel of this Python) with the
+    demo's folder and the photo; returns its printed text and the number of pictures it drew."""
+    nbclient = pytest.importorskip("nbclient", reason="the test extra's notebook runner is not installed")
+    import nbformat
+
+    folder.mkdir()
+    notebook = nbformat.read(Path(__file__).parents[1] / "examples" / "explain_tuxbirds.ipynb", as_version=4)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AIM_DEMO_DIR", str(demo_dir))
+        patch.setenv("AIM_PHOTO", str(photo))
+        patch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+        nbclient.NotebookClient(
+            notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}}
+        ).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    return {
+        "text": "".join(o["text"] for o in outputs if o.get("name") == "stdout"),
+        "images": sum("image/png" in o.get("data", {}) for o in outputs),
+    }
 
 
 def test_demo_refuses_fewer_than_two_epochs(capsys):
