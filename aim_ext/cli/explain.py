@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("explanations"), help="default explanations/")
     parser.add_argument("--gradcam", action="store_true", help="add GradCAM of the top class on P_T")
     parser.add_argument("--top-k", type=int, default=5, help="classes to print per image (default 5)")
-    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda", "auto"), default="auto", help="default auto: cuda if present"
+    )
     return parser
 
 

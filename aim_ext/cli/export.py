@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", type=Path, help="with --model: an aim-train checkpoint or a state_dict file"
     )
     parser.add_argument("--image-size", type=int, help="square input size (default: the model's, e.g. 224)")
-    parser.add_argument("--onnx", type=Path, metavar="OUT.onnx")
+    parser.add_argument("--onnx", type=Path, metavar="OUT.onnx", help="ONNX file (checked with onnxruntime)")
     parser.add_argument("--aot", type=Path, metavar="OUT.pt2", help="AOTInductor package")
     parser.add_argument("--tensorrt", type=Path, metavar="OUT.plan", help="TensorRT engine (needs tensorrt)")
     parser.add_argument("--fp16", action="store_true", help="export in float16")
@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="off",
         help="AIM's feature branches in the exported graph: dense (default) or sparse (AIM.sparse_inference)",
     )
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    parser.add_argument(
+        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})"
+    )
     parser.add_argument("--no-check", action="store_true", help="skip running the exported files")
     return parser
 
