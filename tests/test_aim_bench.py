@@ -247,5 +247,6 @@ def test_a_bad_trained_model_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="^aim-bench: .*garbage.pt") as error:
         bench_main(["--model", str(tmp_path / "garbage.pt"), "--device", "cpu"])
     assert "\n" not in str(error.value)
-    with pytest.raises(SystemExit, match="--model times one trained model; leave out --families"):
-        bench_main(["--model", str(tmp_path / "none"), "--families", "resnet50", "--device", "cpu"])
+    for flag, value in (("--families", "resnet50"), ("--stop-stages", "vanilla")):
+        with pytest.raises(SystemExit, match=f"--model times one trained model; leave out {flag}"):
+            bench_main(["--model", str(tmp_path / "none"), flag, value, "--device", "cpu"])

@@ -80,7 +80,7 @@ def test_aim_explain_refuses_a_model_it_cannot_load(tmp_path, capsys):
 
 
 def test_transparent_parts_are_read_over_white(tmp_path):
-    from aim_ext.cli.explain import read_image
+    from aim_ext.explain.images import read_image
 
     rgba = Image.new("RGBA", (20, 20), (0, 0, 0, 0))  # transparent black: a viewer shows white
     rgba.paste((200, 40, 40, 255), (0, 0, 10, 20))  # an opaque left half

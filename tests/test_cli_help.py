@@ -2,17 +2,21 @@
 
 import argparse
 import importlib
-import tomllib
-from pathlib import Path
+from importlib.metadata import entry_points
 
 import pytest
 
-SCRIPTS = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+# The installed commands: the package's console scripts.
+SCRIPTS = {e.name: e.value for e in entry_points(group="console_scripts") if e.value.startswith("aim_ext.")}
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
     module = importlib.import_module(SCRIPTS[command].split(":")[0])
     return module.build_parser()
+
+
+def test_every_command_is_installed():
+    assert sorted(SCRIPTS) == ["aim-bench", "aim-demo", "aim-eval", "aim-explain", "aim-export", "aim-train"]
 
 
 @pytest.mark.parametrize("command", sorted(SCRIPTS))

@@ -1,5 +1,6 @@
 """`aim-demo` end to end at a tiny size, and the counterfactual rates it reports."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -74,11 +75,6 @@ def test_demo_writes_results_and_resumes(cache, tmp_path, monkeypatch, capsys):
     assert explain_main([model_dir, str(photo), "--out", str(tmp_path / "explained"), "--device", "cpu"]) == 0
     assert (tmp_path / "explained" / "000_photo.png").is_file()
     explained = capsys.readouterr().out.splitlines()
-    # The example notebook, run on this demo's models: the same classes for the photo as aim-explain.
-    outputs = _run_notebook(tmp_path / "notebook", out, photo)
-    top = [line for line in explained[1:] if "%" in line and "active" not in line]
-    assert top and "\n".join(top) in outputs["text"] and "mean EPG: AIM" in outputs["text"]
-    assert outputs["images"] == 2  # the TuxBirds figure and the photo's
     assert export_main([model_dir, "--onnx", str(tmp_path / "m.onnx")]) == 0
     hub = torch.hub.load(
         str(Path(__file__).parents[1]), "mobilenetv2_100_aim3", source="local", pretrained=model_dir
@@ -100,12 +96,19 @@ def test_demo_writes_results_and_resumes(cache, tmp_path, monkeypatch, capsys):
     assert [name.split("-r1-")[0] for name in stores] == [
         f"{s}-95-32px-seed0" for s in ("test", "train", "val")
     ]
+    # The example notebook, run on this demo's models: the same classes for the photo as aim-explain.
+    if importlib.util.find_spec("nbclient") is None:
+        pytest.skip("the demo passed; its notebook was not run: nbclient (the test extra) is missing")
+    outputs = _run_notebook(tmp_path / "notebook", out, photo)
+    top = [line for line in explained[1:] if "%" in line and "active" not in line]
+    assert top and "\n".join(top) in outputs["text"] and "mean EPG: AIM" in outputs["text"]
+    assert outputs["images"] == 2  # the TuxBirds figure and the photo's
 
 
 def _run_notebook(folder: Path, demo_dir: Path, photo: Path) -> dict:
     """Execute examples/explain_tuxbirds.ipynb in `folder` (a kernel of this Python) with the
     demo's folder and the photo; returns its printed text and the number of pictures it drew."""
-    nbclient = pytest.importorskip("nbclient", reason="the test extra's notebook runner is not installed")
+    import nbclient
     import nbformat
 
     folder.mkdir()

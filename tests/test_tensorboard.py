@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
+from test_engine import Blobs, make_model, tiny_config
 
 import aim_ext.engine.train as train_module
 from aim_ext.engine import fit
 from aim_ext.engine.tensorboard import mask_images, scalar_tags
-from tests.test_engine import Blobs, make_model, tiny_config
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -29,6 +29,7 @@ def test_scalar_tags_name_every_number():
     record = {
         "epoch": 3,
         "loss": 1.5,
+        "train_acc": 0.8,
         "mask_area": [0.5, 0.25],
         "lr": {"backbone": 1e-5},
         "tau": 0.75,
@@ -40,6 +41,7 @@ def test_scalar_tags_name_every_number():
     }
     assert scalar_tags(record) == {
         "train/loss": 1.5,
+        "train/acc": 0.8,
         "train/mask_area/0": 0.5,
         "train/mask_area/1": 0.25,
         "lr/backbone": 1e-5,
@@ -47,7 +49,6 @@ def test_scalar_tags_name_every_number():
         "val/acc": 0.9,
         "val/group_acc/0": 1.0,
         "val/group_acc/1": 0.5,
-        "train/collapsed_to_class": 1.0,
     }
 
 

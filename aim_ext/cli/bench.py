@@ -11,9 +11,9 @@ variants, then times them in alternating rounds, so every overhead_ratio compare
 same run. AIM's mask estimators are first calibrated to --mask-density active positions (a
 fresh model's masks are all on or all off). --fuse times `aim_ext.fuse_for_inference` of every
 model, vanilla and AIM alike. --model times a trained model (a saved-model folder, an aim-train run
-folder or checkpoint) with its own weights, masks, classes and input size against a new vanilla
-model of its backbone. Writes DIR/results.json, results.md and overhead.png (default DIR:
-runs/bench).
+folder or checkpoint) with its own weights, masks, classes and input size, an AIM model against a
+new vanilla model of its backbone (a vanilla one alone). Writes DIR/results.json, results.md and
+overhead.png (default DIR: runs/bench).
 """
 
 from __future__ import annotations
@@ -171,15 +171,18 @@ def _settings(args: argparse.Namespace) -> argparse.Namespace:
     """Fill what the command line left open from the quick or the full preset, and check it."""
     args.trained = None
     if args.model is not None:
-        if args.families is not None:
-            raise SystemExit("aim-bench: --model times one trained model; leave out --families")
+        for flag, value in (("--families", args.families), ("--stop-stages", args.stop_stages)):
+            if value is not None:
+                raise SystemExit(f"aim-bench: --model times one trained model; leave out {flag}")
         args.trained = _trained(args)
     preset = QUICK if args.quick else FULL
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.families = args.families or list(FAMILIES)
-    args.num_classes = args.num_classes or 1000
+    if args.families is None:
+        args.families = list(FAMILIES)
+    if args.num_classes is None:
+        args.num_classes = 1000
     for name, known, given in (
         ("runtime", RUNTIMES, args.runtimes),
         ("dtype", DTYPES, args.dtypes),

@@ -19,8 +19,6 @@ import html
 import sys
 from pathlib import Path
 
-MIN_SIDE = 16  # pixels: smaller images hold too little to classify
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -37,36 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_image(path: Path):
-    """The image as RGB, or a ValueError naming why it cannot be used."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            rgb = _on_white(image)
-    except FileNotFoundError:
-        raise ValueError("not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:  # not an image, truncated
-        raise ValueError(
-            f"not a readable image ({str(error).splitlines()[0] if str(error) else 'unreadable'})"
-        ) from None
-    if min(rgb.size) < MIN_SIDE:
-        raise ValueError(f"too small ({rgb.size[0]}x{rgb.size[1]} pixels; at least {MIN_SIDE} on each side)")
-    return rgb
-
-
-def _on_white(image):
-    """RGB, with any transparent parts (RGBA, LA, a palette's transparent colour) shown over white,
-    as a viewer shows them, instead of the black or arbitrary colour under zero alpha."""
-    from PIL import Image
-
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.top_k < 1:
@@ -75,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from timm.data import create_transform, resolve_data_config
 
     from aim_ext.engine.train import resolve_device
-    from aim_ext.explain.images import explain_images, explanation_figure
+    from aim_ext.explain.images import explain_images, explanation_figure, read_image
     from aim_ext.models import load_model
 
     try:

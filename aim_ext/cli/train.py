@@ -19,6 +19,7 @@ import torch
 
 from aim_ext.engine.build import build_datasets, build_model, data_config
 from aim_ext.engine.config import TrainConfig, config_fields, load_config
+from aim_ext.engine.tensorboard import TensorBoardUnavailable, require_tensorboard
 
 
 def _optional(kind):
@@ -41,7 +42,10 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         text = field.metadata["help"]
         if kind == "bool":
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=f"{text} (default {'on' if field.default else 'off'})",
             )
         elif kind == "tuple[int,int]":
             parser.add_argument(
@@ -105,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:  # a bad value or a missing run: one line
         print(f"aim-train: {error}", file=sys.stderr)
         return 2
+    if cfg.log == "tensorboard":
+        try:  # before the datasets are fetched or rendered
+            require_tensorboard()
+        except TensorBoardUnavailable as error:
+            print(f"aim-train: {error}", file=sys.stderr)
+            return 2
     try:  # an unknown dataset or model, a missing data root or index file: one line
         train, val = build_datasets(cfg, data_config(cfg))
         torch.manual_seed(
@@ -116,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         best = fit(cfg, train, val, model, resume=args.resume)
-    except (StepError, ModuleNotFoundError) as error:  # refused before training: a step kind this
-        # run cannot use, or --log tensorboard without tensorboard
+    except StepError as error:  # a step kind this run cannot use: refused before training
         print(f"aim-train: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:

@@ -48,7 +48,9 @@ class TrainConfig:
     randaugment: tuple[int, int] = _knob(
         (3, 9), "RandAugment's number of operations and magnitude (0 0: off)"
     )
-    batch_size: int = _knob(64, "images per optimizer step, over all processes")
+    batch_size: int = _knob(
+        64, "images per micro-batch over all processes (an optimizer step: x --accum-steps)"
+    )
     num_workers: int = _knob(4, "data loader processes")
     skip_bad_images: bool = _knob(False, "leave out unreadable images with a warning instead of stopping")
     cub_root: str | None = _knob(None, "Waterbirds, TravelingBirds: the CUB tree with its segmentations")
@@ -87,7 +89,7 @@ class TrainConfig:
     out: str = _knob("runs/train", "the run folder")
     select_from: int | None = _knob(None, "select the best epoch from this one on (e.g. after annealing)")
     log: str = _knob(
-        "jsonl", "per-epoch metrics: metrics.jsonl and summary.csv, plus TensorBoard", choices=LOG_KINDS
+        "jsonl", "jsonl: metrics.jsonl and summary.csv; tensorboard: also RUN/tensorboard", choices=LOG_KINDS
     )
     mask_log_every: int = _knob(5, "epochs between saved masks of the fixed validation batch")
     mask_log_images: int = _knob(8, "images in the fixed validation batch")

@@ -17,25 +17,33 @@ from torch import Tensor
 TENSORBOARD_FOLDER = "tensorboard"
 
 
+class TensorBoardUnavailable(ImportError):
+    """`--log tensorboard` without a working tensorboard package; the message says how to install it."""
+
+
 def require_tensorboard() -> None:
-    """Raise ModuleNotFoundError with the install command when the tensorboard package is missing."""
+    """Raise TensorBoardUnavailable, with the install command, unless torch's TensorBoard writer
+    can be imported."""
     try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        raise ModuleNotFoundError(
-            '--log tensorboard needs the tensorboard package: pip install "aim-ext[tensorboard]"'
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError as error:
+        raise TensorBoardUnavailable(
+            f'--log tensorboard needs the tensorboard package ({error}): pip install "aim-ext[tensorboard]"'
         ) from None
 
 
 def scalar_tags(metrics: dict[str, Any]) -> dict[str, float]:
-    """An epoch's record (metrics.jsonl's) as TensorBoard tags: `train/loss`, `train/mask_area/0`,
-    `val/acc`, `val/group_acc/3`, `lr/backbone`, `schedule/tau`; text and the epoch are left out."""
+    """An epoch's record (metrics.jsonl's) as TensorBoard tags: `train/loss`, `train/acc`,
+    `train/mask_area/0`, `val/acc`, `val/group_acc/3`, `lr/backbone`, `schedule/tau`; text, the
+    epoch and a collapsed classifier's class index are left out."""
     tags: dict[str, float] = {}
     for key, value in metrics.items():
-        if key == "epoch":
+        if key in ("epoch", "collapsed_to_class"):
             continue
         if key.startswith("val_"):
             name = "val/" + key[len("val_") :]
+        elif key.startswith("train_"):
+            name = "train/" + key[len("train_") :]
         elif key == "lr":
             name = "lr"
         elif key == "tau":

@@ -295,7 +295,7 @@ def fit(
         if not world.is_main:
             log = _silent
         check_step(cfg, device, world.size, len(train_set))  # before anything is written or trained
-        if cfg.log == "tensorboard" and world.is_main:
+        if cfg.log == "tensorboard":
             require_tensorboard()
         return _fit(cfg, train_set, val_set, model, out, device, world, resume, log)
     finally:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from aim_ext.explain.attributions import attribute
@@ -17,6 +18,35 @@ from aim_ext.explain.epg import resize_maps
 from aim_ext.explain.figures import _grid, _masked, _overlay, _save, _show, _upsample_mask, to_display
 from aim_ext.metrics import mask_areas, merged_mask
 from aim_ext.models import AIM
+
+MIN_SIDE = 16  # pixels: smaller images hold too little to classify
+
+
+def read_image(path: str | Path):
+    """The image file as a PIL RGB image, as aim-explain reads it (transparent parts over white), or
+    a ValueError naming why it cannot be used (missing, not an image, truncated, too small)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            rgb = _on_white(image)
+    except FileNotFoundError:
+        raise ValueError("not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:  # not an image, truncated
+        raise ValueError(
+            f"not a readable image ({str(error).splitlines()[0] if str(error) else 'unreadable'})"
+        ) from None
+    if min(rgb.size) < MIN_SIDE:
+        raise ValueError(f"too small ({rgb.size[0]}x{rgb.size[1]} pixels; at least {MIN_SIDE} on each side)")
+    return rgb
+
+
+def _on_white(image):
+    """RGB, with any transparent parts (RGBA, LA, a palette's transparent colour) shown over white,
+    as a viewer shows them, instead of the black or arbitrary colour under zero alpha."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 @dataclass
