@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from aim_ext.engine.records import flatten
+
 TENSORBOARD_FOLDER = "tensorboard"
 
 
@@ -50,18 +52,15 @@ def scalar_tags(metrics: dict[str, Any]) -> dict[str, float]:
             name = "schedule/tau"
         else:
             name = "train/" + key
-        tags.update(_numbers(name, value))
+        numbers = flatten({name: value}, "/")
+        tags.update(
+            {
+                t: float(v)
+                for t, v in numbers.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+        )
     return tags
-
-
-def _numbers(name: str, value: Any) -> dict[str, float]:
-    if isinstance(value, dict):
-        return {tag: v for key, item in value.items() for tag, v in _numbers(f"{name}/{key}", item).items()}
-    if isinstance(value, list | tuple):
-        return {tag: v for i, item in enumerate(value) for tag, v in _numbers(f"{name}/{i}", item).items()}
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return {}
-    return {name: float(value)}
 
 
 def mask_images(images: Tensor, masks: list[Tensor]) -> dict[str, Tensor]:

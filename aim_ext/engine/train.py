@@ -25,6 +25,7 @@ from aim_ext.engine.config import TrainConfig
 from aim_ext.engine.distributed import World, unwrap
 from aim_ext.engine.freeze import freeze_levels, keep_frozen_in_eval
 from aim_ext.engine.optim import build_optimizer, build_scheduler, load_optimizer_state
+from aim_ext.engine.records import flatten
 from aim_ext.engine.step import (
     LOSS_KEYS,
     EagerStep,
@@ -490,26 +491,13 @@ def _write_summary(out: Path) -> None:
     """`summary.csv`, timm's per-epoch table, rewritten from metrics.jsonl (so a resumed run's is
     right too): one row per epoch, one column per number, lists and mappings spread out
     (`mask_area_0`, `lr_backbone`, `val_group_acc_3`)."""
-    rows = [_flat(json.loads(line)) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [flatten(json.loads(line)) for line in (out / "metrics.jsonl").read_text().splitlines()]
     columns = list(dict.fromkeys(key for row in rows for key in row))
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(out / "summary.csv", table.getvalue().encode())
-
-
-def _flat(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in record.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{name}_"))
-        elif isinstance(value, list):
-            flat.update(_flat({str(i): v for i, v in enumerate(value)}, f"{name}_"))
-        else:
-            flat[name] = value
-    return flat
 
 
 def _silent(*_: Any) -> None:
