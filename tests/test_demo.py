@@ -65,6 +65,7 @@ def test_demo_writes_results_and_resumes(cache, tmp_path, monkeypatch, capsys):
     # The demo's trained models are saved models a user can pick up, with TuxBirds' class names.
     saved = load_model(out / "aim" / "model")
     assert saved.stop_stage == demo.STOP_STAGE and saved.pretrained_cfg["input_size"] == (3, 32, 32)
+    assert saved.pretrained_cfg["crop_pct"] == 1.0  # TuxBirds' whole frame, as it was evaluated
     assert len(set(saved.pretrained_cfg["label_names"])) == saved.num_classes >= 2
     assert not any(name.isdigit() for name in saved.pretrained_cfg["label_names"])
     # ... and what a user does with it: explain a photo, export it, load it through torch.hub.

@@ -127,6 +127,7 @@ def test_training_writes_the_run_folder(tmp_path):
         and saved["training"]["selected_epoch"] == best["epoch"]
     )
     assert saved["labels"] == ["0", "1"] and saved["input_size"] == [3, 32, 32]
+    assert (saved["crop_pct"], saved["interpolation"]) == (0.875, "bilinear")  # as CUB's evaluation
     selected = load_checkpoint(run / "best.pt")["model"]
     loaded = aim_ext.load_model(run / "model").state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in selected.items())

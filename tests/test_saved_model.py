@@ -93,3 +93,43 @@ def test_save_pretrained_refuses_a_fused_model_and_wrong_labels(tmp_path):
     with pytest.raises(ValueError, match="before aim_ext.fuse_for_inference"):
         save_pretrained(fuse_for_inference(model), tmp_path / "m")
     assert not (tmp_path / "m" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("dataset", ["cub", "tuxbirds95"])
+def test_the_saved_transform_frames_images_as_the_evaluation_did(tmp_path, dataset):
+    """timm's transform from a saved model's config (aim-explain's, torch.hub's) against the
+    evaluation transform of the dataset it was trained on: a file dataset's resized central 87.5%,
+    a generated dataset's whole frame (its images are rendered at the model's size)."""
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+    from torchvision.tv_tensors import Image as Image_
+
+    from aim_ext.data import eval_preprocessing
+    from aim_ext.data.transforms import eval_transform, normalise_transform
+
+    folder = save_pretrained(
+        create_model("resnet18", num_classes=2, stop_stage=3),
+        tmp_path,
+        image_size=64,
+        **eval_preprocessing(dataset),
+    )
+    model = load_model(folder)
+    transform = create_transform(**resolve_data_config({}, model=model))
+    pixels = torch.randint(0, 256, (3, 8, 10), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    if dataset == "cub":  # a smooth photo larger than the model's input, of another aspect ratio
+        photo = torch.nn.functional.interpolate(pixels[None].float(), size=(90, 120), mode="bilinear")[0]
+        photo = photo.round().to(torch.uint8)
+        expected = eval_transform(64, model.pretrained_cfg["mean"], model.pretrained_cfg["std"])(
+            Image_(photo)
+        )
+        tolerance = 0.03  # PIL and torch antialias a little differently (bicubic: 0.05 off)
+    else:
+        photo = torch.nn.functional.interpolate(pixels[None].float(), size=(64, 64), mode="nearest")[0]
+        photo = photo.to(torch.uint8)
+        expected = normalise_transform(model.pretrained_cfg["mean"], model.pretrained_cfg["std"])(
+            Image_(photo)
+        )
+        tolerance = 1e-6
+    got = transform(Image.fromarray(photo.permute(1, 2, 0).numpy()))
+    assert got.shape == expected.shape == (3, 64, 64)
+    assert (got - expected).abs().max() < tolerance

@@ -2,7 +2,7 @@
 
 from aim_ext.data.common import BadImageWarning, CorruptImageError, MaskedImageDataset, Record, holdout_split
 from aim_ext.data.cub import CUBDataset
-from aim_ext.data.factory import DATASETS, build_dataset, list_datasets
+from aim_ext.data.factory import DATASETS, build_dataset, eval_preprocessing, list_datasets
 from aim_ext.data.folder import FolderDataset
 from aim_ext.data.hard_imagenet import HardImageNetDataset
 from aim_ext.data.transforms import PairedRandAugment, eval_transform, train_transform
@@ -24,6 +24,7 @@ __all__ = [
     "TuxBirds",
     "WaterbirdsDataset",
     "build_dataset",
+    "eval_preprocessing",
     "eval_transform",
     "holdout_split",
     "list_datasets",

@@ -13,6 +13,8 @@ from aim_ext.data.cub import CUBDataset
 from aim_ext.data.folder import FolderDataset
 from aim_ext.data.hard_imagenet import HardImageNetDataset
 from aim_ext.data.transforms import (
+    EVAL_CROP_FRACTION,
+    EVAL_INTERPOLATION,
     eval_transform,
     generated_train_transform,
     normalise_transform,
@@ -22,7 +24,7 @@ from aim_ext.data.travelingbirds import TravelingBirdsDataset
 from aim_ext.data.tuxbirds import tuxbirds_variant
 from aim_ext.data.waterbirds import WaterbirdsDataset
 
-__all__ = ["DATASETS", "build_dataset", "list_datasets"]
+__all__ = ["DATASETS", "build_dataset", "eval_preprocessing", "list_datasets"]
 
 # Waterbirds-95% and -100% are one format; the folder passed as root picks the variant.
 DATASETS: dict[str, type[MaskedImageDataset]] = {
@@ -36,6 +38,13 @@ DATASETS: dict[str, type[MaskedImageDataset]] = {
 }
 # Datasets generated at the requested image size: no resize or crop, only flip (+ RandAugment) to train.
 GENERATED = frozenset({"tuxbirds95", "tuxbirds100"})
+
+
+def eval_preprocessing(name: str) -> dict[str, Any]:
+    """How dataset `name`'s evaluation images are framed, in timm's data-config keys: the central
+    87.5% after a bilinear resize, or the whole frame for a generated dataset (rendered at its size)."""
+    crop = 1.0 if name in GENERATED else EVAL_CROP_FRACTION
+    return {"crop_pct": crop, "interpolation": EVAL_INTERPOLATION}
 
 
 def list_datasets() -> list[str]:

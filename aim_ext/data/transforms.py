@@ -22,6 +22,7 @@ from torchvision.transforms.v2 import functional as F
 __all__ = [
     "EVAL_CROP_FRACTION",
     "PairedRandAugment",
+    "EVAL_INTERPOLATION",
     "eval_transform",
     "generated_train_transform",
     "normalise_transform",
@@ -31,6 +32,7 @@ __all__ = [
 # The usual ImageNet evaluation convention: resize the shorter side to image_size / 0.875, then
 # take the central image_size crop (224 -> 256 -> 224).
 EVAL_CROP_FRACTION = 0.875
+EVAL_INTERPOLATION = "bilinear"  # of that resize (a saved model's config records it for timm's transform)
 
 # RandAugment's magnitude scale: magnitude m in [0, MAX_MAGNITUDE] maps linearly onto each op's range.
 # torchvision's scale (31 bins, 9 -> 9/30 of each range): the paper writes RandAugment(ops=3,
@@ -190,5 +192,8 @@ def eval_transform(
     This is the usual ImageNet evaluation convention (224 -> 256 -> 224).
     """
     resize = math.floor(image_size / EVAL_CROP_FRACTION)
-    ops = [v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)]
+    ops = [
+        v2.Resize(resize, interpolation=v2.InterpolationMode(EVAL_INTERPOLATION), antialias=True),
+        v2.CenterCrop(image_size),
+    ]
     return v2.Compose(ops + _to_normalised_float(mean, std))

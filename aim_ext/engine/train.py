@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from aim_ext.cache import write_atomic
+from aim_ext.data import eval_preprocessing
 from aim_ext.engine.checkpoint import rng_state, save_atomic, set_rng_state
 from aim_ext.engine.config import TrainConfig
 from aim_ext.engine.distributed import World, unwrap
@@ -373,6 +374,7 @@ def _save_model(out: Path, train_set: Dataset, cfg: TrainConfig, best: dict) -> 
         metrics=validation,
         training=summary,
         image_size=cfg.image_size,
+        **eval_preprocessing(cfg.dataset),  # the framing of the images it was evaluated on
     )
 
 

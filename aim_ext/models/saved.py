@@ -40,11 +40,15 @@ def save_pretrained(
     metrics: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     image_size: int | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
 ) -> Path:
     """Write `folder/model.safetensors` and `folder/config.json`: the architecture (backbone, stop
-    stage, width), the classes and their names, the input size, mean and std, the Gumbel settings,
-    the package version and, when given, the validation metrics and a training summary. Each file
-    is written whole or not at all. Returns the folder."""
+    stage, width), the classes and their names, the input size, mean and std, how an image is
+    framed (`crop_pct`, the share of a resized image that is centre-cropped, and the resize's
+    `interpolation`; timm's defaults for the backbone unless given), the Gumbel settings, the
+    package version and, when given, the validation metrics and a training summary. Each file is
+    written whole or not at all. Returns the folder."""
     if is_inference_only(model):
         raise ValueError("save_pretrained: save the trained model, before aim_ext.fuse_for_inference")
     num_classes = int(model.num_classes)
@@ -66,7 +70,8 @@ def save_pretrained(
         "input_size": [3, size, size],
         "mean": list(data["mean"]),
         "std": list(data["std"]),
-        "interpolation": data.get("interpolation", "bicubic"),
+        "interpolation": interpolation or data.get("interpolation", "bicubic"),
+        "crop_pct": crop_pct if crop_pct is not None else data.get("crop_pct", 0.875),
         "gumbel": {"temperature": model.temperature, "noise": model.gumbel_noise}
         if stop is not None
         else None,
@@ -205,6 +210,7 @@ def _pretrained_cfg(config: dict[str, Any]) -> dict[str, Any]:
         "mean": tuple(config["mean"]),
         "std": tuple(config["std"]),
         "interpolation": config.get("interpolation", "bicubic"),
+        **({"crop_pct": config["crop_pct"], "crop_mode": "center"} if "crop_pct" in config else {}),
         "num_classes": config["num_classes"],
         "label_names": list(config["labels"]),
     }
