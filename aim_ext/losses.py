@@ -24,8 +24,10 @@ LABEL_SMOOTHING = 0.05
 
 @dataclass(frozen=True)
 class AreaSchedule:
-    """tau = 1 before `start`; then it falls linearly each epoch, reaching `final` after `duration`
-    epochs (at epoch start + duration - 1), and holds."""
+    """The annealed active-area target (section 3, appendix A.3): tau = 1.0 up to and including
+    epoch `start`, then it falls linearly by (1 - final) / duration each epoch, reaching `final` at
+    epoch start + duration, and holds it for the rest of training. duration 0: `final` from
+    `start` on."""
 
     final: float
     start: int = 0
@@ -40,7 +42,7 @@ class AreaSchedule:
     def __call__(self, epoch: int) -> float:
         if self.duration == 0:
             return 1.0 if epoch < self.start else self.final
-        progress = min(max((epoch - self.start + 1) / self.duration, 0.0), 1.0)
+        progress = min(max((epoch - self.start) / self.duration, 0.0), 1.0)
         return 1.0 - (1.0 - self.final) * progress
 
 

@@ -109,7 +109,7 @@ def test_training_writes_the_run_folder(tmp_path):
         "lr",
     ]:
         assert key in lines[0], key
-    assert lines[0]["tau"] == 0.75 and lines[1]["tau"] == 0.5
+    assert lines[0]["tau"] == 1.0 and lines[1]["tau"] == 0.75  # annealing over 2 epochs to 0.5
     assert len(lines[0]["mask_area"]) == 2 and set(lines[0]["lr"]) == {"backbone", "topdown", "mask"}
     assert best["val_worst_group_acc"] == max(m["val_worst_group_acc"] for m in lines)
     assert sorted(p.name for p in (run / "masks").iterdir()) == ["epoch_0000.pt", "epoch_0001.pt"]
@@ -128,6 +128,7 @@ def test_training_writes_the_run_folder(tmp_path):
     )
     assert saved["labels"] == ["0", "1"] and saved["input_size"] == [3, 32, 32]
     assert (saved["crop_pct"], saved["interpolation"]) == (0.875, "bilinear")  # as CUB's evaluation
+    assert saved["training"]["pretrained"] is None  # the starting weights: none here
     selected = load_checkpoint(run / "best.pt")["model"]
     loaded = aim_ext.load_model(run / "model").state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in selected.items())

@@ -10,7 +10,13 @@ from aim_ext.models import AIMOutput
 
 def test_area_schedule_holds_then_falls_linearly_then_holds():
     schedule = AreaSchedule(final=0.25, start=2, duration=3)
-    assert [schedule(e) for e in range(7)] == pytest.approx([1.0, 1.0, 0.75, 0.5, 0.25, 0.25, 0.25])
+    assert [schedule(e) for e in range(8)] == pytest.approx([1.0, 1.0, 1.0, 0.75, 0.5, 0.25, 0.25, 0.25])
+    # The paper's recipe: 200 epochs, annealed over the first half from epoch 0: tau(0) is 1.0, it
+    # falls by 0.0075 an epoch, and holds its final value from epoch 100 (the first selectable).
+    paper = AreaSchedule(final=0.25, start=0, duration=100)
+    assert (paper(0), paper(1), paper(99), paper(100), paper(199)) == pytest.approx(
+        (1.0, 0.9925, 0.2575, 0.25, 0.25)
+    )
     assert AreaSchedule(final=0.35, start=1, duration=0)(0) == 1.0
     assert AreaSchedule(final=0.35, start=1, duration=0)(1) == 0.35
     assert area_target(None, 5) is None

@@ -61,3 +61,38 @@ def test_a_file_that_does_not_fit_names_the_keys(tmp_path):
     with pytest.raises(ValueError, match="not a torchvision MobileNetV2"):
         torch.save({"features.0.0.weight": torch.zeros(1)}, path)
         load_backbone_weights(create_model("mobilenetv2_100", num_classes=3), path)
+
+
+@pytest.mark.parametrize(
+    ("model", "stop_stage", "tag"), [("convnext_tiny", 2, "fb_in1k"), ("resnet50", None, "tv_in1k")]
+)
+def test_the_configs_weight_tag_reaches_timm(monkeypatch, model, stop_stage, tag):
+    """--pretrained-tag picks timm's weights by name (the paper's ImageNet-1k ones, not timm's
+    default tag); nothing is downloaded here: timm's loader is replaced by a recorder."""
+    import timm.models._builder as builder
+
+    from aim_ext.engine import TrainConfig
+    from aim_ext.engine.build import build_model, pretrained_weights
+
+    loaded = []
+    monkeypatch.setattr(
+        builder, "load_pretrained", lambda model, pretrained_cfg=None, **_: loaded.append(pretrained_cfg)
+    )
+    cfg = TrainConfig(model=model, stop_stage=stop_stage, pretrained=True, pretrained_tag=tag)
+    with torch.device("meta"):
+        build_model(cfg, 2)
+    assert [(c["architecture"], c["tag"], c["hf_hub_id"]) for c in loaded] == [
+        (model, tag, f"timm/{model}.{tag}")
+    ]
+    loaded.clear()
+    with torch.device("meta"):  # no tag: timm's default, which for ConvNeXt-T is ImageNet-12k fine-tuned
+        build_model(TrainConfig(model=model, stop_stage=stop_stage, pretrained=True), 2)
+    assert loaded[0]["tag"] == timm.models.get_pretrained_cfg(model).tag
+    # What a run's saved model records as its starting weights.
+    assert pretrained_weights(cfg) == f"timm:{model}.{tag}"
+    default = timm.models.get_pretrained_cfg(model).tag
+    assert pretrained_weights(TrainConfig(model=model, pretrained=True)) == f"timm:{model}.{default}"
+    assert (
+        pretrained_weights(TrainConfig(model=model, pretrained=True, pretrained_file="w.pth")) == "file:w.pth"
+    )
+    assert pretrained_weights(TrainConfig(model=model)) is None

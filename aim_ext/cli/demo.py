@@ -50,6 +50,7 @@ QUICK = dict(
     lr_topdown=1e-3,
     lr_mask=1e-3,
     weight_decay=1e-3,
+    weight_decay_mask=0.0,
     drop_path_rate=0.0,
     freeze_levels=3,
     area_final=0.25,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import timm
 from torch import nn
 
 from aim_ext.data import MaskedImageDataset, build_dataset
@@ -22,12 +23,26 @@ def data_config(cfg: TrainConfig) -> dict[str, Any]:
     return model_data_config(cfg.model, cfg.stop_stage)
 
 
+def pretrained_weights(cfg: TrainConfig) -> str | None:
+    """The weights a run starts from, by name: timm's `model.tag` (the config's tag, else timm's
+    default for the model), a local file, or None (random initialisation)."""
+    if cfg.pretrained_file:
+        return f"file:{cfg.pretrained_file}"
+    if not cfg.pretrained:
+        return None
+    tag = cfg.pretrained_tag or timm.models.get_pretrained_cfg(cfg.model).tag
+    return f"timm:{cfg.model}.{tag}"
+
+
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """The model of a config, with pretrained backbone weights from timm or a local file."""
+    hub = cfg.pretrained and not cfg.pretrained_file  # a local file replaces the hub
+    tag = {"pretrained_cfg": cfg.pretrained_tag} if hub and cfg.pretrained_tag else {}
     model = create_model(
         cfg.model,
         num_classes=num_classes,
-        pretrained=cfg.pretrained and not cfg.pretrained_file,  # a local file replaces the hub
+        pretrained=hub,
+        **tag,
         stop_stage=cfg.stop_stage,
         drop_rate=cfg.drop_rate,
         drop_path_rate=cfg.drop_path_rate,

@@ -37,6 +37,9 @@ class TrainConfig:
         None, "AIM's stop stage, the lowest masked level (none: the vanilla backbone)"
     )
     pretrained: bool = _knob(False, "start from timm's ImageNet weights (fetched into the cache)")
+    pretrained_tag: str | None = _knob(
+        None, "timm's weight tag with --pretrained, e.g. fb_in1k (none: timm's default for the model)"
+    )
     pretrained_file: str | None = _knob(None, "start from this backbone state_dict file instead")
     drop_rate: float = _knob(HEAD_DROP_RATE, "dropout before the classifier heads")
     drop_path_rate: float = _knob(0.3, "stochastic depth of the backbone's blocks")
@@ -59,12 +62,16 @@ class TrainConfig:
     epochs: int = _knob(200, "training epochs")
     lr_backbone: float = _knob(7e-6, "AdamW learning rate of the backbone")
     lr_topdown: float = _knob(1e-2, "learning rate of AIM's top-down pathway and the classifier")
-    lr_mask: float = _knob(
-        1e-3, "learning rate of the mask estimators (binary-Gumbel decision layers train better slower)"
+    lr_mask: float | None = _knob(
+        None,
+        "learning rate of the mask estimators (none: --lr-topdown, as in the paper, where they are "
+        "part of the top-down pathway)",
     )
     weight_decay: float = _knob(1e-3, "AdamW weight decay")
-    weight_decay_mask: float = _knob(0.0, "weight decay of the mask estimators")
-    warmup_epochs: int = _knob(5, "linear warm-up before the cosine schedule")
+    weight_decay_mask: float | None = _knob(
+        None, "weight decay of the mask estimators (none: --weight-decay, as in the paper)"
+    )
+    warmup_epochs: int = _knob(0, "linear learning-rate warm-up before the cosine schedule (the paper: none)")
     label_smoothing: float = _knob(LABEL_SMOOTHING, "label smoothing of the classification losses")
     accum_steps: int = _knob(1, "micro-batches per optimizer step (gradient accumulation)")
     grad_clip: float | None = _knob(None, "clip the gradient norm to this value (none: no clipping)")

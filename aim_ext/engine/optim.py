@@ -11,9 +11,14 @@ from aim_ext.engine.config import TrainConfig
 from aim_ext.models import AIM
 
 
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
 def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """Backbone, top-down pathway (feature branches and heads) and mask estimators, each with its
-    own learning rate and weight decay; a vanilla model is backbone plus head."""
+    learning rate and weight decay (the mask estimators those of the top-down pathway unless the
+    config sets their own); a vanilla model is backbone plus head."""
     if isinstance(model, AIM):
         mask = [p for n, p in model.named_parameters() if ".mask_estimator." in n]
         backbone = list(model.backbone.parameters())
@@ -22,7 +27,12 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
         groups = [
             {"name": "backbone", "params": backbone, "lr": cfg.lr_backbone, "weight_decay": cfg.weight_decay},
             {"name": "topdown", "params": topdown, "lr": cfg.lr_topdown, "weight_decay": cfg.weight_decay},
-            {"name": "mask", "params": mask, "lr": cfg.lr_mask, "weight_decay": cfg.weight_decay_mask},
+            {
+                "name": "mask",
+                "params": mask,
+                "lr": _or(cfg.lr_mask, cfg.lr_topdown),
+                "weight_decay": _or(cfg.weight_decay_mask, cfg.weight_decay),
+            },
         ]
     else:
         head = set(id(p) for p in model.get_classifier().parameters())

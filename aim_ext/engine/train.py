@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from aim_ext.cache import write_atomic
 from aim_ext.data import eval_preprocessing
+from aim_ext.engine.build import pretrained_weights
 from aim_ext.engine.checkpoint import rng_state, save_atomic, set_rng_state
 from aim_ext.engine.config import TrainConfig
 from aim_ext.engine.distributed import World, unwrap
@@ -364,7 +365,7 @@ def _save_model(out: Path, train_set: Dataset, cfg: TrainConfig, best: dict) -> 
         "epochs": cfg.epochs,
         "selected_epoch": metrics.get("epoch"),
         "image_size": cfg.image_size,
-        "pretrained": cfg.pretrained or bool(cfg.pretrained_file),
+        "pretrained": pretrained_weights(cfg),
     }
     validation = {k: v for k, v in metrics.items() if k.startswith("val_")}
     save_pretrained(
