@@ -1,6 +1,7 @@
 """`aim-train` end to end on fixture data in the real on-disk formats, and the shipped configs."""
 
 import json
+import runpy
 import sys
 from pathlib import Path
 
@@ -15,16 +16,41 @@ from aim_ext.engine import load_config
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*/*.yaml"))
 
 
-def test_every_table1_row_has_a_config():
+def test_every_row_of_the_papers_tables_has_a_config():
+    """Table 1 (ConvNeXt-T on every dataset), Table 10 (ResNet-50 and -101 on the bird datasets)
+    and appendix D's no-annealing rows, all written by configs/generate.py and up to date."""
     names = {f"{p.parent.name}/{p.stem}" for p in CONFIGS}
-    for dataset in ("waterbirds95", "waterbirds100", "travelingbirds", "cub"):
-        for variant in (
-            "convnext_tiny",
-            "convnext_tiny_aim1_25",
-            "convnext_tiny_aim2_25",
-            "convnext_tiny_aim2_35",
-        ):
-            assert f"{dataset}/{variant}" in names
+    convnext = ["", "_aim1_25", "_aim1_35", "_aim2_25", "_aim2_35", "_aim1_noanneal", "_aim2_noanneal"]
+    for dataset in (
+        "cub",
+        "waterbirds95",
+        "waterbirds100",
+        "travelingbirds",
+        "hard_imagenet",
+        "imagenet100",
+        "imagewoof",
+    ):
+        assert {f"{dataset}/convnext_tiny{v}" for v in convnext} <= names, dataset
+    for dataset in ("cub", "waterbirds95", "waterbirds100", "travelingbirds"):
+        for backbone in ("resnet50", "resnet101"):
+            assert {f"{dataset}/{backbone}{v}" for v in ("", "_aim3_25", "_aim2_25")} <= names
+        assert {f"{dataset}/resnet50_aim3_noanneal", f"{dataset}/resnet50_aim2_noanneal"} <= names
+    generate = runpy.run_path(str(CONFIGS[0].parents[1] / "generate.py"), run_name="configs")
+    assert generate["main"](["--check"]) == 0
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in CONFIGS if p.stem != "convnext_tiny"], ids=lambda p: f"{p.parent.name}/{p.stem}"
+)
+def test_an_aim_config_is_the_papers_recipe(path):
+    """The recipe of Tables 4-5: no warm-up, the mask estimators in the top-down pathway's group,
+    ImageNet-1k weights named; an annealed AIM run selects only once tau holds its final value."""
+    cfg = load_config(path)
+    assert cfg.pretrained and cfg.pretrained_tag in ("fb_in1k", "tv_in1k")
+    assert cfg.warmup_epochs == 0 and cfg.lr_mask is None and cfg.weight_decay_mask is None
+    assert (cfg.epochs, cfg.batch_size, cfg.lr_topdown, cfg.weight_decay) == (200, 512, 0.01, 1e-3)
+    if cfg.stop_stage is not None and cfg.area_final is not None:
+        assert cfg.select_from == cfg.area_start + cfg.area_schedule_duration() == 100
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
