@@ -51,22 +51,52 @@ def area_target(schedule: AreaSchedule | None, epoch: int) -> float | None:
     return None if schedule is None else schedule(epoch)
 
 
+def _counted(mask: Tensor) -> Tensor:
+    """A mask in a type to count in: float32 at least (bf16 and fp16 masks), float64 kept."""
+    return mask if mask.dtype == torch.float64 else mask.float()
+
+
 def active_area(mask: Tensor, sum_over_batch: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """r_l (Eq. 6): the fraction of active positions of a binary mask over the batch.
 
     `sum_over_batch` sums a tensor over every part of the batch (the processes of a distributed
     run; differentiable), so that r_l is the fraction over the global batch."""
+    mask = _counted(mask)
     if sum_over_batch is None:
-        return mask.float().mean()
-    counts = torch.stack([mask.float().sum(), mask.new_tensor(mask.numel(), dtype=torch.float32)])
+        return mask.mean()
+    counts = torch.stack([mask.sum(), mask.new_tensor(mask.numel())])
     total = sum_over_batch(counts)
     return total[0] / total[1]
 
 
+def image_areas(mask: Tensor) -> Tensor:
+    """r_l of Eq. 6 for each image: the fraction of active positions of each image's mask, (N,)."""
+    return _counted(mask).flatten(1).mean(dim=1)
+
+
+def _batch_mean(values: Tensor, sum_over_batch: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """The mean of per-image values over the (global) batch."""
+    if sum_over_batch is None:
+        return values.mean()
+    total = sum_over_batch(torch.stack([values.sum(), values.new_tensor(values.numel())]))
+    return total[0] / total[1]
+
+
 def area_loss(
-    masks: list[Tensor], tau: float, sum_over_batch: Callable[[Tensor], Tensor] | None = None
+    masks: list[Tensor],
+    tau: float,
+    sum_over_batch: Callable[[Tensor], Tensor] | None = None,
+    *,
+    per_image: bool = True,
 ) -> Tensor:
-    """sum_l (r_l - tau)^2 over the stages' masks."""
+    """The active-area loss of Eq. 6-7 before its weight, summed over the stages' masks.
+
+    per_image (Eq. 6 as written, r_l of one image's mask): the mean over the batch of
+    (r_l(image) - tau)^2, which holds every image near tau. Otherwise r_l pools the batch:
+    (r_l(batch) - tau)^2, which holds only the batch's average near tau, so one image may open
+    more of its mask than another."""
+    if per_image:
+        return torch.stack([_batch_mean((image_areas(m) - tau) ** 2, sum_over_batch) for m in masks]).sum()
     return torch.stack([(active_area(m, sum_over_batch) - tau) ** 2 for m in masks]).sum()
 
 
@@ -86,6 +116,7 @@ def aim_loss(
     label_smoothing: float = LABEL_SMOOTHING,
     sum_over_batch: Callable[[Tensor], Tensor] | None = None,
     aux_weight: float = 1.0,
+    area_per_image: bool = True,
 ) -> LossTerms:
     """Eq. 7 for an AIM output; plain (smoothed) cross-entropy for a vanilla model's logits."""
     if isinstance(output, Tensor):
@@ -96,6 +127,10 @@ def aim_loss(
     aux_ce = torch.stack(
         [F.cross_entropy(a, target, label_smoothing=label_smoothing) for a in output.aux_logits]
     ).sum()
-    area = area_loss(output.masks, tau, sum_over_batch) if tau is not None else final_ce.new_zeros(())
+    area = (
+        area_loss(output.masks, tau, sum_over_batch, per_image=area_per_image)
+        if tau is not None
+        else final_ce.new_zeros(())
+    )
     # aux_weight 0 is the paper's "no auxiliary losses" ablation.
     return LossTerms(final_ce + aux_weight * aux_ce + area_weight * area, final_ce, aux_ce, area)

@@ -88,8 +88,8 @@ def recipe(backbone: str, stop: int | None, tau: float | None, dataset: str, fol
         config["stop_stage"] = stop
         config["area_weight"] = 6.0
         config["area_final"] = tau
-        if tau is not None:  # select only once tau holds its final value
-            config.update(area_start=0, area_duration=ANNEALING, select_from=ANNEALING)
+        if tau is not None:  # r_l per image (Eq. 6); select only once tau holds its final value
+            config.update(area_per_image=True, area_start=0, area_duration=ANNEALING, select_from=ANNEALING)
     config["out"] = f"runs/{folder}/{variant_name(backbone, stop, tau)}"
     return config
 

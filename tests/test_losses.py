@@ -28,6 +28,41 @@ def test_active_area_and_area_loss():
     masks = [torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]]), torch.ones(2, 1, 3, 3)]
     assert active_area(masks[0]).item() == 0.25
     assert area_loss(masks, 0.25).item() == pytest.approx(0.0 + 0.75**2)
+    assert area_loss(masks, 0.25, per_image=False).item() == pytest.approx(0.0 + 0.75**2)
+
+
+def test_the_area_loss_per_image_or_over_the_batch():
+    """Eq. 6's r_l per image holds every image near tau; pooled, only the batch's average: two
+    images, one mask all on and one all off, average exactly tau = 0.5."""
+    masks = [torch.stack([torch.ones(1, 4, 4), torch.zeros(1, 4, 4)]).double()]
+    assert area_loss(masks, 0.5, per_image=False).item() == 0.0
+    assert area_loss(masks, 0.5).item() == pytest.approx(0.25)  # mean of (1 - .5)^2 and (0 - .5)^2
+    # Random masks against a float64 loop over the images, and the gradient reaches every mask.
+    g = torch.Generator().manual_seed(0)
+    masks = [
+        (torch.rand(5, 1, h, w, generator=g, dtype=torch.float64) > 0.6).double().requires_grad_()
+        for h, w in [(2, 3), (4, 4)]
+    ]
+    expected = sum(sum((float(m[n].mean()) - 0.3) ** 2 for n in range(5)) / 5 for m in masks)
+    loss = area_loss(masks, 0.3)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    loss.backward()
+    for m in masks:  # d/dm of mean_n (r_n - tau)^2 = 2 (r_n - tau) / (N h w)
+        r = m.detach().flatten(1).mean(1)
+        expected_grad = (2 * (r - 0.3) / (5 * m[0].numel())).view(5, 1, 1, 1).expand_as(m)
+        torch.testing.assert_close(m.grad, expected_grad, rtol=1e-12, atol=0)
+    # Data parallel: a process holding images 0-1 sums over the global batch with the process
+    # holding images 2-4 (sum_over_batch adds that process's part); the loss is the whole batch's.
+    for per_image in (True, False):
+        mine, theirs = [m.detach()[:2] for m in masks], [m.detach()[2:] for m in masks]
+        parts = [
+            torch.stack([((m.flatten(1).mean(1) - 0.3) ** 2).sum(), torch.tensor(3.0, dtype=m.dtype)])
+            if per_image
+            else torch.stack([m.sum(), torch.tensor(float(m.numel()), dtype=m.dtype)])
+            for m in theirs
+        ]
+        global_ = area_loss(mine, 0.3, lambda t, parts=parts: t + parts.pop(0), per_image=per_image)
+        assert global_.item() == pytest.approx(area_loss(masks, 0.3, per_image=per_image).item(), rel=1e-12)
 
 
 def test_aim_loss_is_eq7():

@@ -85,7 +85,7 @@ def test_a_compiled_step_follows_tau_and_the_learning_rate_without_recompiling(t
     (the area term follows tau; a zero learning rate leaves the weights), and nothing recompiles."""
     from torch._dynamo.utils import counters
 
-    cfg = _exact_config(tmp_path, step="compile")
+    cfg = _exact_config(tmp_path, step="compile", area_per_image=False)  # r_l over the batch: in stats
     model, optimizer, step = _trainer(cfg)
     (images, labels), *_ = _batches(1)
     first = step(images, labels)

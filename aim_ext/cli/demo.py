@@ -56,6 +56,7 @@ QUICK = dict(
     area_final=0.25,
     area_start=0,
     area_duration=2,
+    area_per_image=False,
     select_from=2,
     mask_log_every=1,
 )

@@ -82,6 +82,11 @@ class TrainConfig:
     area_start: int = _knob(0, "the epoch annealing starts")
     area_duration: int | None = _knob(None, "annealing length in epochs (none: half of training)")
     area_weight: float = _knob(AREA_WEIGHT, "weight of the active-area loss (Eq. 7)")
+    area_per_image: bool = _knob(
+        True,
+        "Eq. 6's active area r_l per image, the squared gaps to tau averaged over the batch; "
+        "--no-area-per-image: r_l over the whole batch",
+    )
     aux_weight: float = _knob(
         1.0, "weight of the auxiliary heads' losses (0: the no-auxiliary-loss ablation)"
     )

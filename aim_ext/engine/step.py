@@ -124,6 +124,7 @@ def forward_backward(
             label_smoothing=cfg.label_smoothing,
             sum_over_batch=ctx.world.sum_over_batch(),
             aux_weight=cfg.aux_weight,
+            area_per_image=cfg.area_per_image,
         )
     loss = terms.total / group_size
     (ctx.scaler.scale(loss) if ctx.scaler else loss).backward()

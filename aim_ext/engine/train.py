@@ -528,6 +528,7 @@ RESUME_KEYS = (
     "area_final",
     "area_start",
     "area_duration",
+    "area_per_image",
     "freeze_levels",
     "select_from",
     "max_steps_per_epoch",
