@@ -119,3 +119,22 @@ def merged_mask(masks: Sequence[Tensor]) -> Tensor:
         carried = F.interpolate(union.float(), size=mask.shape[-2:], mode="nearest") > 0
         union = carried | (mask > 0)
     return union
+
+
+def mask_on_object(mask: Tensor, objects: Tensor) -> tuple[Tensor, Tensor]:
+    """How an AIM mask (N, 1, h, w), nearest-upsampled to the image, meets the object masks
+    (N, H, W) bool: per image, precision (the share of the active area on the object; NaN where
+    nothing is active) and recall (the share of the object under the active area; NaN where the
+    image has no object). Chance precision is the object's share of the image."""
+    if objects.dim() != 3 or mask.dim() != 4 or mask.shape[0] != objects.shape[0]:
+        raise ValueError(
+            f"need masks (N, 1, h, w) and objects (N, H, W), got {tuple(mask.shape)}, {tuple(objects.shape)}"
+        )
+    on = F.interpolate((mask > 0).float(), size=objects.shape[-2:], mode="nearest")[:, 0] > 0
+    objects = objects.to(on.device).bool()
+    both = (on & objects).flatten(1).sum(1).double()
+    active, object_size = on.flatten(1).sum(1).double(), objects.flatten(1).sum(1).double()
+    nan = torch.full_like(both, float("nan"))
+    precision = torch.where(active > 0, both / active.clamp_min(1), nan)
+    recall = torch.where(object_size > 0, both / object_size.clamp_min(1), nan)
+    return precision, recall

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import re
 from pathlib import Path
 
@@ -79,7 +80,10 @@ def test_eval_writes_csv_metrics_figures_report(runs, evaluated, name):
     rows = _rows(out)
     assert [r["id"] for r in rows] == _test_ids(runs["root"])  # one row per test image, in order
     expected = {"id", "label", "prediction", "group"} | {f"epg_{m}" for m in METHODS}
-    stage_columns = {"mask_area_stage_4", "mask_area_stage_3", "mask_area_merged"}
+    stage_columns = {"mask_area_stage_4", "mask_area_stage_3", "mask_area_merged", "object_share"}
+    stage_columns |= {
+        f"mask_{k}_{s}" for k in ("precision", "recall") for s in ("stage_4", "stage_3", "merged")
+    }
     assert set(rows[0]) == (expected | stage_columns if name == "aim" else expected)
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -104,9 +108,25 @@ def test_eval_writes_csv_metrics_figures_report(runs, evaluated, name):
             mean = sum(float(r[f"mask_area_{stage}"]) for r in rows) / len(rows)
             assert 0.0 <= value <= 1.0 and value == pytest.approx(mean)
         assert 0.0 <= metrics["merged_mask_area"] <= 1.0
+        # The masks against the birds: the means of the per-image values (NaN: no active area).
+        for kind in ("precision", "recall"):
+            assert set(metrics[f"mask_{kind}"]) == {"stage_4", "stage_3", "merged"}
+            for stage, value in metrics[f"mask_{kind}"].items():
+                column = [float(r[f"mask_{kind}_{stage}"]) for r in rows]
+                seen = [v for v in column if not math.isnan(v)]
+                assert all(0.0 <= v <= 1.0 for v in seen)
+                assert value == pytest.approx(sum(seen) / len(seen)) if seen else math.isnan(value)
+        shares = [float(r["object_share"]) for r in rows]
+        assert metrics["mask_precision_chance"] == pytest.approx(sum(shares) / len(shares))
+        # The merged mask holds every stage's: it covers at least as much of the bird.
+        merged = [float(r["mask_recall_merged"]) for r in rows]
+        for stage in ("stage_4", "stage_3"):
+            assert all(
+                m >= float(r[f"mask_recall_{stage}"]) - 1e-12 for m, r in zip(merged, rows, strict=True)
+            )
         pngs += ["masks.png", "mask_evolution.png"]
     else:
-        assert "mask_sparsity" not in metrics
+        assert "mask_sparsity" not in metrics and "mask_precision" not in metrics
         assert not (out / "masks.png").exists() and not (out / "mask_evolution.png").exists()
     _check_pngs(out, pngs)
     links = _check_links(out / "report.md")

@@ -1,5 +1,7 @@
 """aim_ext.explain and aim_ext.metrics: EPG, accuracy and mask metrics, captum attributions, figures."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -324,3 +326,32 @@ def test_figures_write_pngs(tmp_path):
 
     by_epoch = {10: masks[-1][0], 0: torch.ones(6, 8), 5: [m[:1] for m in masks]}
     assert_png(mask_evolution(by_epoch, images[0], tmp_path / "evolution.png"), panels(4, 1))
+
+
+@pytest.mark.parametrize(
+    ("mask_size", "image_size"), [((4, 4), (16, 16)), ((5, 7), (32, 30)), ((3, 3), (3, 3))]
+)
+def test_mask_precision_and_recall_against_a_pixel_loop(mask_size, image_size):
+    """mask_on_object against a float64 loop: each image pixel takes the mask cell nearest
+    upsampling gives it (row floor(y * h / H), column floor(x * w / W))."""
+    from aim_ext.metrics import mask_on_object
+
+    g = torch.Generator().manual_seed(sum(mask_size + image_size))
+    masks = (torch.rand(4, 1, *mask_size, generator=g) > 0.5).float()
+    objects = torch.rand(4, *image_size, generator=g) > 0.6
+    masks[2] = 0  # nothing active: precision NaN
+    objects[3] = False  # no object: recall NaN
+    precision, recall = mask_on_object(masks, objects)
+    (h, w), (big_h, big_w) = mask_size, image_size
+    for n in range(4):
+        on = [[bool(masks[n, 0, y * h // big_h, x * w // big_w]) for x in range(big_w)] for y in range(big_h)]
+        both = sum(on[y][x] and bool(objects[n, y, x]) for y in range(big_h) for x in range(big_w))
+        active = sum(map(sum, on))
+        size = int(objects[n].sum())
+        assert (
+            math.isnan(precision[n]) if active == 0 else precision[n].item() == pytest.approx(both / active)
+        )
+        assert math.isnan(recall[n]) if size == 0 else recall[n].item() == pytest.approx(both / size)
+    assert precision.dtype == recall.dtype == torch.float64
+    with pytest.raises(ValueError, match="need masks"):
+        mask_on_object(masks[:, 0], objects)

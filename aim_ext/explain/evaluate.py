@@ -15,7 +15,7 @@ from aim_ext.explain.attributions import attribute
 from aim_ext.explain.counterfactual import counterfactual_predictions, counterfactual_rates
 from aim_ext.explain.epg import energy_pointing_game
 from aim_ext.explain.run import EvalError, EvalOptions, Run
-from aim_ext.metrics import classification_metrics, mask_areas, merged_mask
+from aim_ext.metrics import classification_metrics, mask_areas, mask_on_object, merged_mask
 
 # What each accuracy means, written next to the numbers: the two averages are regularly confused.
 DEFINITIONS = {
@@ -27,6 +27,10 @@ DEFINITIONS = {
     "epg": "mean Energy Pointing Game: share of positive attribution energy inside the object mask",
     "mask_sparsity": "mean fraction of active mask positions per AIM stage (top stage first)",
     "merged_mask_area": "mean fraction of active positions of the merged (union) mask",
+    "mask_precision": "per AIM stage and for the merged mask (upsampled to the image): mean share of "
+    "the active area that lies on the object (images with an active area)",
+    "mask_precision_chance": "the precision of a mask placed at random: the mean object share of the image",
+    "mask_recall": "per AIM stage and for the merged mask: mean share of the object under the active area",
     "background_swap_flip_rate": "share of images whose prediction changes when only the background "
     "changes kind (water <-> land; TuxBirds counterfactuals)",
     "background_only_waterbird_rate": "share of bird-free backgrounds called 'waterbird', per place",
@@ -60,6 +64,11 @@ class Evaluation:
     merged_areas: Tensor | None  # (N,), AIM only
     shown: Shown
     counterfactual: dict[str, Any] | None = None  # TuxBirds' background-reliance rates
+    # AIM on a dataset with object masks: (N, stages + 1), each stage then the merged mask; NaN
+    # where a mask is empty (precision) or an image has no object (recall).
+    mask_precision: Tensor | None = None
+    mask_recall: Tensor | None = None
+    object_share: Tensor | None = None  # (N,): the object's share of each image
     metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -115,7 +124,8 @@ def evaluate(run: Run, options: EvalOptions) -> Evaluation:
         num_workers=run.cfg.num_workers if options.num_workers is None else options.num_workers,
     )
     methods = options.methods if run.dataset.has_masks else ()
-    columns: dict[str, list[Tensor]] = {k: [] for k in ("index", "label", "pred", "group", "areas", "merged")}
+    names = ("index", "label", "pred", "group", "areas", "merged", "precision", "recall", "object")
+    columns: dict[str, list[Tensor]] = {k: [] for k in names}
     epg: dict[str, list[Tensor]] = {m: [] for m in methods}
     for batch in tqdm(loader, desc=f"aim-eval {run.name} ({run.split})", unit="batch", disable=None):
         images = batch["image"].to(run.device)
@@ -131,7 +141,13 @@ def evaluate(run: Run, options: EvalOptions) -> Evaluation:
             columns["group"].append(batch["group"])
         if masks is not None:
             columns["areas"].append(mask_areas(masks))
-            columns["merged"].append(merged_mask(masks).float().mean(dim=(1, 2, 3)))
+            merged = merged_mask(masks)
+            columns["merged"].append(merged.float().mean(dim=(1, 2, 3)))
+            if run.dataset.has_masks:
+                overlaps = [mask_on_object(m, batch["mask"]) for m in [*masks, merged]]
+                columns["precision"].append(torch.stack([p for p, _ in overlaps], dim=1).cpu())
+                columns["recall"].append(torch.stack([r for _, r in overlaps], dim=1).cpu())
+                columns["object"].append(batch["mask"].flatten(1).double().mean(1))
     if not columns["label"]:
         raise EvalError(
             f"no images to evaluate in the {run.split} split of {run.cfg.dataset} at {run.cfg.data_root}"
@@ -162,6 +178,9 @@ def evaluate(run: Run, options: EvalOptions) -> Evaluation:
         epg={m: torch.cat(v) for m, v in epg.items()},
         stage_areas=cat["areas"],
         merged_areas=cat["merged"],
+        mask_precision=cat["precision"],
+        mask_recall=cat["recall"],
+        object_share=cat["object"],
         shown=_shown(run, data, options),
         counterfactual=counterfactual,
     )
@@ -201,6 +220,13 @@ def evaluation_metrics(evaluation: Evaluation) -> dict[str, Any]:
         sparsity = evaluation.stage_areas.double().mean(dim=0).tolist()
         metrics["mask_sparsity"] = dict(zip(run.stage_names, sparsity, strict=True))
         metrics["merged_mask_area"] = evaluation.merged_areas.double().mean().item()
+    if evaluation.mask_precision is not None:
+        names = [*run.stage_names, "merged"]
+        metrics["mask_precision"] = dict(
+            zip(names, evaluation.mask_precision.nanmean(dim=0).tolist(), strict=True)
+        )
+        metrics["mask_precision_chance"] = evaluation.object_share.mean().item()
+        metrics["mask_recall"] = dict(zip(names, evaluation.mask_recall.nanmean(dim=0).tolist(), strict=True))
     if evaluation.counterfactual is not None:
         metrics.update(evaluation.counterfactual)
     metrics["definitions"] = {k: v for k, v in DEFINITIONS.items() if k in metrics}

@@ -44,6 +44,11 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
         flat[f"mask_sparsity[{stage}]"] = value
     if "merged_mask_area" in metrics:
         flat["merged_mask_area"] = metrics["merged_mask_area"]
+    for kind in ("mask_precision", "mask_recall"):
+        for stage, value in metrics.get(kind, {}).items():
+            flat[f"{kind}[{stage}]"] = value
+    if "mask_precision_chance" in metrics:
+        flat["mask_precision_chance"] = metrics["mask_precision_chance"]
     if "background_swap_flip_rate" in metrics:
         flat["background_swap_flip_rate"] = metrics["background_swap_flip_rate"]
     for place, value in metrics.get("background_only_waterbird_rate", {}).items():
@@ -76,6 +81,12 @@ def write_csv(evaluation: Evaluation, path: Path) -> Path:
         for name, values in zip(evaluation.run.stage_names, evaluation.stage_areas.T, strict=True):
             columns[f"mask_area_{name}"] = values.tolist()
         columns["mask_area_merged"] = evaluation.merged_areas.tolist()
+    if evaluation.mask_precision is not None:
+        names = [*evaluation.run.stage_names, "merged"]
+        for kind, table in (("precision", evaluation.mask_precision), ("recall", evaluation.mask_recall)):
+            for name, values in zip(names, table.T, strict=True):
+                columns[f"mask_{kind}_{name}"] = values.tolist()
+        columns["object_share"] = evaluation.object_share.tolist()
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
