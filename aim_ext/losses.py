@@ -124,9 +124,13 @@ def aim_loss(
         zero = ce.new_zeros(())
         return LossTerms(ce, ce, zero, zero)
     final_ce = F.cross_entropy(output.logits, target, label_smoothing=label_smoothing)
-    aux_ce = torch.stack(
-        [F.cross_entropy(a, target, label_smoothing=label_smoothing) for a in output.aux_logits]
-    ).sum()
+    aux_ce = (
+        torch.stack(
+            [F.cross_entropy(a, target, label_smoothing=label_smoothing) for a in output.aux_logits]
+        ).sum()
+        if output.aux_logits
+        else final_ce.new_zeros(())  # the aux heads are off (AIM.set_aux_heads)
+    )
     area = (
         area_loss(output.masks, tau, sum_over_batch, per_image=area_per_image)
         if tau is not None

@@ -134,6 +134,25 @@ def test_training_writes_the_run_folder(tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in selected.items())
 
 
+def test_without_auxiliary_losses_the_aux_heads_are_not_computed(tmp_path):
+    """aux_weight 0 (the paper's ablation): no aux head runs in training, their weights stay as
+    they were, the aux loss is 0, and the rest trains."""
+    cfg = tiny_config(tmp_path, epochs=1, aux_weight=0.0)
+    model = make_model(cfg)
+    heads = {k: v.clone() for k, v in model.aux_heads.state_dict().items()}
+    others = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("stages.")}
+    calls = []
+    for head in model.aux_heads:
+        head.register_forward_hook(lambda *_: calls.append(1))
+    fit(cfg, Blobs(32, 0), Blobs(16, 1), model, log=lambda *_: None)
+    assert calls == [] and all(torch.equal(model.aux_heads.state_dict()[k], v) for k, v in heads.items())
+    assert any(not torch.equal(model.state_dict()[k], v) for k, v in others.items())
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["aux_ce"] == 0.0 and record["loss"] > 0
+    model.train()
+    assert model(torch.randn(2, 3, 32, 32)).aux_logits == []
+
+
 @pytest.mark.parametrize(
     ("stop_stage", "step"),
     [(None, "eager"), (3, "eager"), pytest.param(3, "compile", marks=pytest.mark.slow)],

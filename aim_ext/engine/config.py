@@ -88,7 +88,8 @@ class TrainConfig:
         "--no-area-per-image: r_l over the whole batch",
     )
     aux_weight: float = _knob(
-        1.0, "weight of the auxiliary heads' losses (0: the no-auxiliary-loss ablation)"
+        1.0,
+        "weight of the auxiliary heads' losses (0: the no-auxiliary-loss ablation, heads not computed)",
     )
     temperature: float = _knob(1.0, "the binary Gumbel-softmax temperature")
     noise_off_epoch: int | None = _knob(None, "from this epoch on, train without Gumbel noise")

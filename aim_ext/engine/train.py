@@ -310,6 +310,8 @@ def _fit(
 ) -> dict[str, Any]:
     torch.manual_seed(cfg.seed + world.rank)
     freeze_levels(model, cfg.freeze_levels)
+    if isinstance(model, AIM):  # aux_weight 0: the auxiliary heads are not computed at all
+        model.set_aux_heads(cfg.aux_weight != 0)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -96,6 +96,7 @@ class AIM(nn.Module):
         self.merged_map = nn.Identity()
         self.temperature = temperature
         self.gumbel_noise = gumbel_noise
+        self.aux_heads_on = True  # set_aux_heads
         self._weights_cache: dict = {}  # the pooled head's w_l per (stage sizes, device, dtype)
         self.branches_used: list[str] = []
         self.pretrained_cfg = dict(self.backbone.pretrained_cfg)
@@ -118,6 +119,13 @@ class AIM(nn.Module):
             self.temperature = float(temperature)
         if noise is not None:
             self.gumbel_noise = bool(noise)
+
+    def set_aux_heads(self, on: bool) -> None:
+        """Whether training computes the auxiliary heads f_l. Off (the paper's "no auxiliary
+        losses" ablation, `aux_weight 0`), training returns no aux logits and the heads' weights
+        take no gradient (they stay as they are; evaluation never uses them)."""
+        self.aux_heads_on = bool(on)
+        self.aux_heads.requires_grad_(self.aux_heads_on)
 
     def stage_inputs(self, x: Tensor) -> list[Tensor]:
         """S_l of every top-down stage, top stage first: the backbone's feature maps."""
@@ -243,7 +251,9 @@ class AIM(nn.Module):
         if not self.training:
             return logits
         aux = [
-            head(masked_avg_pool(s.features, s.mask)) for head, s in zip(self.aux_heads, stages, strict=True)
+            head(masked_avg_pool(s.features, s.mask))
+            for head, s in zip(self.aux_heads, stages, strict=True)
+            if self.aux_heads_on
         ]
         return AIMOutput(logits, aux, [s.mask for s in stages], [s.mask_logits for s in stages])
 
