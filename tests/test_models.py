@@ -306,3 +306,38 @@ def test_readme_usage_snippet_runs():
     snippet = readme.split("## Use\n\n```python\n", 1)[1].split("```", 1)[0]
     small = snippet.replace("convnext_tiny", "convnext_atto").replace("224, 224", "64, 64")
     exec(compile(small, "README.md", "exec"), {})
+
+
+def test_edge_emphasised_initialisation_weights_the_periphery():
+    """mask_init "edges" (appendix D.5): the same random draw, each 3x3 kernel of the mask
+    estimators weighted 0.5 (centre) to 1.5 (corners) and rescaled to its former RMS; nothing else
+    changes (a float64 reference)."""
+    from aim_ext.engine import TrainConfig
+    from aim_ext.engine.build import build_model
+    from aim_ext.models.mask_estimator import edge_emphasis
+
+    assert edge_emphasis(3)[1, 1] == 0.5 and edge_emphasis(3)[0, 0] == 1.5
+    assert edge_emphasis(3)[0, 1].item() == pytest.approx(0.5 + 1 / 2**0.5)
+    models = {}
+    for init in ("random", "edges"):
+        torch.manual_seed(0)
+        models[init] = build_model(
+            TrainConfig(model="resnet18", stop_stage=3, mask_init=init), 2
+        ).state_dict()
+    changed = 0
+    for name, plain in models["random"].items():
+        edged = models["edges"][name]
+        if ".mask_estimator." in name and plain.dim() == 4 and plain.shape[-2:] == (3, 3):
+            w = plain.double() * edge_emphasis(3)
+            w = (
+                w
+                * plain.double().pow(2).mean((1, 2, 3), keepdim=True).sqrt()
+                / w.pow(2).mean((1, 2, 3), keepdim=True).sqrt()
+            )
+            torch.testing.assert_close(edged.double(), w, rtol=1e-5, atol=1e-7)
+            corners, centre = edged[..., ::2, ::2].abs().mean(), edged[..., 1, 1].abs().mean()
+            assert 2 < corners / centre < 4, name
+            changed += 1
+        else:
+            assert torch.equal(edged, plain), name
+    assert changed == 2 * 7  # two stages, each a stem and three blocks of two 3x3 convolutions

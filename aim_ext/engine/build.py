@@ -13,7 +13,8 @@ from torch import nn
 
 from aim_ext.data import MaskedImageDataset, build_dataset
 from aim_ext.engine.config import TrainConfig
-from aim_ext.models import create_model, model_data_config
+from aim_ext.models import AIM, create_model, model_data_config
+from aim_ext.models.mask_estimator import emphasise_edges
 from aim_ext.models.pretrained import load_backbone_weights
 
 
@@ -49,6 +50,9 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     )
     if cfg.pretrained_file:
         load_backbone_weights(model, cfg.pretrained_file)
+    if cfg.mask_init == "edges" and isinstance(model, AIM):
+        for stage in model.stages:
+            emphasise_edges(stage.mask_estimator)
     return model
 
 

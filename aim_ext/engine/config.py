@@ -19,6 +19,8 @@ AMP_MODES = ("none", "bf16", "fp16")
 STEP_KINDS = ("eager", "compile", "cuda-graph")
 # Where the per-epoch metrics go: metrics.jsonl and summary.csv always; TensorBoard event files too.
 LOG_KINDS = ("jsonl", "tensorboard")
+# The mask estimators' initialisation: PyTorch's default, or edge-emphasised (appendix D.5).
+MASK_INITS = ("random", "edges")
 
 
 def _knob(default: Any, help: str, choices: tuple[str, ...] | None = None):
@@ -43,6 +45,11 @@ class TrainConfig:
     pretrained_file: str | None = _knob(None, "start from this backbone state_dict file instead")
     drop_rate: float = _knob(HEAD_DROP_RATE, "dropout before the classifier heads")
     drop_path_rate: float = _knob(0.3, "stochastic depth of the backbone's blocks")
+    mask_init: str = _knob(
+        "random",
+        "the mask estimators' initialisation: PyTorch's random one, or edges (appendix D.5)",
+        choices=MASK_INITS,
+    )
     freeze_levels: int = _knob(0, "freeze the backbone's feature levels below this one (0: train everything)")
     # data
     dataset: str = _knob("cub", "the dataset", choices=tuple(list_datasets()))
