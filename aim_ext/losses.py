@@ -29,24 +29,28 @@ class AreaSchedule:
     epoch start + duration, and holds it for the rest of training. duration 0: `final` from
     `start` on."""
 
-    final: float
+    final: float | tuple[float, ...]  # one value, or one per stage (tau_l, top stage first)
     start: int = 0
     duration: int = 1
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.final <= 1.0:
+        finals = self.final if isinstance(self.final, tuple) else (self.final,)
+        if not finals or not all(0.0 <= f <= 1.0 for f in finals):
             raise ValueError(f"final tau must lie in [0, 1], got {self.final}")
         if self.start < 0 or self.duration < 0:
             raise ValueError(f"start and duration must be >= 0, got {self.start}, {self.duration}")
 
-    def __call__(self, epoch: int) -> float:
+    def __call__(self, epoch: int) -> float | tuple[float, ...]:
         if self.duration == 0:
-            return 1.0 if epoch < self.start else self.final
-        progress = min(max((epoch - self.start) / self.duration, 0.0), 1.0)
+            progress = 0.0 if epoch < self.start else 1.0
+        else:
+            progress = min(max((epoch - self.start) / self.duration, 0.0), 1.0)
+        if isinstance(self.final, tuple):
+            return tuple(1.0 - (1.0 - f) * progress for f in self.final)
         return 1.0 - (1.0 - self.final) * progress
 
 
-def area_target(schedule: AreaSchedule | None, epoch: int) -> float | None:
+def area_target(schedule: AreaSchedule | None, epoch: int) -> float | tuple[float, ...] | None:
     """tau(epoch), or None when there is no annealing (and so no area loss)."""
     return None if schedule is None else schedule(epoch)
 
@@ -84,7 +88,7 @@ def _batch_mean(values: Tensor, sum_over_batch: Callable[[Tensor], Tensor] | Non
 
 def area_loss(
     masks: list[Tensor],
-    tau: float,
+    tau: float | Tensor,
     sum_over_batch: Callable[[Tensor], Tensor] | None = None,
     *,
     per_image: bool = True,
@@ -94,10 +98,17 @@ def area_loss(
     per_image (Eq. 6 as written, r_l of one image's mask): the mean over the batch of
     (r_l(image) - tau)^2, which holds every image near tau. Otherwise r_l pools the batch:
     (r_l(batch) - tau)^2, which holds only the batch's average near tau, so one image may open
-    more of its mask than another."""
+    more of its mask than another. `tau` is one target, or a tensor of one per stage (tau_l)."""
+    taus = list(tau) if isinstance(tau, Tensor) and tau.dim() == 1 else [tau] * len(masks)
+    if len(taus) != len(masks):
+        raise ValueError(f"{len(taus)} area targets for {len(masks)} masks")
     if per_image:
-        return torch.stack([_batch_mean((image_areas(m) - tau) ** 2, sum_over_batch) for m in masks]).sum()
-    return torch.stack([(active_area(m, sum_over_batch) - tau) ** 2 for m in masks]).sum()
+        return torch.stack(
+            [_batch_mean((image_areas(m) - t) ** 2, sum_over_batch) for m, t in zip(masks, taus, strict=True)]
+        ).sum()
+    return torch.stack(
+        [(active_area(m, sum_over_batch) - t) ** 2 for m, t in zip(masks, taus, strict=True)]
+    ).sum()
 
 
 class LossTerms(NamedTuple):
@@ -110,7 +121,7 @@ class LossTerms(NamedTuple):
 def aim_loss(
     output: AIMOutput | Tensor,
     target: Tensor,
-    tau: float | None,
+    tau: float | Tensor | None,
     *,
     area_weight: float = AREA_WEIGHT,
     label_smoothing: float = LABEL_SMOOTHING,

@@ -111,6 +111,20 @@ def test_tensorboard_logging_without_tensorboard_is_one_line(tmp_path, capsys, m
     assert not (tmp_path / "run").exists()
 
 
+def test_per_stage_targets_on_the_command_line(tmp_path, capsys):
+    args = build_parser().parse_args(["--area-final-stages", "0.25", "0.35"])
+    assert config_from_args(args).area_final_stages == [0.25, 0.35]
+    args = build_parser().parse_args(["--area-final-stages", "none"])
+    assert config_from_args(args).area_final_stages is None
+    flags = ["--dataset", "tuxbirds95", "--model", "resnet18", "--stop-stage", "3", "--image-size", "32"]
+    assert (
+        main([*flags, "--area-final-stages", "0.3", "--device", "cpu", "--out", str(tmp_path / "run")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err == "aim-train: area_final_stages has 1 values; this model masks 2 stages\n"
+    assert not (tmp_path / "run").exists()
+
+
 def test_flags_override_the_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: resnet50\nepochs: 10\nchannels_last: true\n")

@@ -134,6 +134,25 @@ def test_training_writes_the_run_folder(tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in selected.items())
 
 
+def test_per_stage_area_targets(tmp_path):
+    """area_final_stages: each stage's tau anneals to its own value, logged per stage; a count that
+    does not match the model's masked stages is refused before anything is written."""
+    cfg = tiny_config(tmp_path, area_final_stages=[0.5, 0.3])
+    fit(cfg, Blobs(32, 0), Blobs(16, 1), make_model(cfg), log=lambda *_: None)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["tau"] for line in lines] == [
+        [1.0, 1.0],
+        pytest.approx([0.75, 0.65]),
+        pytest.approx([0.5, 0.3]),
+    ]
+    bad = tiny_config(tmp_path / "bad", area_final_stages=[0.5])
+    with pytest.raises(ValueError, match="area_final_stages has 1 values; this model masks 2 stages"):
+        fit(bad, Blobs(32, 0), Blobs(16, 1), make_model(bad), log=lambda *_: None)
+    assert not (tmp_path / "bad" / "run").exists()
+    with pytest.raises(ValueError, match="needs annealing"):
+        tiny_config(tmp_path, area_final=None, area_final_stages=[0.5, 0.3])
+
+
 def test_without_auxiliary_losses_the_aux_heads_are_not_computed(tmp_path):
     """aux_weight 0 (the paper's ablation): no aux head runs in training, their weights stay as
     they were, the aux loss is 0, and the rest trains."""

@@ -24,6 +24,19 @@ def test_area_schedule_holds_then_falls_linearly_then_holds():
         AreaSchedule(final=1.5)
 
 
+def test_per_stage_targets_anneal_each_to_its_own_value():
+    schedule = AreaSchedule(final=(0.25, 0.5), start=1, duration=2)
+    assert [schedule(e) for e in range(4)] == [(1.0, 1.0), (1.0, 1.0), (0.625, 0.75), (0.25, 0.5)]
+    masks = [torch.ones(2, 1, 2, 2, dtype=torch.float64), torch.zeros(2, 1, 4, 4, dtype=torch.float64)]
+    tau = torch.tensor([0.25, 0.5], dtype=torch.float64)
+    for per_image in (True, False):
+        assert area_loss(masks, tau, per_image=per_image).item() == pytest.approx(0.75**2 + 0.5**2)
+    with pytest.raises(ValueError, match="3 area targets for 2 masks"):
+        area_loss(masks, torch.ones(3))
+    with pytest.raises(ValueError, match="final tau"):
+        AreaSchedule(final=(0.3, 1.2))
+
+
 def test_active_area_and_area_loss():
     masks = [torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]]), torch.ones(2, 1, 3, 3)]
     assert active_area(masks[0]).item() == 0.25

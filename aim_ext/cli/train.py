@@ -20,6 +20,7 @@ import torch
 from aim_ext.engine.build import build_datasets, build_model, data_config
 from aim_ext.engine.config import TrainConfig, config_fields, load_config
 from aim_ext.engine.tensorboard import TensorBoardUnavailable, require_tensorboard
+from aim_ext.engine.train import area_targets_shape
 
 
 def _optional(kind):
@@ -56,6 +57,14 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 metavar=("OPS", "MAGNITUDE"),
                 help=f"{text} (default {' '.join(map(str, field.default))})",
             )
+        elif kind == "list[float]|None":
+            parser.add_argument(
+                flag,
+                type=_optional(float),
+                nargs="+",
+                default=argparse.SUPPRESS,
+                help=f"{text} (default none)",
+            )
         elif kind.endswith("|None"):
             parser.add_argument(
                 flag,
@@ -91,6 +100,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The YAML file (with --resume: the run's own config.yaml, unless --config is given) under the
     flags that were given."""
     overrides = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
+    for name, value in overrides.items():  # a list flag given 'none' unsets it
+        if isinstance(value, list) and None in value:
+            if len(value) > 1:
+                raise ValueError(f"--{name.replace('_', '-')}: 'none' or numbers, not both")
+            overrides[name] = None
     base = args.config
     if getattr(args, "resume", False) and base is None:
         saved = Path(overrides.get("out", TrainConfig.out)) / "config.yaml"
@@ -121,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.seed
         )  # the new layers' initial weights follow the seed (the same on every rank)
         model = build_model(cfg, train.num_classes)
+        area_targets_shape(cfg, model)  # per-stage targets that do not fit the model
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"aim-train: {str(error).strip().splitlines()[0]}", file=sys.stderr)
         return 2

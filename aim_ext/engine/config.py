@@ -86,6 +86,9 @@ class TrainConfig:
     area_final: float | None = _knob(
         0.25, "the active-area target tau at the end of annealing (none: no area loss)"
     )
+    area_final_stages: list[float] | None = _knob(
+        None, "one final tau per masked stage, top stage first (tau_l; the per-stage ablation)"
+    )
     area_start: int = _knob(0, "the epoch annealing starts")
     area_duration: int | None = _knob(None, "annealing length in epochs (none: half of training)")
     area_weight: float = _knob(AREA_WEIGHT, "weight of the active-area loss (Eq. 7)")
@@ -130,6 +133,11 @@ class TrainConfig:
                 raise ValueError(
                     f"{item.name} must be one of {', '.join(choices)}, got {getattr(self, item.name)!r}"
                 )
+        if self.area_final_stages is not None:
+            if self.area_final is None:
+                raise ValueError("area_final_stages needs annealing: set area_final too")
+            if not self.area_final_stages or not all(0 <= t <= 1 for t in self.area_final_stages):
+                raise ValueError(f"area_final_stages must be values in [0, 1], got {self.area_final_stages}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         if self.accum_steps < 1 or self.batch_size < 1:

@@ -66,7 +66,23 @@ def resolve_device(name: str) -> torch.device:
 def area_schedule(cfg: TrainConfig) -> AreaSchedule | None:
     if cfg.area_final is None:
         return None
-    return AreaSchedule(final=cfg.area_final, start=cfg.area_start, duration=cfg.area_schedule_duration())
+    final = tuple(cfg.area_final_stages) if cfg.area_final_stages else cfg.area_final
+    return AreaSchedule(final=final, start=cfg.area_start, duration=cfg.area_schedule_duration())
+
+
+def area_targets_shape(cfg: TrainConfig, model: nn.Module) -> tuple[int, ...] | None:
+    """The shape of the run's tau tensor: () for one target, (stages,) for one per stage; None
+    without annealing. Raises ValueError when the per-stage targets do not match the model."""
+    if cfg.area_final is None:
+        return None
+    if not cfg.area_final_stages:
+        return ()
+    stages = len(unwrap(model).stages) if isinstance(unwrap(model), AIM) else 0
+    if len(cfg.area_final_stages) != stages:
+        raise ValueError(
+            f"area_final_stages has {len(cfg.area_final_stages)} values; this model masks {stages} stages"
+        )
+    return (stages,)
 
 
 def set_gumbel_for_epoch(model: nn.Module, cfg: TrainConfig, epoch: int) -> None:
@@ -130,7 +146,7 @@ def train_one_epoch(
     set_gumbel_for_epoch(unwrap(model), cfg, epoch)
     tau = area_target(area_schedule(cfg), epoch)
     if ctx.tau is not None:
-        ctx.tau.fill_(tau)  # in place: a compiled or captured step reads the new value
+        ctx.tau.copy_(torch.as_tensor(tau))  # in place: a compiled or captured step reads the new value
     steps = _steps(data, cfg)
     names = [g.get("name", str(i)) for i, g in enumerate(ctx.optimizer.param_groups)]
     lrs = {name: float(lr) for name, lr in zip(names, scheduler.get_last_lr(), strict=True)}  # epoch's first
@@ -328,7 +344,8 @@ def _fit(
     if world.size > 1:
         ids = [device.index] if device.type == "cuda" else None
         trained = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    tau = torch.ones((), device=device) if cfg.area_final is not None else None
+    shape = area_targets_shape(cfg, model)
+    tau = torch.ones(shape, device=device) if shape is not None else None
     step = build_step(StepContext(trained, optimizer, cfg, device, scaler, world, tau))
     if start < cfg.epochs:  # a step that cannot be captured fails here, before the folder changes
         _prepare_step(step, train_set, cfg, start, world)
@@ -530,6 +547,7 @@ RESUME_KEYS = (
     "area_final",
     "area_start",
     "area_duration",
+    "area_final_stages",
     "area_per_image",
     "freeze_levels",
     "select_from",
