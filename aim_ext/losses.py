@@ -99,6 +99,8 @@ def area_loss(
     (r_l(image) - tau)^2, which holds every image near tau. Otherwise r_l pools the batch:
     (r_l(batch) - tau)^2, which holds only the batch's average near tau, so one image may open
     more of its mask than another. `tau` is one target, or a tensor of one per stage (tau_l)."""
+    if isinstance(tau, tuple | list):  # area_target's per-stage values
+        tau = torch.tensor(tau, dtype=torch.float64)
     taus = list(tau) if isinstance(tau, Tensor) and tau.dim() == 1 else [tau] * len(masks)
     if len(taus) != len(masks):
         raise ValueError(f"{len(taus)} area targets for {len(masks)} masks")

@@ -121,6 +121,18 @@ def merged_mask(masks: Sequence[Tensor]) -> Tensor:
     return union
 
 
+def stage_masks_at_finest(masks: Sequence[Tensor]) -> list[Tensor]:
+    """Each stage's mask (top stage first) carried to the finest stage's grid through every grid
+    between, by nearest upsampling, as the top-down merge carries P_{l+1} into P_l (where sizes are
+    not multiples, 10 -> 19 -> 38, that differs from one resize)."""
+    carried = []
+    for index, mask in enumerate(masks):
+        for finer in masks[index + 1 :]:
+            mask = F.interpolate(mask.float(), size=finer.shape[-2:], mode="nearest")
+        carried.append(mask)
+    return carried
+
+
 def mask_on_object(mask: Tensor, objects: Tensor) -> tuple[Tensor, Tensor]:
     """How an AIM mask (N, 1, h, w), nearest-upsampled to the image, meets the object masks
     (N, H, W) bool: per image, precision (the share of the active area on the object; NaN where

@@ -7,7 +7,8 @@ The recipe is Tables 4-5 and appendix A.3: 200 epochs, batch 512, AdamW with a c
 no warm-up, the top-down pathway (mask estimators included) at 0.01 with weight decay 1e-3,
 RandAugment(3, 9), label smoothing 0.05, dropout and drop path 0.3, the active-area weight 6 with
 tau annealed from 1.0 over the first 100 epochs, and the ImageNet-1k weights of each backbone.
-Every key is written out, so a config does not change when a TrainConfig default does.
+Every key of the recipe is written out, so a config does not change when a TrainConfig default
+does; the data paths, the device and the like come from the command line.
 """
 
 from __future__ import annotations
@@ -37,24 +38,23 @@ VARIANTS = {
     "resnet50": [(None, None), (3, 0.25), (2, 0.25), (3, None), (2, None)],
     "resnet101": [(None, None), (3, 0.25), (2, 0.25)],
 }
-# Datasets: (aim-train's dataset, the backbones of its rows, what to pass on the command line).
+# Datasets: (aim-train's dataset, the backbones of its rows, what to pass on the command line, the
+# image size: 299 for TravelingBirds, as the paper has it after its authors (appendix A.4.3), else 224).
 BIRDS = ("convnext_tiny", "resnet50", "resnet101")
+CUB = "--cub-root CUB_200_2011"
 DATASETS = {
-    "cub": ("cub", BIRDS, "--data-root CUB_200_2011"),
-    "waterbirds95": (
-        "waterbirds",
-        BIRDS,
-        "--data-root waterbird_complete95_forest2water2 --cub-root CUB_200_2011",
-    ),
-    "waterbirds100": ("waterbirds", BIRDS, "--data-root waterbird_1.0_forest2water2 --cub-root CUB_200_2011"),
-    "travelingbirds": ("travelingbirds", BIRDS, "--data-root TRAVELINGBIRDS --cub-root CUB_200_2011"),
+    "cub": ("cub", BIRDS, "--data-root CUB_200_2011", 224),
+    "waterbirds95": ("waterbirds", BIRDS, f"--data-root waterbird_complete95_forest2water2 {CUB}", 224),
+    "waterbirds100": ("waterbirds", BIRDS, f"--data-root waterbird_1.0_forest2water2 {CUB}", 224),
+    "travelingbirds": ("travelingbirds", BIRDS, f"--data-root TRAVELINGBIRDS {CUB}", 299),
     "hard_imagenet": (
         "hard_imagenet",
         ("convnext_tiny",),
         "--data-root hardImageNet --imagenet-root IMAGENET",
+        224,
     ),
-    "imagenet100": ("folder", ("convnext_tiny",), "--data-root IMAGENET100 (a class-per-folder tree)"),
-    "imagewoof": ("folder", ("convnext_tiny",), "--data-root imagewoof2 (a class-per-folder tree)"),
+    "imagenet100": ("folder", ("convnext_tiny",), "--data-root IMAGENET100 (a class-per-folder tree)", 224),
+    "imagewoof": ("folder", ("convnext_tiny",), "--data-root imagewoof2 (a class-per-folder tree)", 224),
 }
 
 
@@ -64,34 +64,47 @@ def variant_name(backbone: str, stop: int | None, tau: float | None) -> str:
     return f"{backbone}_aim{stop}_" + ("noanneal" if tau is None else f"{round(tau * 100)}")
 
 
-def recipe(backbone: str, stop: int | None, tau: float | None, dataset: str, folder: str) -> dict:
-    """One config: the paper's recipe for this backbone, variant and dataset."""
+def recipe(backbone: str, stop: int | None, tau: float | None, dataset: str, folder: str, size: int) -> dict:
+    """One config: the paper's recipe for this backbone, variant and dataset, every key of the
+    recipe written out (the data paths and the machine's settings are left to the command line)."""
     tag, lr_backbone = BACKBONES[backbone]
-    config = {
+    annealed = stop is not None and tau is not None
+    return {
         "model": backbone,
+        "stop_stage": stop,
         "pretrained": True,
         "pretrained_tag": tag,
-        "dataset": dataset,
-        "image_size": 224,
-        "epochs": EPOCHS,
-        "batch_size": 512,
-        "lr_backbone": lr_backbone,
-        "lr_topdown": 0.01,
-        "weight_decay": 0.001,
-        "warmup_epochs": 0,
-        "label_smoothing": 0.05,
-        "randaugment": [3, 9],
+        "mask_init": "random",
         "drop_rate": 0.3,
         "drop_path_rate": 0.3,
+        "freeze_levels": 0,
+        "dataset": dataset,
+        "image_size": size,
+        "randaugment": [3, 9],
+        "batch_size": 512,
+        "epochs": EPOCHS,
+        "lr_backbone": lr_backbone,
+        "lr_topdown": 0.01,
+        "lr_mask": None,  # the top-down pathway's rate: the estimators are part of it
+        "weight_decay": 0.001,
+        "weight_decay_mask": None,  # the top-down pathway's
+        "warmup_epochs": 0,
+        "label_smoothing": 0.05,
+        "accum_steps": 1,
+        "grad_clip": None,
+        "area_final": tau if stop is not None else None,
+        "area_final_stages": None,
+        "area_start": 0,
+        "area_duration": ANNEALING if annealed else None,
+        "area_weight": 6.0,
+        "area_per_image": True,  # r_l of one image's mask (Eq. 6)
+        "aux_weight": 1.0,
+        "temperature": 1.0,
+        "noise_off_epoch": None,
+        "seed": 0,
+        "select_from": ANNEALING if annealed else None,  # once tau holds its final value
+        "out": f"runs/{folder}/{variant_name(backbone, stop, tau)}",
     }
-    if stop is not None:
-        config["stop_stage"] = stop
-        config["area_weight"] = 6.0
-        config["area_final"] = tau
-        if tau is not None:  # r_l per image (Eq. 6); select only once tau holds its final value
-            config.update(area_per_image=True, area_start=0, area_duration=ANNEALING, select_from=ANNEALING)
-    config["out"] = f"runs/{folder}/{variant_name(backbone, stop, tau)}"
-    return config
 
 
 def header(backbone: str, stop: int | None, tau: float | None, folder: str, flags: str) -> str:
@@ -105,11 +118,11 @@ def header(backbone: str, stop: int | None, tau: float | None, folder: str, flag
 def configs() -> dict[Path, str]:
     """Every config file's path and text."""
     out = {}
-    for folder, (dataset, backbones, flags) in DATASETS.items():
+    for folder, (dataset, backbones, flags, size) in DATASETS.items():
         for backbone in backbones:
             for stop, tau in VARIANTS[backbone]:
                 text = header(backbone, stop, tau, folder, flags) + yaml.safe_dump(
-                    recipe(backbone, stop, tau, dataset, folder), sort_keys=False
+                    recipe(backbone, stop, tau, dataset, folder, size), sort_keys=False
                 )
                 out[HERE / folder / f"{variant_name(backbone, stop, tau)}.yaml"] = text
     return out

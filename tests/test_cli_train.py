@@ -49,6 +49,10 @@ def test_an_aim_config_is_the_papers_recipe(path):
     assert cfg.pretrained and cfg.pretrained_tag in ("fb_in1k", "tv_in1k")
     assert cfg.warmup_epochs == 0 and cfg.lr_mask is None and cfg.weight_decay_mask is None
     assert (cfg.epochs, cfg.batch_size, cfg.lr_topdown, cfg.weight_decay) == (200, 512, 0.01, 1e-3)
+    assert cfg.image_size == (299 if path.parent.name == "travelingbirds" else 224)  # appendix A.4
+    assert cfg.lr_backbone == (7e-6 if cfg.model == "convnext_tiny" else 1e-3)  # Table 5
+    assert cfg.randaugment == (3, 9) and cfg.label_smoothing == 0.05 and cfg.drop_path_rate == 0.3
+    assert cfg.area_final is None if cfg.stop_stage is None else cfg.area_per_image
     if cfg.stop_stage is not None and cfg.area_final is not None:
         assert cfg.select_from == cfg.area_start + cfg.area_schedule_duration() == 100
 
@@ -112,6 +116,10 @@ def test_tensorboard_logging_without_tensorboard_is_one_line(tmp_path, capsys, m
 
 
 def test_per_stage_targets_on_the_command_line(tmp_path, capsys):
+    path = tmp_path / "scalar.yaml"
+    path.write_text("area_final_stages: 0.3\n")
+    assert main(["--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == "aim-train: area_final_stages must be a list, got 0.3\n"
     args = build_parser().parse_args(["--area-final-stages", "0.25", "0.35"])
     assert config_from_args(args).area_final_stages == [0.25, 0.35]
     args = build_parser().parse_args(["--area-final-stages", "none"])

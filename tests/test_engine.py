@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 import aim_ext
 import aim_ext.engine.train as train_module
 from aim_ext import create_model
-from aim_ext.engine import TrainConfig, TrainingError, fit, load_config
+from aim_ext.engine import ResumeError, TrainConfig, TrainingError, fit, load_config
 from aim_ext.engine.optim import parameter_groups
 from aim_ext.engine.step import StepContext, optimizer_step
 from aim_ext.models import load_checkpoint, load_model_state
@@ -86,6 +86,11 @@ def test_parameter_groups_follow_the_recipe(tmp_path):
     assert groups["mask"]["weight_decay"] == 0.0
     count = sum(len(g["params"]) for g in groups.values())
     assert count == len(list(model.parameters()))
+    paper = {
+        g["name"]: g
+        for g in parameter_groups(model, tiny_config(tmp_path, lr_mask=None, weight_decay_mask=None))
+    }
+    assert (paper["mask"]["lr"], paper["mask"]["weight_decay"]) == (1e-3, 1e-3)  # the top-down group's
     mask_ids = {id(p) for p in groups["mask"]["params"]}
     assert all((id(p) in mask_ids) == (".mask_estimator." in n) for n, p in model.named_parameters())
 
@@ -222,6 +227,45 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     with pytest.raises(TrainingError, match="non-finite loss at epoch 1, step 0"):
         fit(cfg, train, Blobs(16, 1), make_model(cfg), log=lambda *_: None)
     assert (tmp_path / "run" / "last.pt").read_bytes() == snapshot["last"]
+
+
+def test_resume_refuses_a_run_of_an_earlier_recipe_it_would_train_otherwise(tmp_path):
+    """A last.pt without recipe_version (an earlier aim-ext): its tau ran one epoch ahead and its
+    r_l was pooled; resuming mid-annealing is refused, after annealing with the pooled r_l allowed."""
+    cfg = tiny_config(tmp_path, epochs=3, area_duration=2)
+    original = train_module.train_one_epoch
+
+    def stop_at(epoch):
+        def run(*args, **kwargs):
+            if args[4] == epoch:
+                raise KeyboardInterrupt
+            return original(*args, **kwargs)
+
+        return run
+
+    for stop, allowed in ((1, False), (2, True)):
+        train_module.train_one_epoch = stop_at(stop)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                fit(cfg, Blobs(16, 0), Blobs(8, 1), make_model(cfg), log=lambda *_: None)
+        finally:
+            train_module.train_one_epoch = original
+        last = tmp_path / "run" / "last.pt"
+        state = torch.load(last, weights_only=True)
+        del state["recipe_version"], state["config"]["area_per_image"]  # as an earlier aim-ext wrote it
+        torch.save(state, last)
+        cfg.area_per_image = False
+        if allowed:
+            fit(cfg, Blobs(16, 0), Blobs(8, 1), make_model(cfg), resume=True, log=lambda *_: None)
+        else:
+            with pytest.raises(
+                ResumeError, match="tau schedule ran one epoch ahead and annealing is not over"
+            ):
+                fit(cfg, Blobs(16, 0), Blobs(8, 1), make_model(cfg), resume=True, log=lambda *_: None)
+            cfg.area_per_image = True
+            with pytest.raises(ResumeError, match="resume with --no-area-per-image"):
+                fit(cfg, Blobs(16, 0), Blobs(8, 1), make_model(cfg), resume=True, log=lambda *_: None)
+        cfg.area_per_image = True
 
 
 def test_resume_refuses_another_schedule(tmp_path):

@@ -355,3 +355,23 @@ def test_mask_precision_and_recall_against_a_pixel_loop(mask_size, image_size):
     assert precision.dtype == recall.dtype == torch.float64
     with pytest.raises(ValueError, match="need masks"):
         mask_on_object(masks[:, 0], objects)
+
+
+def test_stage_masks_are_carried_through_the_grids_between():
+    """10 -> 19 -> 299, as a 299 px ConvNeXt's top-down merge carries a mask: the chained
+    row/column mapping, not one resize; the merged mask is their union on the finest grid."""
+    from aim_ext.metrics import stage_masks_at_finest
+
+    g = torch.Generator().manual_seed(3)
+    top, fine = (
+        (torch.rand(2, 1, 10, 10, generator=g) > 0.5).float(),
+        (torch.rand(2, 1, 19, 19, generator=g) > 0.7).float(),
+    )
+    carried_top, carried_fine = stage_masks_at_finest([top, fine])
+    assert torch.equal(carried_fine, fine)
+    rows = [r * 10 // 19 for r in range(19)]
+    assert torch.equal(carried_top, top[:, :, rows][:, :, :, rows])
+    assert torch.equal((carried_top + carried_fine > 0), merged_mask([top, fine]))
+    direct = torch.nn.functional.interpolate(top, size=(299, 299), mode="nearest")
+    chained = torch.nn.functional.interpolate(carried_top, size=(299, 299), mode="nearest")
+    assert not torch.equal(direct, chained)  # the two differ at 299 px

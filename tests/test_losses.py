@@ -31,6 +31,7 @@ def test_per_stage_targets_anneal_each_to_its_own_value():
     tau = torch.tensor([0.25, 0.5], dtype=torch.float64)
     for per_image in (True, False):
         assert area_loss(masks, tau, per_image=per_image).item() == pytest.approx(0.75**2 + 0.5**2)
+    assert area_loss(masks, (0.25, 0.5)).item() == pytest.approx(0.75**2 + 0.5**2)  # area_target's tuple
     with pytest.raises(ValueError, match="3 area targets for 2 masks"):
         area_loss(masks, torch.ones(3))
     with pytest.raises(ValueError, match="final tau"):

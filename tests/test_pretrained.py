@@ -96,3 +96,9 @@ def test_the_configs_weight_tag_reaches_timm(monkeypatch, model, stop_stage, tag
         pretrained_weights(TrainConfig(model=model, pretrained=True, pretrained_file="w.pth")) == "file:w.pth"
     )
     assert pretrained_weights(TrainConfig(model=model)) is None
+    assert (
+        pretrained_weights(TrainConfig(model=f"{model}.a1_in1k", pretrained=True)) == f"timm:{model}.a1_in1k"
+    )
+    for bad in (dict(), dict(pretrained=True, pretrained_file="w.pth")):  # a tag for no timm weights
+        with pytest.raises(ValueError, match="pretrained_tag names timm's weights"):
+            TrainConfig(model=model, pretrained_tag=tag, **bad)

@@ -116,7 +116,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from aim_ext.engine import StepError, TrainingError, fit
+    from aim_ext.engine import ResumeError, StepError, TrainingError, fit
 
     try:
         cfg = config_from_args(args)
@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         best = fit(cfg, train, val, model, resume=args.resume)
-    except StepError as error:  # a step kind this run cannot use: refused before training
+    except (StepError, ResumeError) as error:  # refused before training: a step kind this run
+        # cannot use, or a run --resume cannot continue
         print(f"aim-train: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:

@@ -6,6 +6,7 @@ from aim_ext.engine.checkpoint import save_atomic
 from aim_ext.engine.config import TrainConfig, load_config
 from aim_ext.engine.step import StepError, build_step
 from aim_ext.engine.train import (
+    ResumeError,
     TrainingError,
     fit,
     predict_split,
@@ -16,6 +17,7 @@ from aim_ext.engine.train import (
 
 __all__ = [
     "TrainConfig",
+    "ResumeError",
     "StepError",
     "TrainingError",
     "build_datasets",

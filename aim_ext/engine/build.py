@@ -31,8 +31,9 @@ def pretrained_weights(cfg: TrainConfig) -> str | None:
         return f"file:{cfg.pretrained_file}"
     if not cfg.pretrained:
         return None
-    tag = cfg.pretrained_tag or timm.models.get_pretrained_cfg(cfg.model).tag
-    return f"timm:{cfg.model}.{tag}"
+    name, named_tag = timm.models.split_model_name_tag(cfg.model)
+    tag = cfg.pretrained_tag or named_tag or timm.models.get_pretrained_cfg(name).tag
+    return f"timm:{name}.{tag}"
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:

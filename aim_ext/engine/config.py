@@ -133,7 +133,13 @@ class TrainConfig:
                 raise ValueError(
                     f"{item.name} must be one of {', '.join(choices)}, got {getattr(self, item.name)!r}"
                 )
+        if self.pretrained_tag and (not self.pretrained or self.pretrained_file):
+            raise ValueError(
+                "pretrained_tag names timm's weights: it needs pretrained and no pretrained_file"
+            )
         if self.area_final_stages is not None:
+            if not isinstance(self.area_final_stages, list | tuple):
+                raise ValueError(f"area_final_stages must be a list, got {self.area_final_stages!r}")
             if self.area_final is None:
                 raise ValueError("area_final_stages needs annealing: set area_final too")
             if not self.area_final_stages or not all(0 <= t <= 1 for t in self.area_final_stages):

@@ -57,6 +57,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is untouched."""
 
 
+class ResumeError(ValueError):
+    """`--resume` cannot continue this run (another recipe, process count or aim-ext); nothing changed."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -483,6 +487,7 @@ def _end_of_epoch(run: _RunState, epoch: int, stats: dict, rngs: list, best: dic
         "best": _plain(best),
         "rng": rngs,  # one state per process
         "config": _plain(cfg.to_dict()),
+        "recipe_version": RECIPE_VERSION,
     }
     # The records first, then the checkpoints: a run that stops between them resumes before this
     # epoch, and the resumed run drops the epoch's records (metrics.jsonl) or purges them (TensorBoard).
@@ -555,12 +560,35 @@ RESUME_KEYS = (
 )
 
 
+# Checkpoints written since the paper's tau schedule (1.0 at the start epoch) and the per-image
+# area loss carry this; an older run resumes only where the newer code trains it as it did.
+RECIPE_VERSION = 2
+
+
+def _check_older_run(path: Path, state: dict, cfg: TrainConfig, start: int) -> None:
+    """Refuse to resume a run written before RECIPE_VERSION where today's code would train it
+    otherwise: tau one epoch behind while annealing, r_l per image, or the aux heads left out."""
+    if state.get("recipe_version", 1) >= RECIPE_VERSION:
+        return
+    reasons = []
+    if cfg.area_final is not None and start < cfg.area_start + cfg.area_schedule_duration():
+        reasons.append("its tau schedule ran one epoch ahead and annealing is not over")
+    if cfg.area_final is not None and cfg.area_per_image:
+        reasons.append("it took r_l over the batch (resume with --no-area-per-image)")
+    if cfg.aux_weight == 0:
+        reasons.append("its optimizer still holds the auxiliary heads")
+    if reasons:
+        raise ResumeError(f"cannot resume {path}, written by an earlier aim-ext: " + "; ".join(reasons))
+
+
 def _check_resume_config(path: Path, saved: dict, cfg: TrainConfig) -> None:
     current = _plain(cfg.to_dict())
     changed = [k for k in RESUME_KEYS if k in saved and saved[k] != current[k]]
+    if "aux_weight" in saved and (saved["aux_weight"] == 0) != (current["aux_weight"] == 0):
+        changed.append("aux_weight")  # 0 leaves the auxiliary heads out of the optimizer
     if changed:
         details = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
-        raise ValueError(f"cannot resume {path} with a different {details}; start a new run instead")
+        raise ResumeError(f"cannot resume {path} with a different {details}; start a new run instead")
 
 
 def _restore(
@@ -568,6 +596,7 @@ def _restore(
 ) -> tuple[int, dict]:
     state = load_checkpoint(path)
     _check_resume_config(path, state.get("config", {}), cfg)
+    _check_older_run(path, state, cfg, state["epoch"] + 1)
     load_model_state(model, state, source=str(path))
     load_optimizer_state(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -575,7 +604,7 @@ def _restore(
         scaler.load_state_dict(state["scaler"])
     rngs = state["rng"]
     if len(rngs) != world.size:
-        raise ValueError(
+        raise ResumeError(
             f"{path} was written by {len(rngs)} processes; resume it with as many, not {world.size}"
         )
     set_rng_state(rngs[world.rank])

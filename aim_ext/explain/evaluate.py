@@ -15,7 +15,13 @@ from aim_ext.explain.attributions import attribute
 from aim_ext.explain.counterfactual import counterfactual_predictions, counterfactual_rates
 from aim_ext.explain.epg import energy_pointing_game
 from aim_ext.explain.run import EvalError, EvalOptions, Run
-from aim_ext.metrics import classification_metrics, mask_areas, mask_on_object, merged_mask
+from aim_ext.metrics import (
+    classification_metrics,
+    mask_areas,
+    mask_on_object,
+    merged_mask,
+    stage_masks_at_finest,
+)
 
 # What each accuracy means, written next to the numbers: the two averages are regularly confused.
 DEFINITIONS = {
@@ -144,7 +150,8 @@ def evaluate(run: Run, options: EvalOptions) -> Evaluation:
             merged = merged_mask(masks)
             columns["merged"].append(merged.float().mean(dim=(1, 2, 3)))
             if run.dataset.has_masks:
-                overlaps = [mask_on_object(m, batch["mask"]) for m in [*masks, merged]]
+                carried = [*stage_masks_at_finest(masks), merged]  # all on the finest stage's grid
+                overlaps = [mask_on_object(m, batch["mask"]) for m in carried]
                 columns["precision"].append(torch.stack([p for p, _ in overlaps], dim=1).cpu())
                 columns["recall"].append(torch.stack([r for _, r in overlaps], dim=1).cpu())
                 columns["object"].append(batch["mask"].flatten(1).double().mean(1))
