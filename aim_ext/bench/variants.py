@@ -68,6 +68,8 @@ def calibrate_mask_density(model: AIM, density: float, image: torch.Tensor) -> A
     if not 0 < density < 1:
         raise ValueError(f"mask density must be in (0, 1), got {density}")
     for stage, out in zip(model.stages, model.eval().forward_topdown(image), strict=True):
+        if stage.mask_estimator is None:  # one estimator (appendix D.3): the top stage's mask
+            continue
         stage.mask_estimator.to_logits.bias -= torch.quantile(
             out.mask_logits.flatten().double(), 1 - density
         ).to(stage.mask_estimator.to_logits.bias)

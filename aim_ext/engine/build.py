@@ -36,15 +36,23 @@ def pretrained_weights(cfg: TrainConfig) -> str | None:
     return f"timm:{name}.{tag}"
 
 
+def architecture_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The config's departures from the paper's AIM architecture (an ablation), as `create_model`
+    keywords: what `AIM.architecture_options` reports of the model built."""
+    return {} if cfg.mask_estimators == "every" else {"mask_estimators": cfg.mask_estimators}
+
+
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """The model of a config, with pretrained backbone weights from timm or a local file."""
     hub = cfg.pretrained and not cfg.pretrained_file  # a local file replaces the hub
-    tag = {"pretrained_cfg": cfg.pretrained_tag} if hub and cfg.pretrained_tag else {}
+    extra = {"pretrained_cfg": cfg.pretrained_tag} if hub and cfg.pretrained_tag else {}
+    if cfg.stop_stage is not None:
+        extra.update(architecture_options(cfg))
     model = create_model(
         cfg.model,
         num_classes=num_classes,
         pretrained=hub,
-        **tag,
+        **extra,
         stop_stage=cfg.stop_stage,
         drop_rate=cfg.drop_rate,
         drop_path_rate=cfg.drop_path_rate,
@@ -53,7 +61,8 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         load_backbone_weights(model, cfg.pretrained_file)
     if cfg.mask_init == "edges" and isinstance(model, AIM):
         for stage in model.stages:
-            emphasise_edges(stage.mask_estimator)
+            if stage.mask_estimator is not None:
+                emphasise_edges(stage.mask_estimator)
     return model
 
 

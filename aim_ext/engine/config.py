@@ -11,7 +11,7 @@ import yaml
 
 from aim_ext.data import list_datasets
 from aim_ext.losses import AREA_WEIGHT, LABEL_SMOOTHING
-from aim_ext.models.aim import HEAD_DROP_RATE
+from aim_ext.models.aim import HEAD_DROP_RATE, MASK_ESTIMATORS
 
 AMP_MODES = ("none", "bf16", "fp16")
 # How a training step runs (aim_ext.engine.step): operation by operation, torch.compile'd, or
@@ -49,6 +49,12 @@ class TrainConfig:
         "random",
         "the mask estimators' initialisation: PyTorch's random one, or edges (appendix D.5)",
         choices=MASK_INITS,
+    )
+    mask_estimators: str = _knob(
+        "every",
+        "a mask estimator at every AIM stage, or one at the top stage whose mask the lower stages "
+        "take, upsampled (appendix D.3)",
+        choices=MASK_ESTIMATORS,
     )
     freeze_levels: int = _knob(0, "freeze the backbone's feature levels below this one (0: train everything)")
     # data
@@ -137,6 +143,8 @@ class TrainConfig:
             raise ValueError(
                 "pretrained_tag names timm's weights: it needs pretrained and no pretrained_file"
             )
+        if self.stop_stage is None and self.mask_estimators != "every":
+            raise ValueError("mask_estimators applies to AIM models: set stop_stage")
         if self.area_final_stages is not None:
             if not isinstance(self.area_final_stages, list | tuple):
                 raise ValueError(f"area_final_stages must be a list, got {self.area_final_stages!r}")

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aim_ext.models.concurrency import can_run_concurrently, fork, join, tracing
@@ -15,10 +16,13 @@ from aim_ext.models.heads import ClassifierHead, masked_avg_pool
 from aim_ext.models.mask_estimator import MaskEstimator
 from aim_ext.models.sparsity import check_sparse_mode, prefer_sparse
 from aim_ext.models.topdown import TOPDOWN_WIDTH, FeatureBranch, StageOutput, TopDownStage
-from aim_ext.ops import pool_weights
+from aim_ext.ops import logistic_noise, pool_weights
 from aim_ext.ops.masked_merge import acc_dtype
 
 HEAD_DROP_RATE = 0.3
+# Where the stages' masks come from: a mask estimator at every stage (the paper's AIM), or one at the
+# top stage whose mask every lower stage takes, nearest-upsampled (the ablation of appendix D.3).
+MASK_ESTIMATORS = ("every", "top")
 
 
 class AIMOutput(NamedTuple):
@@ -55,9 +59,12 @@ class AIM(nn.Module):
         width: int = TOPDOWN_WIDTH,
         temperature: float = 1.0,
         gumbel_noise: bool = True,
+        mask_estimators: str = "every",
         **backbone_kwargs,
     ) -> None:
         super().__init__()
+        if mask_estimators not in MASK_ESTIMATORS:
+            raise ValueError(f"mask_estimators must be one of {MASK_ESTIMATORS}, got {mask_estimators!r}")
         if drop_path_rate is not None:
             backbone_kwargs["drop_path_rate"] = drop_path_rate
         # The feature stages from a weightless copy, then the backbone returning only the stages the
@@ -86,7 +93,11 @@ class AIM(nn.Module):
         self.num_classes = num_classes
         self.width = width
         self.stage_indices = list(range(top, stop_stage - 1, -1))  # top stage first
-        self.stages = nn.ModuleList(TopDownStage(channels[i], width) for i in self.stage_indices)
+        self.mask_estimators = mask_estimators
+        self.stages = nn.ModuleList(
+            TopDownStage(channels[i], width, mask_estimator=k == 0 or mask_estimators == "every")
+            for k, i in enumerate(self.stage_indices)
+        )
         self.aux_heads = nn.ModuleList(
             ClassifierHead(width, num_classes, drop_rate) for _ in self.stage_indices
         )
@@ -110,6 +121,11 @@ class AIM(nn.Module):
     sparse_inference = "auto"
     # Evaluation reads the logits from the pooled head (no P_T); False: always from P_T.
     pooled_head = True
+
+    def architecture_options(self) -> dict:
+        """The constructor options that change the architecture away from the paper's AIM, for
+        saved models and checkpoints to rebuild it (empty for the paper's)."""
+        return {} if self.mask_estimators == "every" else {"mask_estimators": self.mask_estimators}
 
     def set_gumbel(self, *, temperature: float | None = None, noise: bool | None = None) -> None:
         """Set the Gumbel temperature and whether training draws noise (evaluation never does)."""
@@ -135,12 +151,37 @@ class AIM(nn.Module):
     def forward_topdown(self, x: Tensor) -> list[StageOutput]:
         """Run the backbone and the top-down pathway; the last stage's `merged` is P_T."""
         inputs = self.stage_inputs(x)
+        if self.mask_estimators == "top":
+            return self._merge_top_mask(inputs)
         if self.concurrent_branches and can_run_concurrently(x):
             return self._merge_concurrent_branches(inputs)
         outputs: list[StageOutput] = []
         coarse = None
         for stage, s in zip(self.stages, inputs, strict=True):
             out = stage(s, coarse, temperature=self.temperature, noise=self.gumbel_noise)
+            outputs.append(out)
+            coarse = out.merged
+        return outputs
+
+    def _merge_top_mask(self, inputs: list[Tensor]) -> list[StageOutput]:
+        """`forward_topdown`'s loop with one mask estimator (appendix D.3): the top stage's A and,
+        in training, its logistic noise are nearest-upsampled to each lower stage, so every stage
+        applies the top stage's binary mask B_L, upsampled; the straight-through gradient of every
+        stage's mask reaches the one estimator."""
+        top = inputs[0]
+        logits = self.stages[0].mask_estimator(top)
+        sample = logistic_noise(logits) if self.training and self.gumbel_noise else None
+        outputs: list[StageOutput] = []
+        coarse = None
+        for stage, s in zip(self.stages, inputs, strict=True):
+            out = stage.merge(
+                upsample_mask(logits, s),
+                stage.feature_branch(s),
+                coarse,
+                temperature=self.temperature,
+                noise=self.gumbel_noise,
+                sample=None if sample is None else upsample_mask(sample, s),
+            )
             outputs.append(out)
             coarse = out.merged
         return outputs
@@ -185,11 +226,12 @@ class AIM(nn.Module):
         """Evaluation logits and masks by the pooled head: f_final(sum_l sum_p w_l(p) O_l(p))."""
         inputs = self.stage_inputs(x)
         weights = self._pool_weights(inputs)
-        if self.concurrent_branches and can_run_concurrently(x):
+        if self.mask_estimators == "every" and self.concurrent_branches and can_run_concurrently(x):
             branches = self._launch_pool_inputs(inputs)
         else:
+            top = self.stages[0].mask_estimator(inputs[0]) if self.mask_estimators == "top" else None
             branches = [
-                partial(self._pool_input, stage, s) for stage, s in zip(self.stages, inputs, strict=True)
+                partial(self._pool_input, stage, s, top) for stage, s in zip(self.stages, inputs, strict=True)
             ]
         total, masks, used = None, [], []
         for stage, weight, branch in zip(self.stages, weights, branches, strict=True):
@@ -202,9 +244,12 @@ class AIM(nn.Module):
             self.branches_used = used  # for reports: each stage's branch in the last eager call
         return self.head(total.to(inputs[-1].dtype)), masks
 
-    def _pool_input(self, stage: TopDownStage, s: Tensor) -> tuple[Tensor, Tensor, bool]:
-        """A stage's mask logits, then its choice of branch and that branch's input to `pool`."""
-        logits = stage.mask_estimator(s)
+    def _pool_input(
+        self, stage: TopDownStage, s: Tensor, top: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, bool]:
+        """A stage's mask logits (with one estimator: ``top``, the top stage's, upsampled), then
+        its choice of branch and that branch's input to `pool`."""
+        logits = stage.mask_estimator(s) if top is None else upsample_mask(top, s)
         sparse = self._sparse(stage, s, logits)
         return logits, stage.pool_input(s, sparse), sparse
 
@@ -283,6 +328,14 @@ class AIM(nn.Module):
             if type(stage.features) is FeatureBranch and stage.features.standard_convolutions():
                 stage.features = stage.features.fuse()
         return make_inference_only(self)
+
+
+def upsample_mask(values: Tensor, like: Tensor) -> Tensor:
+    """Mask logits or noise (N, 1, h, w) nearest-upsampled to ``like``'s spatial size: the merge's
+    own resize, so an upsampled binary mask covers the same image area."""
+    if values.shape[-2:] == like.shape[-2:]:
+        return values
+    return F.interpolate(values, size=like.shape[-2:], mode="nearest")
 
 
 def _feature_info(backbone: str, kwargs: dict):

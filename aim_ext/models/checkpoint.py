@@ -18,6 +18,9 @@ def architecture(model: nn.Module) -> str:
         "architecture", type(model).__name__
     )
     name = f"{name}+AIM[{stop}]" if stop is not None else name
+    options = model.architecture_options() if hasattr(model, "architecture_options") else {}
+    if options:
+        name += " (" + ", ".join(f"{k} {v}" for k, v in sorted(options.items())) + ")"
     return f"{name} (fused for inference)" if getattr(model, INFERENCE_ONLY, False) else name
 
 

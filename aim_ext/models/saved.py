@@ -65,6 +65,7 @@ def save_pretrained(
         "backbone": name,
         "stop_stage": stop,
         "width": getattr(model, "width", None),
+        "architecture_options": model.architecture_options() if isinstance(model, AIM) else {},
         "num_classes": num_classes,
         "labels": list(labels) if labels is not None else [str(i) for i in range(num_classes)],
         "input_size": [3, size, size],
@@ -126,7 +127,13 @@ def _load_saved(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
             f"{folder} was saved in format {config['format_version']}; this aim-ext reads up to "
             f"{FORMAT_VERSION}: upgrade aim-ext"
         )
-    model = _build(config["backbone"], config["stop_stage"], config["num_classes"], config.get("width"))
+    model = _build(
+        config["backbone"],
+        config["stop_stage"],
+        config["num_classes"],
+        config.get("width"),
+        config.get("architecture_options") or {},
+    )
     gumbel = config.get("gumbel")
     if gumbel and isinstance(model, AIM):
         model.set_gumbel(temperature=gumbel["temperature"], noise=gumbel["noise"])
@@ -153,8 +160,9 @@ def _load_checkpoint_file(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         raise ModelFileError(f"{path} is not an aim-train checkpoint (no model weights and config)")
     run = state["config"]
     name, stop = run.get("model"), run.get("stop_stage")
-    num_classes = _classes_in(name, stop, state["model"], path)
-    model = _build(name, stop, num_classes, None)
+    options = {"mask_estimators": run["mask_estimators"]} if run.get("mask_estimators", "every") != "every" else {}
+    num_classes = _classes_in(name, stop, state["model"], path, options)
+    model = _build(name, stop, num_classes, None, options)
     _load_weights(model, state, str(path))
     config = {
         "backbone": name,
@@ -167,8 +175,9 @@ def _load_checkpoint_file(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     return model, config
 
 
-def _build(name: str, stop: int | None, num_classes: int, width: int | None) -> nn.Module:
+def _build(name: str, stop: int | None, num_classes: int, width: int | None, options: dict) -> nn.Module:
     extra = {"width": width} if stop is not None and width else {}
+    extra.update(options if stop is not None else {})
     try:
         return create_model(name, num_classes=num_classes, stop_stage=stop, **extra)
     except (RuntimeError, ValueError) as error:  # timm's "unknown model", a bad stop stage
@@ -182,11 +191,13 @@ def _load_weights(model: nn.Module, state: dict[str, Any], source: str) -> None:
         raise ModelFileError(str(error).splitlines()[0]) from None
 
 
-def _classes_in(name: str, stop: int | None, weights: dict[str, torch.Tensor], path: Path) -> int:
+def _classes_in(
+    name: str, stop: int | None, weights: dict[str, torch.Tensor], path: Path, options: dict
+) -> int:
     """The number of classes of a checkpoint's weights: the rows of its classifier, the tensors
     whose first dimension follows num_classes."""
     with torch.device("meta"):
-        one, two = (create_model(name, num_classes=n, stop_stage=stop).state_dict() for n in (1, 2))
+        one, two = (_build(name, stop, n, None, options).state_dict() for n in (1, 2))
     sized = [k for k in one if one[k].shape != two[k].shape and k in weights]
     if not sized:
         raise ModelFileError(f"{path}: no classifier weights of {name} found in the checkpoint")

@@ -207,10 +207,11 @@ class TopDownStage(nn.Module):
 
     fused_epilogue = True  # run LayerNorm, GELU, Eq. 2-3 and the merge as one op where it applies
 
-    def __init__(self, in_channels: int, width: int = TOPDOWN_WIDTH) -> None:
+    def __init__(self, in_channels: int, width: int = TOPDOWN_WIDTH, *, mask_estimator: bool = True) -> None:
         super().__init__()
         self.features = FeatureBranch(in_channels, width)
-        self.mask_estimator = MaskEstimator(in_channels)
+        # None: the stage takes the top stage's mask, nearest-upsampled (appendix D.3; AIM does it)
+        self.mask_estimator = MaskEstimator(in_channels) if mask_estimator else None
 
     def forward(self, s: Tensor, coarse: Tensor | None, *, temperature: float, noise: bool) -> StageOutput:
         return self.merge(
@@ -228,12 +229,23 @@ class TopDownStage(nn.Module):
         return self.features.convolutions(s) if self.uses_fused_epilogue() else self.features(s)
 
     def merge(
-        self, logits: Tensor, branch: Tensor, coarse: Tensor | None, *, temperature: float, noise: bool
+        self,
+        logits: Tensor,
+        branch: Tensor,
+        coarse: Tensor | None,
+        *,
+        temperature: float,
+        noise: bool,
+        sample: Tensor | None = None,
     ) -> StageOutput:
-        """Eq. 2, Eq. 3 and the top-down merge, from A_l = `logits` and `feature_branch`'s output."""
-        sample = None  # evaluation: the deterministic mask 1[A >= 0]
-        if self.training:  # noise off still trains the estimator through the straight-through gradient
-            sample = logistic_noise(logits) if noise else torch.zeros_like(logits, dtype=torch.float32)
+        """Eq. 2, Eq. 3 and the top-down merge, from A_l = `logits` and `feature_branch`'s output.
+        In training with ``noise``, ``sample`` is the logistic noise to add (drawn here if None)."""
+        if not self.training:
+            sample = None  # evaluation: the deterministic mask 1[A >= 0]
+        elif not noise:  # noise off still trains the estimator through the straight-through gradient
+            sample = torch.zeros_like(logits, dtype=torch.float32)
+        elif sample is None:
+            sample = logistic_noise(logits)
         coarse = _same_dtype(coarse, branch)
         conv_bias = self.features.epilogue_bias() if self.uses_fused_epilogue() else None
         if self.uses_fused_epilogue() and not self.training and not torch.is_grad_enabled():
