@@ -43,8 +43,9 @@ def run_variant(name: str, overrides: dict, args) -> dict:
     from aim_ext.explain.run import EvalOptions, open_run
     from aim_ext.models.offline_weights import mobilenet_v2_imagenet
 
+    weights = mobilenet_v2_imagenet()
     cfg = demo.demo_config(
-        "aim", full=False, seed=args.seed, out=args.out, device="cpu", weights=mobilenet_v2_imagenet(), epochs=None
+        "aim", full=False, seed=args.seed, out=args.out, device="cpu", weights=weights, epochs=None
     )
     cfg = dataclasses.replace(cfg, out=str(args.out / name), **overrides)
     print(f"demo_variants: {name}: training ({overrides or 'the quick recipe'})", flush=True)
@@ -82,7 +83,8 @@ def table(results: dict[str, dict]) -> list[str]:
             f"{r['epg']['gradcam']:.3f} | {cells} |"
         )
     lines.append("")
-    lines.append(f"Chance precision (the bird's mean share of a validation image): {first['mask_precision_chance']:.3f}.")
+    chance = first["mask_precision_chance"]
+    lines.append(f"Chance precision (the bird's mean share of a validation image): {chance:.3f}.")
     return lines
 
 

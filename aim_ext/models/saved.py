@@ -160,7 +160,8 @@ def _load_checkpoint_file(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         raise ModelFileError(f"{path} is not an aim-train checkpoint (no model weights and config)")
     run = state["config"]
     name, stop = run.get("model"), run.get("stop_stage")
-    options = {"mask_estimators": run["mask_estimators"]} if run.get("mask_estimators", "every") != "every" else {}
+    estimators = run.get("mask_estimators", "every")
+    options = {} if estimators == "every" else {"mask_estimators": estimators}
     num_classes = _classes_in(name, stop, state["model"], path, options)
     model = _build(name, stop, num_classes, None, options)
     _load_weights(model, state, str(path))
