@@ -56,15 +56,40 @@ DATASETS = {
     "imagenet100": ("folder", ("convnext_tiny",), "--data-root IMAGENET100 (a class-per-folder tree)", 224),
     "imagewoof": ("folder", ("convnext_tiny",), "--data-root imagewoof2 (a class-per-folder tree)", 224),
 }
+# The architecture ablations, as the paper ran them with ConvNeXt-T: (dataset folder, stop stage,
+# final tau, ablation). "one_estimator": one mask estimator at the top stage, its mask upsampled to
+# the lower stages (appendix D.3, Table 13); "bottomup": masks inside the backbone on levels
+# stop..3, the stage choices [1, 2, 3], [2, 3] and [3] (appendix D.4, Tables 14-15).
+ABLATIONS = [
+    *(("cub", stop, tau, "one_estimator") for stop in (1, 2) for tau in (0.25, 0.35, None)),
+    *(("cub", stop, tau, "bottomup") for stop in (1, 2, 3) for tau in (0.25, 0.35)),
+    *(("waterbirds95", 1, tau, "bottomup") for tau in (0.25, None)),
+]
+ARCHITECTURE = {  # an ablation's architecture keys
+    None: {"masking": "top-down", "mask_estimators": "every"},
+    "one_estimator": {"masking": "top-down", "mask_estimators": "top"},
+    "bottomup": {"masking": "bottom-up", "mask_estimators": "every"},
+}
 
 
-def variant_name(backbone: str, stop: int | None, tau: float | None) -> str:
+def variant_name(backbone: str, stop: int | None, tau: float | None, ablation: str | None = None) -> str:
     if stop is None:
         return backbone
-    return f"{backbone}_aim{stop}_" + ("noanneal" if tau is None else f"{round(tau * 100)}")
+    area = "noanneal" if tau is None else f"{round(tau * 100)}"
+    if ablation == "bottomup":
+        return f"{backbone}_bottomup{stop}_{area}"
+    return f"{backbone}_aim{stop}_{area}" + ("_one_estimator" if ablation == "one_estimator" else "")
 
 
-def recipe(backbone: str, stop: int | None, tau: float | None, dataset: str, folder: str, size: int) -> dict:
+def recipe(
+    backbone: str,
+    stop: int | None,
+    tau: float | None,
+    dataset: str,
+    folder: str,
+    size: int,
+    ablation: str | None = None,
+) -> dict:
     """One config: the paper's recipe for this backbone, variant and dataset, every key of the
     recipe written out (the data paths and the machine's settings are left to the command line)."""
     tag, lr_backbone = BACKBONES[backbone]
@@ -72,6 +97,7 @@ def recipe(backbone: str, stop: int | None, tau: float | None, dataset: str, fol
     return {
         "model": backbone,
         "stop_stage": stop,
+        **ARCHITECTURE[ablation],
         "pretrained": True,
         "pretrained_tag": tag,
         "mask_init": "random",
@@ -103,15 +129,21 @@ def recipe(backbone: str, stop: int | None, tau: float | None, dataset: str, fol
         "noise_off_epoch": None,
         "seed": 0,
         "select_from": ANNEALING if annealed else None,  # once tau holds its final value
-        "out": f"runs/{folder}/{variant_name(backbone, stop, tau)}",
+        "out": f"runs/{folder}/{variant_name(backbone, stop, tau, ablation)}",
     }
 
 
-def header(backbone: str, stop: int | None, tau: float | None, folder: str, flags: str) -> str:
+def header(
+    backbone: str, stop: int | None, tau: float | None, folder: str, flags: str, ablation: str | None = None
+) -> str:
+    area = "no annealing" if tau is None else f"{round(tau * 100)}%"
     if stop is None:
         row = backbone
+    elif ablation == "bottomup":
+        row = f"bottom-up {backbone}+AIM (levels {list(range(stop, 4))}, {area}; appendix D.4)"
     else:
-        row = f"{backbone}+AIM[{stop}, " + ("no annealing" if tau is None else f"{round(tau * 100)}%") + "]"
+        row = f"{backbone}+AIM[{stop}, {area}]"
+        row += " with one mask estimator (appendix D.3)" if ablation == "one_estimator" else ""
     return f"# {folder}: {row}, the paper's recipe (configs/generate.py writes this file). Pass {flags}.\n"
 
 
@@ -125,6 +157,12 @@ def configs() -> dict[Path, str]:
                     recipe(backbone, stop, tau, dataset, folder, size), sort_keys=False
                 )
                 out[HERE / folder / f"{variant_name(backbone, stop, tau)}.yaml"] = text
+    for folder, stop, tau, ablation in ABLATIONS:
+        dataset, _, flags, size = DATASETS[folder]
+        text = header("convnext_tiny", stop, tau, folder, flags, ablation) + yaml.safe_dump(
+            recipe("convnext_tiny", stop, tau, dataset, folder, size, ablation), sort_keys=False
+        )
+        out[HERE / folder / f"{variant_name('convnext_tiny', stop, tau, ablation)}.yaml"] = text
     return out
 
 

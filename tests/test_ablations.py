@@ -13,6 +13,7 @@ import aim_ext
 from aim_ext.cli import eval as aim_eval
 from aim_ext.cli import export as aim_export
 from aim_ext.cli import train as aim_train
+from aim_ext.export import compare_outputs, example_image, output_names, reference_outputs, run_onnxruntime
 from aim_ext.losses import aim_loss
 from aim_ext.models import create_model, load_model, save_pretrained
 from aim_ext.models.checkpoint import architecture
@@ -93,3 +94,116 @@ def test_one_estimator_trains_fuses_and_travels(tmp_path):
     assert loaded.mask_estimators == "top"
     with torch.no_grad():
         torch.testing.assert_close(loaded.predict(x)[0], expected)
+
+
+def _bottom_up(name="convnext_tiny", stop_stage=1, **kwargs):
+    torch.manual_seed(0)
+    return create_model(name, num_classes=5, stop_stage=stop_stage, masking="bottom-up", **kwargs)
+
+
+@pytest.mark.parametrize("stop_stage,masked", [(1, [3, 2, 1]), (2, [3, 2]), (3, [3])])
+def test_bottom_up_masks_the_papers_stage_choices(stop_stage, masked):
+    model = _bottom_up(stop_stage=stop_stage)
+    assert model.stage_indices == masked and len(model.mask_estimators) == len(masked)
+    assert architecture(model) == f"convnext_tiny+AIM[{stop_stage}] (masking bottom-up)"
+    out = model.train()(torch.randn(2, 3, 64, 96))
+    assert out.aux_logits == [] and len(out.masks) == len(out.mask_logits) == len(masked)
+    assert [m.shape[-1] for m in out.masks] == [96 // 2 ** (i + 2) for i in masked]
+
+
+@pytest.mark.parametrize("name,stop_stage", [("convnext_tiny", 1), ("resnet18", 3)])
+@pytest.mark.parametrize("size", [(64, 96), (75, 57)])
+def test_bottom_up_masks_each_level_before_the_next_stage_as_a_float64_reference_does(name, stop_stage, size):
+    model = _bottom_up(name, stop_stage).double().eval()
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    with torch.no_grad():
+        logits, masks, top = model.predict(x, merged_map=True)
+        # The reference: timm's own features_only forward, level by level, with the mask applied to
+        # each masked level's output before the next level runs.
+        h, estimators, expected = x, dict(zip(model.stage_indices, model.mask_estimators, strict=True)), []
+        ends = {k: int(v) for k, v in model.backbone.return_layers.items()}
+        for key, module in model.backbone.items():
+            h = module(h)
+            level = ends.get(key)
+            if level is not None:
+                mask = (estimators[level](h) >= 0).double()
+                expected.insert(0, mask)
+                h = h * mask
+        reference = model.head(h.mean(dim=(2, 3)))
+    torch.testing.assert_close(top, h)
+    torch.testing.assert_close(logits, reference)
+    for mask, ref in zip(masks, expected, strict=True):
+        assert torch.equal(mask, ref)
+
+
+def test_bottom_up_fuses_for_inference_with_the_same_outputs():
+    model = _bottom_up("resnet18", 2).eval()
+    x = torch.randn(2, 3, 75, 57)
+    with torch.no_grad():
+        logits, masks = model.predict(x)
+        fused = aim_ext.fuse_for_inference(model)
+        fused_logits, fused_masks = fused.predict(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    torch.testing.assert_close(fused_logits, logits, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(fused_masks, masks, strict=True))
+
+
+def test_bottom_up_trains_its_estimators_through_the_later_stages():
+    model = _bottom_up(stop_stage=2).train()
+    out = model(torch.randn(3, 3, 64, 64))
+    assert 0 < out.masks[1].mean() < 1
+    out.logits.sum().backward()  # the lower level's mask acts only through the top stage
+    for estimator in model.mask_estimators:
+        assert estimator.stem.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="FeatureListNet"):
+        create_model("mobilenetv2_100", num_classes=5, stop_stage=3, masking="bottom-up")
+    with pytest.raises(ValueError, match="needs a stop_stage"):
+        create_model("resnet18", num_classes=5, masking="bottom-up")
+
+
+def _train_run(tmp_path, flags: list[str]):
+    cub = make_cub(tmp_path / "CUB_200_2011")
+    make_waterbirds(tmp_path / "waterbirds", cub)
+    out = tmp_path / "run"
+    argv = [
+        "--dataset", "waterbirds", "--data-root", str(tmp_path / "waterbirds"), "--cub-root", str(cub.root),
+        "--model", "resnet18", "--image-size", "64", "--epochs", "2", "--batch-size", "4",
+        "--num-workers", "0", "--device", "cpu", "--out", str(out), "--lr-backbone", "1e-3",
+        "--lr-topdown", "1e-3", "--area-duration", "1", "--select-from", "1", "--mask-log-every", "1",
+        *flags,
+    ]  # fmt: skip
+    assert aim_train.main(argv) == 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags,masked,options",
+    [
+        (["--stop-stage", "3", "--mask-estimators", "top"], 2, {"mask_estimators": "top"}),
+        (["--stop-stage", "2", "--masking", "bottom-up"], 3, {"masking": "bottom-up"}),
+        (["--stop-stage", "4", "--masking", "bottom-up"], 1, {"masking": "bottom-up"}),
+    ],
+    ids=["one-estimator", "bottom-up-2", "bottom-up-4"],
+)
+def test_an_ablation_trains_evaluates_and_exports(tmp_path, capsys, flags, masked, options):
+    run = _train_run(tmp_path, flags)
+    config = json.loads((run / "model" / "config.json").read_text())
+    assert config["architecture_options"] == options
+    assert len(torch.load(run / "masks" / "epoch_0001.pt", weights_only=True)["masks"]) == masked
+
+    assert aim_eval.main([str(run), "--device", "cpu", "--figures", "2"]) == 0
+    metrics = json.loads((run / "eval_test" / "metrics.json").read_text())
+    assert len(metrics["mask_sparsity"]) == masked and len(metrics["mask_precision"]) == masked + 1
+    assert 0 <= metrics["epg"]["gradcam"] <= 1
+
+    capsys.readouterr()
+    assert aim_export.main([str(run), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    printed = capsys.readouterr().out
+    assert f"{len(options) and next(iter(options.values()))}" in printed
+    model = load_model(run)
+    image = example_image(1, (64, 64), seed=3)
+    reference, mask_logits = reference_outputs(model, image)
+    exported = run_onnxruntime(tmp_path / "m.onnx", image.numpy())
+    checks = compare_outputs(output_names(model), reference, exported, mask_logits)
+    assert len(checks) == masked + 1 and all(c.ok for c in checks), checks

@@ -13,7 +13,7 @@ from torch import nn
 
 from aim_ext.data import MaskedImageDataset, build_dataset
 from aim_ext.engine.config import TrainConfig
-from aim_ext.models import AIM, create_model, model_data_config
+from aim_ext.models import MaskingModel, create_model, model_data_config
 from aim_ext.models.mask_estimator import emphasise_edges
 from aim_ext.models.pretrained import load_backbone_weights
 
@@ -39,7 +39,12 @@ def pretrained_weights(cfg: TrainConfig) -> str | None:
 def architecture_options(cfg: TrainConfig) -> dict[str, Any]:
     """The config's departures from the paper's AIM architecture (an ablation), as `create_model`
     keywords: what `AIM.architecture_options` reports of the model built."""
-    return {} if cfg.mask_estimators == "every" else {"mask_estimators": cfg.mask_estimators}
+    options: dict[str, Any] = {}
+    if cfg.masking != "top-down":
+        options["masking"] = cfg.masking
+    if cfg.mask_estimators != "every":
+        options["mask_estimators"] = cfg.mask_estimators
+    return options
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
@@ -59,10 +64,9 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     )
     if cfg.pretrained_file:
         load_backbone_weights(model, cfg.pretrained_file)
-    if cfg.mask_init == "edges" and isinstance(model, AIM):
-        for stage in model.stages:
-            if stage.mask_estimator is not None:
-                emphasise_edges(stage.mask_estimator)
+    if cfg.mask_init == "edges" and isinstance(model, MaskingModel):
+        for estimator in model.mask_estimator_modules():
+            emphasise_edges(estimator)
     return model
 
 

@@ -11,6 +11,7 @@ import yaml
 
 from aim_ext.data import list_datasets
 from aim_ext.losses import AREA_WEIGHT, LABEL_SMOOTHING
+from aim_ext.models import MASKINGS
 from aim_ext.models.aim import HEAD_DROP_RATE, MASK_ESTIMATORS
 
 AMP_MODES = ("none", "bf16", "fp16")
@@ -49,6 +50,12 @@ class TrainConfig:
         "random",
         "the mask estimators' initialisation: PyTorch's random one, or edges (appendix D.5)",
         choices=MASK_INITS,
+    )
+    masking: str = _knob(
+        "top-down",
+        "where the masks act: AIM's top-down pathway, or bottom-up inside the backbone, each masked "
+        "level's output masked before the next stage (the ablation of appendix D.4)",
+        choices=MASKINGS,
     )
     mask_estimators: str = _knob(
         "every",
@@ -143,8 +150,10 @@ class TrainConfig:
             raise ValueError(
                 "pretrained_tag names timm's weights: it needs pretrained and no pretrained_file"
             )
-        if self.stop_stage is None and self.mask_estimators != "every":
-            raise ValueError("mask_estimators applies to AIM models: set stop_stage")
+        if self.stop_stage is None and (self.mask_estimators != "every" or self.masking != "top-down"):
+            raise ValueError("masking and mask_estimators apply to AIM models: set stop_stage")
+        if self.masking == "bottom-up" and self.mask_estimators != "every":
+            raise ValueError("bottom-up masking needs mask_estimators every (one per masked level)")
         if self.area_final_stages is not None:
             if not isinstance(self.area_final_stages, list | tuple):
                 raise ValueError(f"area_final_stages must be a list, got {self.area_final_stages!r}")

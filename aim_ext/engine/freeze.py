@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from aim_ext.models import AIM
+from aim_ext.models import MaskingModel
 
 FROZEN = "_aim_frozen"
 
 
 def _feature_modules(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """The backbone and the names of the modules that end each feature level, level 0 first."""
-    if isinstance(model, AIM):
+    if isinstance(model, MaskingModel):
         return model.backbone, [info["module"] for info in model.backbone.feature_info.info]
     return model, [info["module"] for info in model.feature_info]
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from aim_ext.engine.config import TrainConfig
-from aim_ext.models import AIM
+from aim_ext.models import MaskingModel
 
 
 def _or(value: float | None, default: float) -> float:
@@ -19,8 +19,8 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """Backbone, top-down pathway (feature branches and heads) and mask estimators, each with its
     learning rate and weight decay (the mask estimators those of the top-down pathway unless the
     config sets their own); a vanilla model is backbone plus head."""
-    if isinstance(model, AIM):
-        mask = [p for n, p in model.named_parameters() if ".mask_estimator." in n]
+    if isinstance(model, MaskingModel):
+        mask = [p for m in model.mask_estimator_modules() for p in m.parameters()]
         backbone = list(model.backbone.parameters())
         seen = {id(p) for p in mask + backbone}
         topdown = [p for p in model.parameters() if id(p) not in seen]

@@ -42,7 +42,7 @@ from aim_ext.engine.tensorboard import TENSORBOARD_FOLDER, TensorBoardLog, requi
 from aim_ext.losses import AreaSchedule, area_target
 from aim_ext.metrics import classification_metrics, mask_areas
 from aim_ext.models import (
-    AIM,
+    MaskingModel,
     architecture,
     is_inference_only,
     load_checkpoint,
@@ -81,7 +81,7 @@ def area_targets_shape(cfg: TrainConfig, model: nn.Module) -> tuple[int, ...] | 
         return None
     if not cfg.area_final_stages:
         return ()
-    stages = len(unwrap(model).stages) if isinstance(unwrap(model), AIM) else 0
+    stages = len(unwrap(model).stage_indices) if isinstance(unwrap(model), MaskingModel) else 0
     if len(cfg.area_final_stages) != stages:
         raise ValueError(
             f"area_final_stages has {len(cfg.area_final_stages)} values; this model masks {stages} stages"
@@ -91,7 +91,7 @@ def area_targets_shape(cfg: TrainConfig, model: nn.Module) -> tuple[int, ...] | 
 
 def set_gumbel_for_epoch(model: nn.Module, cfg: TrainConfig, epoch: int) -> None:
     """The Gumbel temperature, and noise until `noise_off_epoch`."""
-    if isinstance(model, AIM):
+    if isinstance(model, MaskingModel):
         noise = cfg.noise_off_epoch is None or epoch < cfg.noise_off_epoch
         model.set_gumbel(temperature=cfg.temperature, noise=noise)
 
@@ -250,7 +250,7 @@ def predict_split(
     for batch in tqdm(data, desc="evaluate", leave=False, disable=None):
         images, target = _inputs(batch, cfg, device)
         with autocast(cfg, device):
-            if isinstance(model, AIM):
+            if isinstance(model, MaskingModel):
                 logits, masks = model.predict(images)
                 areas.append(mask_areas(masks).cpu())
             else:
@@ -330,7 +330,7 @@ def _fit(
 ) -> dict[str, Any]:
     torch.manual_seed(cfg.seed + world.rank)
     freeze_levels(model, cfg.freeze_levels)
-    if isinstance(model, AIM):  # aux_weight 0: the auxiliary heads are not computed at all
+    if isinstance(model, MaskingModel):  # aux_weight 0: the auxiliary heads are not computed at all
         model.set_aux_heads(cfg.aux_weight != 0)
     model.to(device)
     if cfg.channels_last:
@@ -622,7 +622,7 @@ def _log_masks(model: nn.Module, fixed: Tensor | None, cfg, epoch: int, device, 
     """Save the fixed batch's masks every `mask_log_every` epochs and at the last; returns them
     (None in the other epochs)."""
     last = epoch == cfg.epochs - 1
-    if not isinstance(model, AIM) or fixed is None or (epoch % cfg.mask_log_every and not last):
+    if not isinstance(model, MaskingModel) or fixed is None or (epoch % cfg.mask_log_every and not last):
         return None
     # predict() must not disturb the training RNG: evaluation masks draw no noise.
     model.eval()

@@ -21,7 +21,7 @@ import torch
 from captum.attr import GuidedBackprop, GuidedGradCam, LayerGradCam
 from torch import Tensor, nn
 
-from aim_ext.models.aim import AIM
+from aim_ext.models.masking import MaskingModel
 
 Method = Literal["gradcam", "guided_gradcam", "guided_backprop"]
 METHODS: tuple[str, ...] = ("gradcam", "guided_gradcam", "guided_backprop")
@@ -38,7 +38,7 @@ def gradcam_layer(model: nn.Module, example: Tensor) -> tuple[str, nn.Module]:
     `example` is a batch of inputs for one probing forward pass of a vanilla model (one image is
     used); AIM needs none and returns `merged_map`.
     """
-    if isinstance(model, AIM):
+    if isinstance(model, MaskingModel):
         return "merged_map", model.merged_map
     info = getattr(model, "feature_info", None)
     if not isinstance(info, list) or not info or "module" not in info[-1]:

@@ -17,7 +17,7 @@ from aim_ext.explain.attributions import attribute
 from aim_ext.explain.epg import resize_maps
 from aim_ext.explain.figures import _grid, _masked, _overlay, _save, _show, _upsample_mask, to_display
 from aim_ext.metrics import mask_areas, merged_mask
-from aim_ext.models import AIM
+from aim_ext.models import MaskingModel
 
 MIN_SIDE = 16  # pixels: smaller images hold too little to classify
 
@@ -79,7 +79,7 @@ def explain_images(model: nn.Module, images: Tensor, *, top_k: int = 5, gradcam:
         raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
     model.eval()
     with torch.no_grad():
-        if isinstance(model, AIM):
+        if isinstance(model, MaskingModel):
             logits, masks = model.predict(images)
         else:
             logits, masks = model(images), []
@@ -97,7 +97,7 @@ def explain_images(model: nn.Module, images: Tensor, *, top_k: int = 5, gradcam:
     heat = None
     if gradcam:
         heat = resize_maps(attribute(model, images, None, "gradcam", use_predicted=True), images.shape[-2:])
-    stage_names = [f"stage {i}" for i in model.stage_indices] if isinstance(model, AIM) else []
+    stage_names = [f"stage {i}" for i in model.stage_indices] if isinstance(model, MaskingModel) else []
     return Explanation(logits, probabilities, top, list(masks), merged, heat, stage_names)
 
 

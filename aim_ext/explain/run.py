@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from aim_ext.engine import TrainConfig, build_model, build_split, data_config, load_config, resolve_device
 from aim_ext.explain.attributions import METHODS
-from aim_ext.models import AIM, load_checkpoint, load_model, load_model_state
+from aim_ext.models import MaskingModel, load_checkpoint, load_model, load_model_state
 from aim_ext.models.saved import CONFIG_FILE, WEIGHTS_FILE
 
 
@@ -81,7 +81,7 @@ class Run:
 
     @property
     def is_aim(self) -> bool:
-        return isinstance(self.model, AIM)
+        return isinstance(self.model, MaskingModel)
 
     @property
     def stage_names(self) -> list[str]:
@@ -140,7 +140,7 @@ def _open_saved_model(folder: Path, options: EvalOptions) -> Run:
         raise EvalError(str(error)) from None
     pretrained = model.pretrained_cfg
     cfg = TrainConfig(
-        model=model.backbone_name if isinstance(model, AIM) else pretrained["architecture"],
+        model=model.backbone_name if isinstance(model, MaskingModel) else pretrained["architecture"],
         stop_stage=getattr(model, "stop_stage", None),
         image_size=pretrained["input_size"][-1],
         num_workers=0,

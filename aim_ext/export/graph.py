@@ -14,7 +14,7 @@ import torch
 from timm.data import resolve_model_data_config
 from torch import Tensor, nn
 
-from aim_ext.models import AIM
+from aim_ext.models import AIM, BottomUpAIM, MaskingModel
 
 INPUT_NAME = "image"
 MAX_BATCH = 4096  # the largest batch a dynamic-batch export accepts
@@ -33,14 +33,14 @@ class EvalGraph(nn.Module):
         return output_names(self.model)
 
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
-        if isinstance(self.model, AIM):
+        if isinstance(self.model, MaskingModel):
             logits, masks = self.model.predict(image)
             return (logits, *masks)
         return (self.model(image),)
 
 
 def output_names(model: nn.Module) -> list[str]:
-    stages = model.stage_indices if isinstance(model, AIM) else []
+    stages = model.stage_indices if isinstance(model, MaskingModel) else []
     return ["logits", *(f"mask_stage{index}" for index in stages)]
 
 
@@ -49,6 +49,9 @@ def reference_outputs(model: nn.Module, image: Tensor) -> tuple[list[Tensor], li
     """PyTorch's outputs of the export graph, and each mask's logits A_l (to tell which mask
     positions sit so close to the threshold that rounding may flip them)."""
     model = model.eval()
+    if isinstance(model, BottomUpAIM):
+        top, masks, mask_logits = model.forward_masked(image)
+        return [model.forward_head(top), *masks], mask_logits
     if not isinstance(model, AIM):
         return [model(image)], []
     stages = model.forward_topdown(image)

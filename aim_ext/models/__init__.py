@@ -1,8 +1,9 @@
 """AIM models: the top-down masking pathway on timm backbones."""
 
-from aim_ext.models.aim import AIM, AIMOutput
+from aim_ext.models.aim import AIM
+from aim_ext.models.bottom_up import BottomUpAIM
 from aim_ext.models.checkpoint import architecture, load_checkpoint, load_model_state, load_weights
-from aim_ext.models.factory import create_model, model_data_config
+from aim_ext.models.factory import MASKINGS, create_model, model_data_config
 from aim_ext.models.fusion import fold_batch_norms, is_inference_only
 from aim_ext.models.heads import ClassifierHead, masked_avg_pool
 from aim_ext.models.inference import fuse_for_inference
@@ -12,6 +13,7 @@ from aim_ext.models.mask_estimator import (
     MaskEstimator,
     set_estimator_algorithm,
 )
+from aim_ext.models.masking import AIMOutput, MaskingModel
 from aim_ext.models.registry import ARCHITECTURES
 from aim_ext.models.saved import ModelFileError, load_model, save_pretrained
 from aim_ext.models.topdown import (
@@ -25,8 +27,11 @@ from aim_ext.models.topdown import (
 __all__ = [
     "ARCHITECTURES",
     "ESTIMATOR_MODES",
+    "MASKINGS",
     "AIM",
     "AIMOutput",
+    "BottomUpAIM",
+    "MaskingModel",
     "ClassifierHead",
     "FeatureBranch",
     "MaskEstimator",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
 
 import timm
 import torch
@@ -14,6 +13,7 @@ from aim_ext.models.concurrency import can_run_concurrently, fork, join, tracing
 from aim_ext.models.fusion import fold_for_inference, is_inference_only, make_inference_only
 from aim_ext.models.heads import ClassifierHead, masked_avg_pool
 from aim_ext.models.mask_estimator import MaskEstimator
+from aim_ext.models.masking import AIMOutput, MaskingModel, check_stop_stage, feature_info
 from aim_ext.models.sparsity import check_sparse_mode, prefer_sparse
 from aim_ext.models.topdown import TOPDOWN_WIDTH, FeatureBranch, StageOutput, TopDownStage
 from aim_ext.ops import logistic_noise, pool_weights
@@ -25,16 +25,7 @@ HEAD_DROP_RATE = 0.3
 MASK_ESTIMATORS = ("every", "top")
 
 
-class AIMOutput(NamedTuple):
-    """What an AIM model returns in training mode; every list is ordered top stage first."""
-
-    logits: Tensor  # f_final(P_T), (N, classes)
-    aux_logits: list[Tensor]  # f_l(O_l) per stage
-    masks: list[Tensor]  # B_l, (N, 1, h_l, w_l), binary, straight-through differentiable
-    mask_logits: list[Tensor]  # A_l, (N, 1, h_l, w_l)
-
-
-class AIM(nn.Module):
+class AIM(MaskingModel):
     """`backbone+AIM[stop_stage]`: top-down stages from the top backbone stage L down to stop_stage.
 
     In training mode `forward` returns an `AIMOutput`; in evaluation mode the final logits, as a
@@ -73,14 +64,10 @@ class AIM(nn.Module):
             raise ValueError(
                 "AIM chooses the backbone's out_indices (stop_stage..top); do not pass out_indices"
             )
-        info = _feature_info(backbone, backbone_kwargs)
+        info = feature_info(backbone, backbone_kwargs)
         channels, levels = info.channels(), info.out_indices
         top = len(channels) - 1
-        if isinstance(stop_stage, bool) or not isinstance(stop_stage, int) or not 0 <= stop_stage <= top:
-            raise ValueError(
-                f"{backbone} has feature stages 0..{top} (channels {channels}); "
-                f"stop_stage={stop_stage!r} is not one of them"
-            )
+        check_stop_stage(backbone, stop_stage, channels)
         self.backbone = timm.create_model(
             backbone,
             pretrained=pretrained,
@@ -123,18 +110,10 @@ class AIM(nn.Module):
     pooled_head = True
 
     def architecture_options(self) -> dict:
-        """The constructor options that change the architecture away from the paper's AIM, for
-        saved models and checkpoints to rebuild it (empty for the paper's)."""
         return {} if self.mask_estimators == "every" else {"mask_estimators": self.mask_estimators}
 
-    def set_gumbel(self, *, temperature: float | None = None, noise: bool | None = None) -> None:
-        """Set the Gumbel temperature and whether training draws noise (evaluation never does)."""
-        if temperature is not None:
-            if not temperature > 0:
-                raise ValueError(f"temperature must be > 0, got {temperature}")
-            self.temperature = float(temperature)
-        if noise is not None:
-            self.gumbel_noise = bool(noise)
+    def mask_estimator_modules(self) -> list[nn.Module]:
+        return [stage.mask_estimator for stage in self.stages if stage.mask_estimator is not None]
 
     def set_aux_heads(self, on: bool) -> None:
         """Whether training computes the auxiliary heads f_l. Off (the paper's "no auxiliary
@@ -336,13 +315,3 @@ def upsample_mask(values: Tensor, like: Tensor) -> Tensor:
     if values.shape[-2:] == like.shape[-2:]:
         return values
     return F.interpolate(values, size=like.shape[-2:], mode="nearest")
-
-
-def _feature_info(backbone: str, kwargs: dict):
-    """timm's feature_info of ``backbone``'s features_only model, from a weightless copy on the meta
-    device (one on the CPU for a model that cannot be built there)."""
-    try:
-        with torch.device("meta"):
-            return timm.create_model(backbone, features_only=True, **kwargs).feature_info
-    except (RuntimeError, NotImplementedError):
-        return timm.create_model(backbone, features_only=True, **kwargs).feature_info

@@ -11,6 +11,11 @@ from timm.data import resolve_model_data_config
 from torch import nn
 
 from aim_ext.models.aim import AIM
+from aim_ext.models.bottom_up import BottomUpAIM
+
+# Where the masks act: AIM's top-down pathway (the paper's method), or inside the backbone
+# (bottom-up masking, the ablation of section 6.1 and appendix D.4).
+MASKINGS = ("top-down", "bottom-up")
 
 
 def create_model(
@@ -18,15 +23,25 @@ def create_model(
     num_classes: int = 1000,
     pretrained: bool = False,
     stop_stage: int | None = None,
+    *,
+    masking: str = "top-down",
     **kwargs,
 ) -> nn.Module:
-    """`stop_stage=None`: the vanilla timm model; an integer: `name+AIM[stop_stage]`.
+    """`stop_stage=None`: the vanilla timm model; an integer: `name+AIM[stop_stage]`, or with
+    `masking="bottom-up"` the bottom-up masking model `BottomUpAIM` of levels stop_stage..top.
 
     Keyword arguments go to timm (e.g. `drop_path_rate`, `pretrained_cfg_overlay`); AIM also takes
-    `drop_rate` (its heads' dropout, default 0.3), `width`, `temperature` and `gumbel_noise`.
+    `drop_rate` (its heads' dropout, default 0.3), `width`, `temperature`, `gumbel_noise` and
+    `mask_estimators` ("top": one estimator at the top stage, appendix D.3).
     """
+    if masking not in MASKINGS:
+        raise ValueError(f"masking must be one of {MASKINGS}, got {masking!r}")
     if stop_stage is None:
+        if masking != "top-down":
+            raise ValueError(f"masking={masking!r} needs a stop_stage (the lowest masked level)")
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    if masking == "bottom-up":
+        return BottomUpAIM(name, stop_stage, num_classes, pretrained=pretrained, **kwargs)
     return AIM(name, stop_stage, num_classes, pretrained=pretrained, **kwargs)
 
 

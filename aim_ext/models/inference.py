@@ -7,6 +7,7 @@ import copy
 from torch import nn
 
 from aim_ext.models.aim import AIM
+from aim_ext.models.bottom_up import BottomUpAIM
 from aim_ext.models.fusion import fold_for_inference, make_inference_only
 
 
@@ -27,6 +28,6 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     Vanilla models get the same treatment, so that AIM/vanilla ratios compare like with like.
     """
     model = copy.deepcopy(model).eval()
-    if isinstance(model, AIM):
+    if isinstance(model, AIM | BottomUpAIM):
         return model.fuse()
     return make_inference_only(fold_for_inference(model))

@@ -13,8 +13,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from aim_ext.models.aim import AIM
 from aim_ext.models.checkpoint import load_checkpoint
+from aim_ext.models.masking import MaskingModel
 
 TORCHVISION_MOBILENET_V2_FIRST_KEY = "features.0.0.weight"
 
@@ -49,7 +49,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     if TORCHVISION_MOBILENET_V2_FIRST_KEY in state:
         state = torchvision_mobilenet_v2_to_timm(state)
     names = _file_to_model_keys(model)  # file (full timm layout) key -> key of the part we load
-    target = model.backbone if isinstance(model, AIM) else model
+    target = model.backbone if isinstance(model, MaskingModel) else model
     weights = {names[k]: v for k, v in state.items() if k in names}
     missing = sorted(set(names.values()) - set(weights))
     unexpected = sorted(set(state) - set(names) - _unused_keys(model))
@@ -62,7 +62,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def _name(model: nn.Module) -> str:
-    return model.backbone_name if isinstance(model, AIM) else model.pretrained_cfg["architecture"]
+    return model.backbone_name if isinstance(model, MaskingModel) else model.pretrained_cfg["architecture"]
 
 
 def _full_keys(model: nn.Module) -> list[str]:
@@ -74,7 +74,7 @@ def _file_to_model_keys(model: nn.Module) -> dict[str, str]:
     """Full-network keys of the tensors we load, mapped to the model's own keys. timm's
     features_only wrapper flattens nested module names (stages.0 -> stages_0), so an AIM backbone's
     keys are matched with '.' and '_' taken as equal."""
-    if not isinstance(model, AIM):
+    if not isinstance(model, MaskingModel):
         unused = _unused_keys(model)
         return {k: k for k in _full_keys(model) if k not in unused}
     by_shape = {k.replace("_", "."): k for k in _full_keys(model)}
@@ -90,7 +90,7 @@ def _file_to_model_keys(model: nn.Module) -> dict[str, str]:
 def _unused_keys(model: nn.Module) -> set[str]:
     """Keys of the full timm network that the task does not take from a pretrained file: its
     classifier, and for an AIM backbone (features_only) also the layers after the last feature."""
-    if isinstance(model, AIM):
+    if isinstance(model, MaskingModel):
         return set(_full_keys(model)) - set(_file_to_model_keys(model))
     prefix = model.pretrained_cfg.get("classifier", "classifier") + "."
     return {k for k in _full_keys(model) if k.startswith(prefix)}

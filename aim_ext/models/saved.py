@@ -16,10 +16,10 @@ from safetensors import SafetensorError
 from torch import nn
 
 from aim_ext.cache import write_atomic
-from aim_ext.models.aim import AIM
 from aim_ext.models.checkpoint import architecture, load_checkpoint, load_model_state
 from aim_ext.models.factory import create_model, model_data_config
 from aim_ext.models.fusion import is_inference_only
+from aim_ext.models.masking import MaskingModel
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -54,7 +54,7 @@ def save_pretrained(
     num_classes = int(model.num_classes)
     if labels is not None and len(labels) != num_classes:
         raise ValueError(f"save_pretrained: {len(labels)} labels for a model of {num_classes} classes")
-    name = model.backbone_name if isinstance(model, AIM) else model.pretrained_cfg["architecture"]
+    name = model.backbone_name if isinstance(model, MaskingModel) else model.pretrained_cfg["architecture"]
     stop = getattr(model, "stop_stage", None)
     data = model_data_config(name, stop)
     size = image_size or data["input_size"][-1]
@@ -65,7 +65,7 @@ def save_pretrained(
         "backbone": name,
         "stop_stage": stop,
         "width": getattr(model, "width", None),
-        "architecture_options": model.architecture_options() if isinstance(model, AIM) else {},
+        "architecture_options": model.architecture_options() if isinstance(model, MaskingModel) else {},
         "num_classes": num_classes,
         "labels": list(labels) if labels is not None else [str(i) for i in range(num_classes)],
         "input_size": [3, size, size],
@@ -110,7 +110,7 @@ def load_model(source: str | Path, *, device: str | torch.device = "cpu") -> nn.
     else:
         raise ModelFileError(f"model not found: {path}")
     model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **_pretrained_cfg(config)}
-    if isinstance(model, AIM):
+    if isinstance(model, MaskingModel):
         model.default_cfg = model.pretrained_cfg
     return model.to(device).eval()
 
@@ -135,7 +135,7 @@ def _load_saved(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
         config.get("architecture_options") or {},
     )
     gumbel = config.get("gumbel")
-    if gumbel and isinstance(model, AIM):
+    if gumbel and isinstance(model, MaskingModel):
         model.set_gumbel(temperature=gumbel["temperature"], noise=gumbel["noise"])
     weights_path = folder / WEIGHTS_FILE
     if not weights_path.is_file():
@@ -160,8 +160,8 @@ def _load_checkpoint_file(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         raise ModelFileError(f"{path} is not an aim-train checkpoint (no model weights and config)")
     run = state["config"]
     name, stop = run.get("model"), run.get("stop_stage")
-    estimators = run.get("mask_estimators", "every")
-    options = {} if estimators == "every" else {"mask_estimators": estimators}
+    defaults = {"masking": "top-down", "mask_estimators": "every"}  # the paper's AIM
+    options = {k: run[k] for k, default in defaults.items() if run.get(k, default) != default}
     num_classes = _classes_in(name, stop, state["model"], path, options)
     model = _build(name, stop, num_classes, None, options)
     _load_weights(model, state, str(path))

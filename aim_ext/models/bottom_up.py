@@ -1,0 +1,137 @@
+"""Bottom-up masking (paper section 6.1, appendix D.4): the ablation AIM is measured against.
+
+The mask estimators sit inside the backbone. Each masked stage's output S_l is replaced by its
+masked copy before the next stage reads it, with no skip connection back to the dense map:
+
+    A_l = M_l(S_l),  B_l = G(A_l),  S_l <- S_l * B_l        (l = stop_stage .. L, in forward order)
+    logits = f(mean(S_L * B_L))
+
+`BottomUpAIM(backbone, stop_stage)` masks levels stop_stage..L, the paper's stage choices
+[1, 2, 3] (stop_stage 1 on ConvNeXt), [2, 3] and [3]. The classifier is AIM's head (global mean,
+dropout, linear) on the masked top level; there are no auxiliary heads. The same mask estimator,
+binary Gumbel and masked-merge op as AIM's stages, and the same training (Eq. 7 without the
+auxiliary term), so the two differ only in where the masks act.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from timm.models import FeatureListNet
+from torch import Tensor, nn
+
+from aim_ext.models.fusion import fold_for_inference, make_inference_only
+from aim_ext.models.heads import ClassifierHead
+from aim_ext.models.mask_estimator import MaskEstimator
+from aim_ext.models.masking import AIMOutput, MaskingModel, check_stop_stage, feature_info
+from aim_ext.ops import logistic_noise, masked_merge
+
+
+class BottomUpAIM(MaskingModel):
+    """`backbone+bottom-up AIM[stop_stage]`: a mask estimator on each backbone level from
+    stop_stage to the top, the masked map passed on to the next stage.
+
+    Needs a backbone whose timm ``features_only`` model runs its modules in order (timm's
+    FeatureListNet: ConvNeXt, ResNet and most CNNs); the model can then be driven module by
+    module.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        stop_stage: int,
+        num_classes: int = 1000,
+        *,
+        pretrained: bool = False,
+        drop_rate: float = 0.3,
+        drop_path_rate: float | None = None,
+        temperature: float = 1.0,
+        gumbel_noise: bool = True,
+        **backbone_kwargs,
+    ) -> None:
+        super().__init__()
+        if drop_path_rate is not None:
+            backbone_kwargs["drop_path_rate"] = drop_path_rate
+        if "out_indices" in backbone_kwargs:
+            raise ValueError("bottom-up AIM chooses the backbone's out_indices; do not pass out_indices")
+        info = feature_info(backbone, backbone_kwargs)
+        channels, levels = info.channels(), info.out_indices
+        check_stop_stage(backbone, stop_stage, channels)
+        top = len(channels) - 1
+        self.backbone = timm.create_model(
+            backbone,
+            pretrained=pretrained,
+            features_only=True,
+            out_indices=tuple(levels[stop_stage:]),
+            **backbone_kwargs,
+        )
+        if not isinstance(self.backbone, FeatureListNet):
+            raise ValueError(
+                f"bottom-up masking drives the backbone module by module, which needs timm's "
+                f"FeatureListNet; {backbone}'s features_only model is {type(self.backbone).__name__}"
+            )
+        self.backbone_name = backbone
+        self.stop_stage = stop_stage
+        self.num_classes = num_classes
+        self.stage_indices = list(range(top, stop_stage - 1, -1))  # top stage first
+        self.mask_estimators = nn.ModuleList(MaskEstimator(channels[i]) for i in self.stage_indices)
+        self.head = ClassifierHead(channels[top], num_classes, drop_rate)
+        self.merged_map = nn.Identity()  # the masked top level, the map the classifier pools
+        self.temperature = temperature
+        self.gumbel_noise = gumbel_noise
+        self.pretrained_cfg = dict(self.backbone.pretrained_cfg)
+        self.default_cfg = self.pretrained_cfg
+
+    def architecture_options(self) -> dict:
+        return {"masking": "bottom-up"}
+
+    def mask_estimator_modules(self) -> list[nn.Module]:
+        return list(self.mask_estimators)
+
+    def forward_masked(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """The backbone's modules in order, each masked level's output replaced by S_l * B_l
+        before the next module reads it. Returns the masked top level, the masks B_l and the
+        logits A_l (top first)."""
+        estimators = dict(zip(self.backbone.return_layers, reversed(self.mask_estimators), strict=True))
+        masks: list[Tensor] = []
+        logits: list[Tensor] = []
+        for name, module in self.backbone.items():
+            x = module(x)
+            estimator = estimators.get(name)
+            if estimator is None:
+                continue
+            a = estimator(x)
+            sample = None  # evaluation: the deterministic mask 1[A >= 0]
+            if self.training:
+                sample = logistic_noise(a) if self.gumbel_noise else torch.zeros_like(a, dtype=torch.float32)
+            x, b = masked_merge(x, a, None, noise=sample, temperature=self.temperature)
+            masks.insert(0, b)
+            logits.insert(0, a)
+        return x, masks, logits
+
+    def forward_head(self, top: Tensor) -> Tensor:
+        """The classifier on the masked top level: global mean, dropout, linear."""
+        return self.head(self.merged_map(top).mean(dim=(2, 3)))
+
+    def forward(self, x: Tensor) -> AIMOutput | Tensor:
+        top, masks, mask_logits = self.forward_masked(x)
+        logits = self.forward_head(top)
+        return AIMOutput(logits, [], masks, mask_logits) if self.training else logits
+
+    def fuse(self) -> BottomUpAIM:
+        """Fuse this model for inference, in place, and return it: the backbone's BatchNorms folded
+        into their convolutions, each mask estimator replaced by its inference form, `.train()`
+        refused (as `AIM.fuse`)."""
+        self.eval()
+        fold_for_inference(self.backbone)
+        self.mask_estimators = nn.ModuleList(estimator.fuse() for estimator in self.mask_estimators)
+        return make_inference_only(self)
+
+    def predict(self, x: Tensor, *, merged_map: bool = False):
+        """Evaluation logits and the binary masks (N, 1, h, w), top stage first; with
+        ``merged_map=True`` also the masked top level the logits are read from."""
+        if self.training:
+            raise RuntimeError("predict() runs the evaluation model: call model.eval() first")
+        top, masks, _ = self.forward_masked(x)
+        logits = self.forward_head(top)
+        return (logits, masks, top) if merged_map else (logits, masks)

@@ -1,0 +1,78 @@
+"""What every masking model offers, whichever way it masks: AIM's top-down pathway
+(`aim_ext.models.aim`) or bottom-up masking inside the backbone (`aim_ext.models.bottom_up`).
+
+Training, evaluation, export and the figures use this interface alone:
+
+- ``backbone`` (timm's ``features_only`` model), ``backbone_name``, ``stop_stage`` (the lowest
+  masked feature level), ``stage_indices`` (the masked levels, top first), ``num_classes``;
+- ``forward``: an `AIMOutput` in training mode, the logits in evaluation mode;
+- ``predict(x)``: the evaluation logits and the binary masks (N, 1, h_l, w_l), top first;
+  ``predict(x, merged_map=True)`` also the map the classifier pools;
+- ``merged_map``: the identity module that map passes through (GradCAM hooks it);
+- ``set_gumbel``, ``set_aux_heads``, ``mask_estimator_modules``, ``architecture_options``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import timm
+import torch
+from torch import Tensor, nn
+
+
+class AIMOutput(NamedTuple):
+    """What a masking model returns in training mode; every list is ordered top stage first."""
+
+    logits: Tensor  # f_final(P_T), (N, classes)
+    aux_logits: list[Tensor]  # f_l(O_l) per stage (none where the model has no auxiliary heads)
+    masks: list[Tensor]  # B_l, (N, 1, h_l, w_l), binary, straight-through differentiable
+    mask_logits: list[Tensor]  # A_l, (N, 1, h_l, w_l)
+
+
+class MaskingModel(nn.Module):
+    """The base of AIM and BottomUpAIM: the Gumbel settings and the interface above."""
+
+    temperature: float = 1.0
+    gumbel_noise: bool = True
+
+    def set_gumbel(self, *, temperature: float | None = None, noise: bool | None = None) -> None:
+        """Set the Gumbel temperature and whether training draws noise (evaluation never does)."""
+        if temperature is not None:
+            if not temperature > 0:
+                raise ValueError(f"temperature must be > 0, got {temperature}")
+            self.temperature = float(temperature)
+        if noise is not None:
+            self.gumbel_noise = bool(noise)
+
+    def set_aux_heads(self, on: bool) -> None:
+        """Whether training computes the auxiliary heads f_l (a model without them ignores this)."""
+
+    def mask_estimator_modules(self) -> list[nn.Module]:
+        """The mask estimators M_l, top stage first (one per estimator, not per masked stage)."""
+        raise NotImplementedError
+
+    def architecture_options(self) -> dict:
+        """The constructor options that change the architecture away from the paper's AIM, for
+        saved models and checkpoints to rebuild it (empty for the paper's)."""
+        raise NotImplementedError
+
+
+def feature_info(backbone: str, kwargs: dict):
+    """timm's feature_info of ``backbone``'s features_only model, from a weightless copy on the meta
+    device (one on the CPU for a model that cannot be built there)."""
+    try:
+        with torch.device("meta"):
+            return timm.create_model(backbone, features_only=True, **kwargs).feature_info
+    except (RuntimeError, NotImplementedError):
+        return timm.create_model(backbone, features_only=True, **kwargs).feature_info
+
+
+def check_stop_stage(backbone: str, stop_stage: object, channels: list[int]) -> None:
+    """A clear error for a stop stage that is not one of the backbone's feature levels."""
+    top = len(channels) - 1
+    if isinstance(stop_stage, bool) or not isinstance(stop_stage, int) or not 0 <= stop_stage <= top:
+        raise ValueError(
+            f"{backbone} has feature stages 0..{top} (channels {channels}); "
+            f"stop_stage={stop_stage!r} is not one of them"
+        )
