@@ -4,6 +4,7 @@
     aim-eval runs/wb95_aim --split val --attribution gradcam --target pred --max-images 200
     aim-eval --compare runs/wb95_vanilla runs/wb95_aim   # writes runs/wb95_aim/compare_wb95_vanilla/
     aim-eval runs/demo/aim/model --dataset tuxbirds100   # a saved model on any dataset
+    aim-eval runs/cub_aim --shifted-centre 0.15 0.25     # also off-centre crops: centre_bias.md
 
 A saved model (aim_ext.save_pretrained, e.g. an aim-train run's model/) brings no dataset: name one
 with --dataset. Writes report.md, metrics.json and the figures into --out.
@@ -15,6 +16,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+
+def _deviation(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 0.5:
+        raise argparse.ArgumentTypeError(f"a deviation is a share of the crop's side in (0, 0.5], got {text}")
+    return value
 
 
 def _methods(text: str) -> tuple[str, ...]:
@@ -49,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", default="best", help="best, last, or a checkpoint file (default best)"
     )
     parser.add_argument("--split", choices=("test", "val"), default="test", help="default test")
+    parser.add_argument(
+        "--shifted-centre",
+        type=_deviation,
+        nargs="+",
+        metavar="DEV",
+        help="also evaluate crops whose centre is the object's moved by DEV x the crop side (the "
+        "paper's centre-bias test, appendix A.6); writes OUT/shifted_centre_DEV/ and OUT/centre_bias.md",
+    )
     parser.add_argument(
         "--attribution",
         type=_methods,
@@ -87,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--compare takes two runs, got {len(args.runs)}")
     if not args.compare and len(args.runs) != 1:
         parser.error(f"evaluate one run at a time (or two with --compare), got {len(args.runs)}")
+    if args.compare and args.shifted_centre:
+        parser.error("--shifted-centre evaluates one run: run it on each of the two")
+    from aim_ext.explain.centre_bias import evaluate_centre_bias
     from aim_ext.explain.reports import compare_runs, evaluate_run
     from aim_ext.explain.run import EvalError, EvalOptions
 
@@ -115,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = {k: v for k, v in evaluation.metrics.items() if k not in ("definitions", "notes")}
             print(json.dumps(summary, indent=2))
             print(f"report: {report}")
+            if args.shifted_centre:
+                print(f"centre bias: {evaluate_centre_bias(evaluation, args.shifted_centre, report.parent)}")
     except (EvalError, FileNotFoundError) as error:
         print(f"aim-eval: {error}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@ from aim_ext.data.cub import CUBDataset
 from aim_ext.data.factory import DATASETS, build_dataset, eval_preprocessing, list_datasets
 from aim_ext.data.folder import FolderDataset
 from aim_ext.data.hard_imagenet import HardImageNetDataset
+from aim_ext.data.shifted_centre import ShiftedCentre
 from aim_ext.data.transforms import PairedRandAugment, eval_transform, train_transform
 from aim_ext.data.travelingbirds import TravelingBirdsDataset
 from aim_ext.data.tuxbirds import TuxBirds
@@ -20,6 +21,7 @@ __all__ = [
     "MaskedImageDataset",
     "PairedRandAugment",
     "Record",
+    "ShiftedCentre",
     "TravelingBirdsDataset",
     "TuxBirds",
     "WaterbirdsDataset",

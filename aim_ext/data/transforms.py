@@ -24,6 +24,7 @@ __all__ = [
     "PairedRandAugment",
     "EVAL_INTERPOLATION",
     "eval_transform",
+    "frame_transform",
     "generated_train_transform",
     "normalise_transform",
     "train_transform",
@@ -179,6 +180,18 @@ def generated_train_transform(
     ops: list[v2.Transform] = [v2.RandomHorizontalFlip()]
     if randaugment is not None:
         ops.append(PairedRandAugment(*randaugment))
+    return v2.Compose(ops + _to_normalised_float(mean, std))
+
+
+def frame_transform(
+    shorter_side: int,
+    interpolation: str = EVAL_INTERPOLATION,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> v2.Compose:
+    """Resize the shorter side to ``shorter_side`` and normalise, no crop: the frame an evaluation
+    crop is taken from (an image already that size is left as it is); masks follow."""
+    ops = [v2.Resize(shorter_side, interpolation=v2.InterpolationMode(interpolation), antialias=True)]
     return v2.Compose(ops + _to_normalised_float(mean, std))
 
 

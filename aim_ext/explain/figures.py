@@ -16,15 +16,18 @@ import torch.nn.functional as F
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 
+from aim_ext.data.shifted_centre import DIRECTION_NAMES, ShiftedCentre
 from aim_ext.explain.epg import resize_maps
 from aim_ext.metrics import merged_mask
 
 Stats = Sequence[float]
 PANEL_INCHES = 2.2
 DIMMED = 0.25  # brightness of positions a mask switches off
+CANDIDATE_COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:orange")  # per shifted-centre direction
 
 
 def to_display(
@@ -236,4 +239,37 @@ def mask_evolution(
             _masked(shown, _upsample_mask(mask, size)),
             f"epoch {epoch}  {mask.float().mean().item():.0%}",
         )
+    return _save(fig, path)
+
+
+def shifted_crops_figure(dataset: ShiftedCentre, indices: Sequence[int], path: str | Path) -> Path:
+    """The shifted-centre test's crops (the paper's Figure 10): for each image, its evaluation
+    frame with the four candidate crops (a dot at each centre; the chosen one solid), then the
+    crop the model sees."""
+    fig, axes = _grid(len(indices), 2)
+    for row, index in zip(axes, indices, strict=True):
+        sample = dataset.frame(index)
+        frame = to_display(sample["image"], dataset.mean, dataset.std)[0]
+        row[0].imshow(frame)
+        chosen = dataset.directions[index]
+        for k, (y, x) in enumerate(dataset.candidate_centres(sample["mask"])):
+            side = dataset.image_size
+            solid = k == chosen
+            row[0].add_patch(
+                Rectangle(
+                    (x - side / 2, y - side / 2),
+                    side,
+                    side,
+                    fill=False,
+                    edgecolor=CANDIDATE_COLOURS[k],
+                    linewidth=2.5 if solid else 1.0,
+                    linestyle="-" if solid else "--",
+                )
+            )
+            row[0].plot(x, y, "o", color=CANDIDATE_COLOURS[k], markersize=6 if solid else 3)
+        row[0].set_title(f"image {index}: frame and candidates", fontsize=8)
+        row[0].set_axis_off()
+        row[1].imshow(to_display(dataset[index]["image"], dataset.mean, dataset.std)[0])
+        row[1].set_title(f"shifted {dataset.deviation:g} ({DIRECTION_NAMES[chosen]})", fontsize=8)
+        row[1].set_axis_off()
     return _save(fig, path)
