@@ -49,3 +49,32 @@ def test_profile_overhead_tables_give_kernel_time_and_launches():
     name = profile_overhead.short_name(long_name)
     assert len(name) == profile_overhead.KERNEL_NAME_WIDTH and name.endswith("...")
     assert listed[5] == f"| 2 | `{name}` | 50.0 |" and listed[-1] == ""
+
+
+def test_demo_seeds_tables_nested_metrics_and_what_a_model_lacks():
+    import demo_seeds
+
+    def seed(acc: float, precision: float, shifted: bool) -> dict:
+        aim = {"test_avg_acc": acc, "mask_precision": {"stage_4": precision, "stage_3": 0.5, "merged": 0.4}}
+        aim["mask_precision_chance"] = 0.15
+        if shifted:
+            aim["shifted_centre"] = {"avg_acc": acc - 0.1, "epg": {"gradcam": 0.3}}
+        return {
+            "vanilla": {"test_avg_acc": acc - 0.05},
+            "aim": aim,
+            "wall_time_s": 1.0,
+            "test_epg_chance_level": 0.16,
+        }
+
+    summary, lines = demo_seeds.summarise({0: seed(0.9, 0.2, True), 1: seed(0.8, 0.4, False)})
+    assert summary["metrics"]["mask_precision.stage_4"]["aim"]["mean"] == 0.30000000000000004
+    assert summary["metrics"]["test_avg_acc"]["vanilla"]["values"] == [0.85, 0.75]
+    row = next(line for line in lines if line.startswith("| mask precision, level 4 |"))
+    assert row == "| mask precision, level 4 | – | 0.300 ± 0.141 |"
+    assert "| 1 | aim | 0.800 |" in "\n".join(lines)
+    shifted = next(line for line in lines if line.startswith("| shifted-centre test average accuracy |"))
+    assert shifted == "| shifted-centre test average accuracy | – | 0.800 ± 0.000 (1 seeds) |"
+    assert (
+        "Chance levels (test split): EPG of a uniform map 0.160; mask precision of a random mask"
+        in "\n".join(lines)
+    )

@@ -61,6 +61,10 @@ def test_demo_writes_results_and_resumes(cache, tmp_path, monkeypatch, capsys):
     assert len(results["aim"]["mask_sparsity"]) == 2 and "mask_sparsity" not in results["vanilla"]
     report = (out / "report.md").read_text()
     assert "test worst-group accuracy" in report and "compare/report.md" in report
+    precision = results["aim"]["mask_precision"]
+    assert list(precision) == ["stage_4", "stage_3", "merged"]
+    row = next(line for line in report.splitlines() if "AIM mask precision on the bird" in line)
+    assert row.endswith(", ".join(f"{v:.3f}" for v in precision.values()) + " |")
     assert (out / "compare" / "gradcam_compare.png").is_file()
     # The demo's trained models are saved models a user can pick up, with TuxBirds' class names.
     saved = load_model(out / "aim" / "model")

@@ -138,12 +138,22 @@ def _table(results: dict[str, dict[str, Any]]) -> list[str]:
     for title, key in ROWS:
         values = [results[m].get(key) for m in ("vanilla", "aim")]
         lines.append(f"| {title} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in values) + " |")
-    sparsity = results["aim"].get("mask_sparsity", {})
+    aim = results["aim"]
+    sparsity = aim.get("mask_sparsity", {})
     lines.append(
         "| AIM mask area per stage (top first) | – | "
         + ", ".join(f"{v:.3f}" for v in sparsity.values())
         + " |"
     )
+    for kind in ("precision", "recall"):
+        values = aim.get(f"mask_{kind}", {})
+        if values:
+            chance = f"; chance {aim['mask_precision_chance']:.3f}" if kind == "precision" else ""
+            lines.append(
+                f"| AIM mask {kind} on the bird per stage, merged ({', '.join(values)}{chance}) | – | "
+                + ", ".join(f"{v:.3f}" for v in values.values())
+                + " |"
+            )
     return lines
 
 
