@@ -524,3 +524,27 @@ def test_a_non_finite_gradient_skips_the_update_on_the_device(tmp_path):
     model(torch.randn(2, 3, 32, 32)).logits.sum().backward()
     optimizer_step(ctx)
     assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(
+    "changes,expected",
+    [
+        ({}, []),  # the configs' recipe: annealing ends at epoch 5 of 10, selection from there
+        ({"stop_stage": None}, []),
+        ({"area_final": None}, []),
+        (
+            {"area_duration": 12},
+            ["tau reaches its final value at epoch 12, after the last epoch (9)", "--select-from 9"],
+        ),
+        ({"select_from": None}, ["best.pt may come from before tau holds its final value (epoch 5)"]),
+        ({"select_from": 3, "area_start": 1}, ["(epoch 6), with denser masks: --select-from 6"]),
+    ],
+)
+def test_annealing_warnings_say_when_a_run_ends_or_selects_before_tau_holds(changes, expected):
+    from aim_ext.engine.train import annealing_warnings
+
+    values = dict(stop_stage=3, epochs=10, area_final=0.25, area_duration=5, select_from=5)
+    found = annealing_warnings(TrainConfig(**{**values, **changes}))
+    assert len(found) == len(expected)
+    for text, part in zip(found, expected, strict=True):
+        assert part in text

@@ -89,6 +89,27 @@ def area_targets_shape(cfg: TrainConfig, model: nn.Module) -> tuple[int, ...] | 
     return (stages,)
 
 
+def annealing_warnings(cfg: TrainConfig) -> list[str]:
+    """What a user should know before training: the run ends before tau reaches its final value,
+    or selects a checkpoint before it does (dense masks may then be the ones kept)."""
+    schedule = area_schedule(cfg)
+    if cfg.stop_stage is None or schedule is None:
+        return []
+    end, last = schedule.start + schedule.duration, cfg.epochs - 1
+    found = []
+    if end > last:
+        found.append(
+            f"tau reaches its final value at epoch {end}, after the last epoch ({last}): the run ends "
+            f"mid-annealing, at tau {schedule(last)}"
+        )
+    if (cfg.select_from or 0) < min(end, last):
+        found.append(
+            f"best.pt may come from before tau holds its final value (epoch {end}), with denser masks: "
+            f"--select-from {min(end, last)} selects only from then on"
+        )
+    return found
+
+
 def set_gumbel_for_epoch(model: nn.Module, cfg: TrainConfig, epoch: int) -> None:
     """The Gumbel temperature, and noise until `noise_off_epoch`."""
     if isinstance(model, MaskingModel):
@@ -320,6 +341,8 @@ def fit(
         check_step(cfg, device, world.size, len(train_set))  # before anything is written or trained
         if cfg.log == "tensorboard":
             require_tensorboard()
+        for warning in annealing_warnings(cfg):
+            log(f"warning: {warning}")
         return _fit(cfg, train_set, val_set, model, out, device, world, resume, log)
     finally:
         world.close()
