@@ -15,7 +15,7 @@ from aim_ext.bench.timing import Timing, time_interleaved
 from aim_ext.bench.train_step import prepare_train_step
 from aim_ext.bench.variants import Variant
 from aim_ext.cli.bench import main as bench_main
-from aim_ext.models import InferenceMaskEstimator, create_model
+from aim_ext.models import InferenceMaskEstimator, create_model, save_pretrained
 
 
 @pytest.mark.slow
@@ -247,6 +247,10 @@ def test_a_bad_trained_model_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="^aim-bench: .*garbage.pt") as error:
         bench_main(["--model", str(tmp_path / "garbage.pt"), "--device", "cpu"])
     assert "\n" not in str(error.value)
+    bottom_up = create_model("resnet18", num_classes=2, stop_stage=3, masking="bottom-up")
+    save_pretrained(bottom_up, tmp_path / "bottom_up")
+    with pytest.raises(SystemExit, match="is bottom-up masking \\(an ablation\\); it times AIM models$"):
+        bench_main(["--model", str(tmp_path / "bottom_up"), "--device", "cpu"])
     for flag, value in (("--families", "resnet50"), ("--stop-stages", "vanilla")):
         with pytest.raises(SystemExit, match=f"--model times one trained model; leave out {flag}"):
             bench_main(["--model", str(tmp_path / "none"), flag, value, "--device", "cpu"])

@@ -41,7 +41,14 @@ from aim_ext.bench.variants import (
     trained_variants,
 )
 from aim_ext.export import example_image
-from aim_ext.models import AIM, ESTIMATOR_MODES, InferenceMaskEstimator, fuse_for_inference, load_model
+from aim_ext.models import (
+    AIM,
+    ESTIMATOR_MODES,
+    BottomUpAIM,
+    InferenceMaskEstimator,
+    fuse_for_inference,
+    load_model,
+)
 from aim_ext.models.sparsity import SPARSE_MODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -211,6 +218,8 @@ def _trained(args: argparse.Namespace) -> list[Variant]:
         model = load_model(args.model)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"aim-bench: {error}") from None
+    if isinstance(model, BottomUpAIM):
+        raise SystemExit(f"aim-bench: {args.model} is bottom-up masking (an ablation); it times AIM models")
     variants = trained_variants(args.model, model)
     args.families = [variants[0].backbone]
     if args.num_classes is not None and args.num_classes != model.num_classes:
