@@ -145,7 +145,7 @@ def aim_loss(
         else final_ce.new_zeros(())  # the aux heads are off (AIM.set_aux_heads)
     )
     area = (
-        area_loss(output.masks, tau, sum_over_batch, per_image=area_per_image)
+        area_loss(output.masks[: output.estimated], tau, sum_over_batch, per_image=area_per_image)
         if tau is not None
         else final_ce.new_zeros(())
     )

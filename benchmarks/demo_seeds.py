@@ -6,7 +6,7 @@
 
 Each seed's run folder is OUT/seed_<s> (an interrupted seed continues where it stopped). After
 each seed's demo, both models are also evaluated on the shifted-centre test split (aim-eval
---shifted-centre, deviation --shifted-centre, default 0.25) into OUT/seed_<s>/shifted_centre/.
+--shifted-centre, deviation --shifted-centre, default 0.25) into OUT/seed_<s>/shifted_centre_<dev>/.
 Writes OUT/summary.json and OUT/summary.md: mean and sample standard deviation over the seeds, and
 every seed's numbers, with AIM's mask precision and recall on the bird per level.
 """
@@ -55,7 +55,7 @@ def _fmt(x: float) -> str:
 
 def shifted_centre(folder: Path, deviation: float, device: str, *, run: bool = True) -> dict[str, dict]:
     """Both models of one seed's demo on the shifted-centre test split (metrics.json of each),
-    evaluated once into FOLDER/shifted_centre/<model>/ (``run=False``: only what exists)."""
+    evaluated once into FOLDER/shifted_centre_<deviation>/<model>/ (``run=False``: only what exists)."""
     from aim_ext.explain.centre_bias import shifted_run
     from aim_ext.explain.evaluate import evaluate
     from aim_ext.explain.reports import write_report
@@ -63,7 +63,7 @@ def shifted_centre(folder: Path, deviation: float, device: str, *, run: bool = T
 
     found = {}
     for model in ("vanilla", "aim"):
-        out = folder / "shifted_centre" / model
+        out = folder / f"shifted_centre_{deviation:g}" / model
         if not (out / "metrics.json").is_file():
             if not run:
                 continue

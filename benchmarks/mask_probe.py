@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from aim_ext.engine import build_split, data_config
 from aim_ext.engine.config import load_config
-from aim_ext.models import load_model
+from aim_ext.models import AIM, load_model
 
 
 def _grid(t: torch.Tensor) -> str:
@@ -36,6 +36,8 @@ def _grid(t: torch.Tensor) -> str:
 def probe(run: Path, images: int) -> None:
     cfg = load_config(run / "config.yaml")
     model = load_model(run).eval()
+    if not isinstance(model, AIM) or model.mask_estimators != "every":
+        raise SystemExit(f"mask_probe: probes AIM models with a mask estimator per stage; {run} is not one")
     data = build_split(cfg, "val", data_config(cfg))
     n = min(images, len(data))
     samples = [data[i] for i in range(n)]

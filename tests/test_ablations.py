@@ -13,6 +13,7 @@ import aim_ext
 from aim_ext.cli import eval as aim_eval
 from aim_ext.cli import export as aim_export
 from aim_ext.cli import train as aim_train
+from aim_ext.engine import TrainConfig
 from aim_ext.export import compare_outputs, example_image, output_names, reference_outputs, run_onnxruntime
 from aim_ext.losses import aim_loss
 from aim_ext.models import create_model, load_model, save_pretrained
@@ -76,6 +77,19 @@ def test_one_estimator_in_training_shares_its_noisy_mask_and_takes_every_stages_
     assert grad is None or not grad.any()
 
 
+def test_one_estimator_holds_its_one_mask_to_tau_once():
+    model = _one_estimator().train()
+    out = model(torch.randn(3, 3, 64, 64))
+    assert out.estimated == 1 and len(out.masks) == 3
+    r = out.masks[0].float().flatten(1).mean(1)  # the top mask's per-image active share
+    expected = ((r - 0.25) ** 2).mean()
+    torch.testing.assert_close(
+        aim_loss(out, torch.tensor([0, 1, 2]), tau=0.25).area, expected.to(torch.float32)
+    )
+    with pytest.raises(ValueError, match="one active-area target"):
+        TrainConfig(stop_stage=2, mask_estimators="top", area_final_stages=[0.25, 0.25, 0.25])
+
+
 def test_one_estimator_trains_fuses_and_travels(tmp_path):
     model = _one_estimator()
     loss = aim_loss(model.train()(torch.randn(2, 3, 64, 64)), torch.tensor([0, 3]), tau=0.25).total
@@ -104,7 +118,7 @@ def _bottom_up(name="convnext_tiny", stop_stage=1, **kwargs):
 @pytest.mark.parametrize("stop_stage,masked", [(1, [3, 2, 1]), (2, [3, 2]), (3, [3])])
 def test_bottom_up_masks_the_papers_stage_choices(stop_stage, masked):
     model = _bottom_up(stop_stage=stop_stage)
-    assert model.stage_indices == masked and len(model.mask_estimators) == len(masked)
+    assert model.stage_indices == masked and len(model.estimators) == len(masked)
     assert architecture(model) == f"convnext_tiny+AIM[{stop_stage}] (masking bottom-up)"
     out = model.train()(torch.randn(2, 3, 64, 96))
     assert out.aux_logits == [] and len(out.masks) == len(out.mask_logits) == len(masked)
@@ -118,17 +132,21 @@ def test_bottom_up_masks_each_level_before_the_next_stage_as_a_float64_reference
     x = torch.randn(2, 3, *size, dtype=torch.float64)
     with torch.no_grad():
         logits, masks, top = model.predict(x, merged_map=True)
-        # The reference: timm's own features_only forward, level by level, with the mask applied to
-        # each masked level's output before the next level runs.
-        h, estimators, expected = x, dict(zip(model.stage_indices, model.mask_estimators, strict=True)), []
-        ends = {k: int(v) for k, v in model.backbone.return_layers.items()}
-        for key, module in model.backbone.items():
-            h = module(h)
-            level = ends.get(key)
-            if level is not None:
-                mask = (estimators[level](h) >= 0).double()
+        # The reference: timm's own forward of the backbone, each masked level's module followed by
+        # a hook that multiplies its output by 1[M_l(output) >= 0] before the next module reads it.
+        expected, hooks = [], []
+        ends = [model.backbone[name] for name in model.backbone.return_layers]  # level order
+        for module, estimator in zip(ends, reversed(model.estimators), strict=True):
+
+            def mask_output(_module, _inputs, output, estimator=estimator):
+                mask = (estimator(output) >= 0).double()
                 expected.insert(0, mask)
-                h = h * mask
+                return output * mask
+
+            hooks.append(module.register_forward_hook(mask_output))
+        h = model.backbone(x)[-1]
+        for hook in hooks:
+            hook.remove()
         reference = model.head(h.mean(dim=(2, 3)))
     torch.testing.assert_close(top, h)
     torch.testing.assert_close(logits, reference)
@@ -153,7 +171,7 @@ def test_bottom_up_trains_its_estimators_through_the_later_stages():
     out = model(torch.randn(3, 3, 64, 64))
     assert 0 < out.masks[1].mean() < 1
     out.logits.sum().backward()  # the lower level's mask acts only through the top stage
-    for estimator in model.mask_estimators:
+    for estimator in model.estimators:
         assert estimator.stem.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="FeatureListNet"):
         create_model("mobilenetv2_100", num_classes=5, stop_stage=3, masking="bottom-up")
@@ -200,8 +218,13 @@ def test_an_ablation_trains_evaluates_and_exports(tmp_path, capsys, flags, maske
     capsys.readouterr()
     assert aim_export.main([str(run), "--onnx", str(tmp_path / "m.onnx")]) == 0
     printed = capsys.readouterr().out
-    assert f"{len(options) and next(iter(options.values()))}" in printed
     model = load_model(run)
+    assert f"aim-export: {architecture(model)}, classes 2" in printed
+    assert architecture(model).endswith(f" ({' '.join(*options.items())})")
+    from_checkpoint = load_model(run / "best.pt")  # the run's config rebuilds the ablation too
+    assert architecture(from_checkpoint) == architecture(model)
+    pairs = zip(from_checkpoint.state_dict().values(), model.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     image = example_image(1, (64, 64), seed=3)
     reference, mask_logits = reference_outputs(model, image)
     exported = run_onnxruntime(tmp_path / "m.onnx", image.numpy())

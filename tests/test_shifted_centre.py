@@ -49,6 +49,7 @@ def test_each_crop_moves_the_objects_centre_by_the_deviation(cub, deviation):
     )
     assert len(shifted) == len(data) and shifted.labels == data.labels and shifted.frame_side == 36
     assert sorted(set(shifted.directions)) == [0, 1, 2, 3]  # all four candidates are drawn
+    whole = 0
     for i in range(len(shifted)):
         frame, crop = shifted.frame(i), shifted[i]
         assert min(frame["image"].shape[-2:]) == 36 and crop["image"].shape == (3, 32, 32)
@@ -63,7 +64,13 @@ def test_each_crop_moves_the_objects_centre_by_the_deviation(cub, deviation):
         padded = F.pad(frame["image"], (40, 40, 40, 40))
         assert torch.equal(crop["image"], padded[:, top + 40 : top + 72, left + 40 : left + 72])
         assert crop["mask"].sum() <= frame["mask"].sum()
+        if crop["mask"].sum() == frame["mask"].sum():  # the object is whole: it sits off the crop's centre
+            shift = deviation * 32
+            found = object_centre(crop["mask"])
+            assert abs(found[0] - (16 - dy * shift)) <= 0.5 and abs(found[1] - (16 - dx * shift)) <= 0.5
+            whole += 1
         assert crop["label"] == data[i]["label"] and crop["index"] == i
+    assert whole > 0 or deviation == 0.5  # the check ran
     again = ShiftedCentre(
         data, image_size=32, deviation=deviation, crop_pct=0.875, interpolation="bilinear", mean=MEAN, std=STD
     )

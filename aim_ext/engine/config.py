@@ -152,6 +152,10 @@ class TrainConfig:
             )
         if self.stop_stage is None and (self.mask_estimators != "every" or self.masking != "top-down"):
             raise ValueError("masking and mask_estimators apply to AIM models: set stop_stage")
+        if self.mask_estimators == "top" and self.area_final_stages is not None:
+            raise ValueError(
+                "one mask estimator has one active-area target: area_final, not area_final_stages"
+            )
         if self.masking == "bottom-up" and self.mask_estimators != "every":
             raise ValueError("bottom-up masking needs mask_estimators every (one per masked level)")
         if self.area_final_stages is not None:

@@ -100,7 +100,7 @@ def annealing_warnings(cfg: TrainConfig) -> list[str]:
     if end > last:
         found.append(
             f"tau reaches its final value at epoch {end}, after the last epoch ({last}): the run ends "
-            f"mid-annealing, at tau {schedule(last)}"
+            f"mid-annealing, at tau {_rounded(schedule(last))}"
         )
     if (cfg.select_from or 0) < min(end, last):
         found.append(
@@ -108,6 +108,10 @@ def annealing_warnings(cfg: TrainConfig) -> list[str]:
             f"--select-from {min(end, last)} selects only from then on"
         )
     return found
+
+
+def _rounded(tau: float | tuple[float, ...]) -> str:
+    return ", ".join(f"{t:.4g}" for t in (tau if isinstance(tau, tuple) else (tau,)))
 
 
 def set_gumbel_for_epoch(model: nn.Module, cfg: TrainConfig, epoch: int) -> None:
@@ -559,6 +563,8 @@ def _silent(*_: Any) -> None:
 RESUME_KEYS = (
     "model",
     "stop_stage",
+    "masking",
+    "mask_estimators",
     "dataset",
     "data_root",
     "image_size",

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from aim_ext.data import ShiftedCentre
 from aim_ext.engine import build_split
 from aim_ext.explain.epg import energy_pointing_game
 from aim_ext.explain.evaluate import DEFINITIONS, Evaluation, Shown, evaluate, figure_methods
@@ -112,9 +113,8 @@ def mask_evolution_figure(run: Run, path: Path) -> Path | None:
     for snapshot in snapshots:
         state = load_checkpoint(snapshot)
         by_epoch[int(state["epoch"])] = [m[:1] for m in state["masks"]]
-    val = (
-        run.dataset if run.split == "val" else build_split(run.cfg, "val", {"mean": run.mean, "std": run.std})
-    )
+    centred_val = run.split == "val" and not isinstance(run.dataset, ShiftedCentre)  # the image logged
+    val = run.dataset if centred_val else build_split(run.cfg, "val", {"mean": run.mean, "std": run.std})
     return mask_evolution(by_epoch, val[0]["image"], path, mean=run.mean, std=run.std)
 
 

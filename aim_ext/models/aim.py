@@ -279,7 +279,8 @@ class AIM(MaskingModel):
             for head, s in zip(self.aux_heads, stages, strict=True)
             if self.aux_heads_on
         ]
-        return AIMOutput(logits, aux, [s.mask for s in stages], [s.mask_logits for s in stages])
+        estimated = 1 if self.mask_estimators == "top" else None
+        return AIMOutput(logits, aux, [s.mask for s in stages], [s.mask_logits for s in stages], estimated)
 
     def predict(
         self, x: Tensor, *, merged_map: bool = False

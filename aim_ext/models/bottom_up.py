@@ -8,9 +8,10 @@ masked copy before the next stage reads it, with no skip connection back to the 
 
 `BottomUpAIM(backbone, stop_stage)` masks levels stop_stage..L, the paper's stage choices
 [1, 2, 3] (stop_stage 1 on ConvNeXt), [2, 3] and [3]. The classifier is AIM's head (global mean,
-dropout, linear) on the masked top level; there are no auxiliary heads. The same mask estimator,
-binary Gumbel and masked-merge op as AIM's stages, and the same training (Eq. 7 without the
-auxiliary term), so the two differ only in where the masks act.
+dropout, linear) on the masked top level, as AIM's f_final is on P_T; timm's own head (ConvNeXt's
+head LayerNorm) is not used, so with every mask on this is the backbone with AIM's classifier, not
+the vanilla model. There are no auxiliary heads. The same mask estimator, binary Gumbel and
+masked-merge op as AIM's stages, and the same training (Eq. 7 without the auxiliary term).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class BottomUpAIM(MaskingModel):
         self.stop_stage = stop_stage
         self.num_classes = num_classes
         self.stage_indices = list(range(top, stop_stage - 1, -1))  # top stage first
-        self.mask_estimators = nn.ModuleList(MaskEstimator(channels[i]) for i in self.stage_indices)
+        self.estimators = nn.ModuleList(MaskEstimator(channels[i]) for i in self.stage_indices)
         self.head = ClassifierHead(channels[top], num_classes, drop_rate)
         self.merged_map = nn.Identity()  # the masked top level, the map the classifier pools
         self.temperature = temperature
@@ -86,13 +87,13 @@ class BottomUpAIM(MaskingModel):
         return {"masking": "bottom-up"}
 
     def mask_estimator_modules(self) -> list[nn.Module]:
-        return list(self.mask_estimators)
+        return list(self.estimators)
 
     def forward_masked(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """The backbone's modules in order, each masked level's output replaced by S_l * B_l
         before the next module reads it. Returns the masked top level, the masks B_l and the
         logits A_l (top first)."""
-        estimators = dict(zip(self.backbone.return_layers, reversed(self.mask_estimators), strict=True))
+        estimators = dict(zip(self.backbone.return_layers, reversed(self.estimators), strict=True))
         masks: list[Tensor] = []
         logits: list[Tensor] = []
         for name, module in self.backbone.items():
@@ -124,7 +125,7 @@ class BottomUpAIM(MaskingModel):
         refused (as `AIM.fuse`)."""
         self.eval()
         fold_for_inference(self.backbone)
-        self.mask_estimators = nn.ModuleList(estimator.fuse() for estimator in self.mask_estimators)
+        self.estimators = nn.ModuleList(estimator.fuse() for estimator in self.estimators)
         return make_inference_only(self)
 
     def predict(self, x: Tensor, *, merged_map: bool = False):

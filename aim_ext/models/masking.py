@@ -28,6 +28,10 @@ class AIMOutput(NamedTuple):
     aux_logits: list[Tensor]  # f_l(O_l) per stage (none where the model has no auxiliary heads)
     masks: list[Tensor]  # B_l, (N, 1, h_l, w_l), binary, straight-through differentiable
     mask_logits: list[Tensor]  # A_l, (N, 1, h_l, w_l)
+    # How many of the masks (top first) a mask estimator made, the ones the active-area loss
+    # holds to tau; None: all. With one estimator (appendix D.3) the lower stages' masks are the
+    # top stage's, upsampled: counting each copy would weigh the one mask once per stage.
+    estimated: int | None = None
 
 
 class MaskingModel(nn.Module):

@@ -24,7 +24,9 @@ from aim_ext.models.masking import MaskingModel
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "aim-ext saved model"
-FORMAT_VERSION = 1
+# Version 2 added `architecture_options` (the ablations); a model without them is still written
+# as version 1, which any aim-ext reads.
+FORMAT_VERSION = 2
 RUN_MODEL_FOLDER = "model"  # where aim-train puts the saved model inside its run folder
 
 
@@ -55,17 +57,18 @@ def save_pretrained(
     if labels is not None and len(labels) != num_classes:
         raise ValueError(f"save_pretrained: {len(labels)} labels for a model of {num_classes} classes")
     name = model.backbone_name if isinstance(model, MaskingModel) else model.pretrained_cfg["architecture"]
+    options = model.architecture_options() if isinstance(model, MaskingModel) else {}
     stop = getattr(model, "stop_stage", None)
     data = model_data_config(name, stop)
     size = image_size or data["input_size"][-1]
     config: dict[str, Any] = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if options else 1,
         "architecture": architecture(model),
         "backbone": name,
         "stop_stage": stop,
         "width": getattr(model, "width", None),
-        "architecture_options": model.architecture_options() if isinstance(model, MaskingModel) else {},
+        "architecture_options": options,
         "num_classes": num_classes,
         "labels": list(labels) if labels is not None else [str(i) for i in range(num_classes)],
         "input_size": [3, size, size],
@@ -181,7 +184,7 @@ def _build(name: str, stop: int | None, num_classes: int, width: int | None, opt
     extra.update(options if stop is not None else {})
     try:
         return create_model(name, num_classes=num_classes, stop_stage=stop, **extra)
-    except (RuntimeError, ValueError) as error:  # timm's "unknown model", a bad stop stage
+    except (RuntimeError, ValueError, TypeError) as error:  # an unknown model, stop stage or option
         raise ModelFileError(f"cannot build {name} (stop stage {stop}): {error}") from None
 
 
