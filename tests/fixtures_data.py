@@ -150,3 +150,16 @@ def make_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog"), train: in
                 write_image(root / part / name / f"{name}_{k}.jpg", (30 + k, 26 + c), seed=400 + k)
         write_image(root / "train" / name / "nested" / f"{name}_deep.png", (28, 28))
     (root / "train" / classes[0] / "notes.txt").write_text("not an image")
+
+
+def waterbirds_training_flags(root: Path) -> list[str]:
+    """aim-train's flags for a tiny run on a Waterbirds tree (with its CUB tree) written under
+    ``root``: resnet18, 64 px, two epochs of batch 4 on the CPU, annealing over the first."""
+    cub = make_cub(root / "CUB_200_2011")
+    make_waterbirds(root / "waterbirds", cub)
+    return [
+        "--dataset", "waterbirds", "--data-root", str(root / "waterbirds"), "--cub-root", str(cub.root),
+        "--model", "resnet18", "--image-size", "64", "--epochs", "2", "--batch-size", "4",
+        "--num-workers", "0", "--device", "cpu", "--lr-backbone", "1e-3", "--lr-topdown", "1e-3",
+        "--area-duration", "1", "--select-from", "1", "--mask-log-every", "1",
+    ]  # fmt: skip

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from fixtures_data import make_cub, make_waterbirds
+from fixtures_data import waterbirds_training_flags
 
 import aim_ext
 from aim_ext.cli import eval as aim_eval
@@ -180,17 +180,8 @@ def test_bottom_up_trains_its_estimators_through_the_later_stages():
 
 
 def _train_run(tmp_path, flags: list[str]):
-    cub = make_cub(tmp_path / "CUB_200_2011")
-    make_waterbirds(tmp_path / "waterbirds", cub)
     out = tmp_path / "run"
-    argv = [
-        "--dataset", "waterbirds", "--data-root", str(tmp_path / "waterbirds"), "--cub-root", str(cub.root),
-        "--model", "resnet18", "--image-size", "64", "--epochs", "2", "--batch-size", "4",
-        "--num-workers", "0", "--device", "cpu", "--out", str(out), "--lr-backbone", "1e-3",
-        "--lr-topdown", "1e-3", "--area-duration", "1", "--select-from", "1", "--mask-log-every", "1",
-        *flags,
-    ]  # fmt: skip
-    assert aim_train.main(argv) == 0
+    assert aim_train.main([*waterbirds_training_flags(tmp_path), "--out", str(out), *flags]) == 0
     return out
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from fixtures_data import make_cub, make_waterbirds
+from fixtures_data import make_cub, waterbirds_training_flags
 from PIL import Image
 
 from aim_ext.cli import eval as aim_eval
@@ -89,14 +89,8 @@ def test_the_shifted_centre_split_needs_masks_and_a_deviation_in_range(cub, tmp_
 
 @pytest.mark.slow
 def test_aim_eval_reports_the_centred_and_shifted_splits_side_by_side(tmp_path, capsys):
-    cub = make_cub(tmp_path / "CUB_200_2011")
-    make_waterbirds(tmp_path / "waterbirds", cub)
     run = tmp_path / "run"
-    flags = [
-        "--dataset", "waterbirds", "--data-root", str(tmp_path / "waterbirds"), "--cub-root", str(cub.root),
-        "--model", "resnet18", "--stop-stage", "3", "--image-size", "48", "--epochs", "1",
-        "--batch-size", "4", "--num-workers", "0", "--device", "cpu", "--out", str(run),
-    ]  # fmt: skip
+    flags = [*waterbirds_training_flags(tmp_path), "--stop-stage", "3", "--out", str(run)]
     assert aim_train.main(flags) == 0
     argv = [str(run), "--device", "cpu", "--attribution", "gradcam", "--shifted-centre", "0.2", "0.4"]
     assert aim_eval.main(argv) == 0
