@@ -112,8 +112,3 @@ class ShiftedCentre(Dataset):
         sample["image"] = crop_padded(sample["image"], top, left, self.image_size)
         sample["mask"] = crop_padded(sample["mask"], top, left, self.image_size)
         return sample
-
-    def mask_fraction(self, indices: Sequence[int] | None = None) -> float:
-        """Mean fraction of object pixels in the shifted crops (the EPG of a uniform map)."""
-        indices = range(len(self)) if indices is None else indices
-        return float(sum(self[i]["mask"].double().mean().item() for i in indices) / max(len(indices), 1))
