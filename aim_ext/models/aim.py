@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from functools import partial
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -13,10 +12,10 @@ from aim_ext.models.concurrency import can_run_concurrently, fork, join, tracing
 from aim_ext.models.fusion import fold_for_inference, is_inference_only, make_inference_only
 from aim_ext.models.heads import ClassifierHead, masked_avg_pool
 from aim_ext.models.mask_estimator import MaskEstimator
-from aim_ext.models.masking import AIMOutput, MaskingModel, check_stop_stage, feature_info
+from aim_ext.models.masking import AIMOutput, MaskingModel, feature_backbone, gumbel_sample
 from aim_ext.models.sparsity import check_sparse_mode, prefer_sparse
 from aim_ext.models.topdown import TOPDOWN_WIDTH, FeatureBranch, StageOutput, TopDownStage
-from aim_ext.ops import logistic_noise, pool_weights
+from aim_ext.ops import pool_weights
 from aim_ext.ops.masked_merge import acc_dtype
 
 HEAD_DROP_RATE = 0.3
@@ -56,25 +55,10 @@ class AIM(MaskingModel):
         super().__init__()
         if mask_estimators not in MASK_ESTIMATORS:
             raise ValueError(f"mask_estimators must be one of {MASK_ESTIMATORS}, got {mask_estimators!r}")
-        if drop_path_rate is not None:
-            backbone_kwargs["drop_path_rate"] = drop_path_rate
-        # The feature stages from a weightless copy, then the backbone returning only the stages the
-        # top-down pathway reads: the finer ones are not kept alive through the forward pass.
-        if "out_indices" in backbone_kwargs:
-            raise ValueError(
-                "AIM chooses the backbone's out_indices (stop_stage..top); do not pass out_indices"
-            )
-        info = feature_info(backbone, backbone_kwargs)
-        channels, levels = info.channels(), info.out_indices
-        top = len(channels) - 1
-        check_stop_stage(backbone, stop_stage, channels)
-        self.backbone = timm.create_model(
-            backbone,
-            pretrained=pretrained,
-            features_only=True,
-            out_indices=tuple(levels[stop_stage:]),
-            **backbone_kwargs,
+        self.backbone, channels = feature_backbone(
+            backbone, stop_stage, pretrained=pretrained, drop_path_rate=drop_path_rate, kwargs=backbone_kwargs
         )
+        top = len(channels) - 1
         self.backbone_name = backbone
         self.stop_stage = stop_stage
         self.num_classes = num_classes
@@ -149,7 +133,7 @@ class AIM(MaskingModel):
         stage's mask reaches the one estimator."""
         top = inputs[0]
         logits = self.stages[0].mask_estimator(top)
-        sample = logistic_noise(logits) if self.training and self.gumbel_noise else None
+        sample = gumbel_sample(logits, training=self.training, noise=self.gumbel_noise)
         outputs: list[StageOutput] = []
         coarse = None
         for stage, s in zip(self.stages, inputs, strict=True):

@@ -16,16 +16,14 @@ masked-merge op as AIM's stages, and the same training (Eq. 7 without the auxili
 
 from __future__ import annotations
 
-import timm
-import torch
 from timm.models import FeatureListNet
 from torch import Tensor, nn
 
 from aim_ext.models.fusion import fold_for_inference, make_inference_only
 from aim_ext.models.heads import ClassifierHead
 from aim_ext.models.mask_estimator import MaskEstimator
-from aim_ext.models.masking import AIMOutput, MaskingModel, check_stop_stage, feature_info
-from aim_ext.ops import logistic_noise, masked_merge
+from aim_ext.models.masking import AIMOutput, MaskingModel, feature_backbone, gumbel_sample
+from aim_ext.ops import masked_merge
 
 
 class BottomUpAIM(MaskingModel):
@@ -51,21 +49,10 @@ class BottomUpAIM(MaskingModel):
         **backbone_kwargs,
     ) -> None:
         super().__init__()
-        if drop_path_rate is not None:
-            backbone_kwargs["drop_path_rate"] = drop_path_rate
-        if "out_indices" in backbone_kwargs:
-            raise ValueError("bottom-up AIM chooses the backbone's out_indices; do not pass out_indices")
-        info = feature_info(backbone, backbone_kwargs)
-        channels, levels = info.channels(), info.out_indices
-        check_stop_stage(backbone, stop_stage, channels)
-        top = len(channels) - 1
-        self.backbone = timm.create_model(
-            backbone,
-            pretrained=pretrained,
-            features_only=True,
-            out_indices=tuple(levels[stop_stage:]),
-            **backbone_kwargs,
+        self.backbone, channels = feature_backbone(
+            backbone, stop_stage, pretrained=pretrained, drop_path_rate=drop_path_rate, kwargs=backbone_kwargs
         )
+        top = len(channels) - 1
         if not isinstance(self.backbone, FeatureListNet):
             raise ValueError(
                 f"bottom-up masking drives the backbone module by module, which needs timm's "
@@ -102,9 +89,7 @@ class BottomUpAIM(MaskingModel):
             if estimator is None:
                 continue
             a = estimator(x)
-            sample = None  # evaluation: the deterministic mask 1[A >= 0]
-            if self.training:
-                sample = logistic_noise(a) if self.gumbel_noise else torch.zeros_like(a, dtype=torch.float32)
+            sample = gumbel_sample(a, training=self.training, noise=self.gumbel_noise)
             x, b = masked_merge(x, a, None, noise=sample, temperature=self.temperature)
             masks.insert(0, b)
             logits.insert(0, a)

@@ -20,6 +20,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from aim_ext.ops import logistic_noise
+
 
 class AIMOutput(NamedTuple):
     """What a masking model returns in training mode; every list is ordered top stage first."""
@@ -60,6 +62,36 @@ class MaskingModel(nn.Module):
         """The constructor options that change the architecture away from the paper's AIM, for
         saved models and checkpoints to rebuild it (empty for the paper's)."""
         raise NotImplementedError
+
+
+def gumbel_sample(logits: Tensor, *, training: bool, noise: bool) -> Tensor | None:
+    """What the binary Gumbel (Eq. 2) adds to the mask logits: nothing in evaluation (the
+    deterministic mask 1[A >= 0]); in training, float32 logistic noise, or zeros with the noise
+    off (the estimator still trains through the straight-through gradient)."""
+    if not training:
+        return None
+    return logistic_noise(logits) if noise else torch.zeros_like(logits, dtype=torch.float32)
+
+
+def feature_backbone(
+    backbone: str, stop_stage: object, *, pretrained: bool, drop_path_rate: float | None, kwargs: dict
+) -> tuple[nn.Module, list[int]]:
+    """timm's ``features_only`` backbone returning the levels stop_stage..top (the finer ones are
+    not kept alive through the forward pass), and every level's channels. The levels come from a
+    weightless copy; a stop stage that is not a level, or out_indices in ``kwargs``, is a clear
+    error."""
+    kwargs = dict(kwargs)
+    if drop_path_rate is not None:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if "out_indices" in kwargs:
+        raise ValueError("AIM chooses the backbone's out_indices (stop_stage..top); do not pass out_indices")
+    info = feature_info(backbone, kwargs)
+    channels, levels = info.channels(), info.out_indices
+    check_stop_stage(backbone, stop_stage, channels)
+    model = timm.create_model(
+        backbone, pretrained=pretrained, features_only=True, out_indices=tuple(levels[stop_stage:]), **kwargs
+    )
+    return model, channels
 
 
 def feature_info(backbone: str, kwargs: dict):

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from aim_ext.models.concurrency import tracing
 from aim_ext.models.mask_estimator import MaskEstimator
+from aim_ext.models.masking import gumbel_sample
 from aim_ext.ops import (
-    logistic_noise,
     masked_merge,
     masked_pool,
     pooled_epilogue,
@@ -240,12 +240,8 @@ class TopDownStage(nn.Module):
     ) -> StageOutput:
         """Eq. 2, Eq. 3 and the top-down merge, from A_l = `logits` and `feature_branch`'s output.
         In training with ``noise``, ``sample`` is the logistic noise to add (drawn here if None)."""
-        if not self.training:
-            sample = None  # evaluation: the deterministic mask 1[A >= 0]
-        elif not noise:  # noise off still trains the estimator through the straight-through gradient
-            sample = torch.zeros_like(logits, dtype=torch.float32)
-        elif sample is None:
-            sample = logistic_noise(logits)
+        if not self.training or not noise or sample is None:  # a given sample is kept in noisy training
+            sample = gumbel_sample(logits, training=self.training, noise=noise)
         coarse = _same_dtype(coarse, branch)
         conv_bias = self.features.epilogue_bias() if self.uses_fused_epilogue() else None
         if self.uses_fused_epilogue() and not self.training and not torch.is_grad_enabled():
