@@ -7,7 +7,7 @@ For the top-down stages of ConvNeXt-T, ResNet-50 and MobileNetV2 at 224 px, time
 rounds an `InferenceMaskEstimator` (the folded estimator of `fuse_for_inference`) run as
     modules        layer by layer as PyTorch modules (algorithm "modules")
     convolutions   the op aim::mask_estimator, ATen's convolutions inside one call
-    kernel         the op's one-launch kernel (CUDA only; on the CPU its emulation is a test tool)
+    kernel         the op's two-launch kernel (CUDA only; on the CPU its emulation is a test tool)
 and prints each time with its interquartile range and its ratio to the modules. On CUDA every
 call is a captured CUDA graph replay (the deployment's runtime; --no-graph for eager calls), so
 the figures are kernel chains, not Python. The op's "auto" route takes the kernel where

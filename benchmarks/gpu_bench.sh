@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # aim-bench on one H100/H200 within one short lease, the newest figures first:
 #   build the extension (sm_90 only; the merge kernels' four files in parallel, nvcc on every
-#   CPU), check that the CUDA kernels load, the fused models at batch 1 in CUDA graphs (the mask
+#   CPU), check that the CUDA kernels load; sparse masked inference (the Triton kernels' CUDA
+#   tests, their crossover against the dense branch at batch 256 and 1 in bf16, maps 7x7 to 56x56
+#   at 10-50% active, the fused models at batch 256 with dense and sparse branches, and sparse at
+#   batch 1 in CUDA graphs); the fused models at batch 1 in CUDA graphs (the mask
 #   estimator op against its modules, its tests, its crossover, a kernel-time profile), the fused
 #   training step's tests and its eager and captured steps at batch 64, the fused models at batch
 #   256 (dense and sparse branches), aim-bench batch 1 (eager, CUDA graphs) and 256 (eager), the
@@ -55,7 +58,23 @@ step build 170 "$PY" setup.py build_ext --inplace
 step kernels 30 "$PY" -c "import aim_ext.ops as o, sys; a = o.kernels_available(); print(a); sys.exit(0 if a['cuda'] else 1)"
 # Without the kernels every figure would be the reference path's: stop (the rest are skipped).
 [ "${LAST_RC:-1}" -ne 0 ] && BUDGET=0
-# Batch 1 in a CUDA graph, both sides fused: the mask estimators as the op chooses (its one-launch
+# Sparse masked inference: the Triton kernels' CUDA tests (graph capture with new masks, no host
+# synchronisation, the same bits on every replay), the feature branch alone (dense against sparse,
+# kernel time at batch 256, the crossover table for AIM.sparse_inference="auto"), then the whole
+# fused models, both sides fused, dense and sparse branches at batch 256 and sparse at batch 1.
+step tests_sparse 150 "$PY" -m pytest -q -p no:cacheprovider --tb=short -k cuda \
+  tests/test_pooled_head_triton.py tests/test_pooled_head.py
+step sparse_crossover_b256 120 "$PY" benchmarks/sparse_crossover.py --device cuda --dtype bfloat16 --batch 256 \
+  --fractions 0.1,0.25,0.5 --rounds 10 --json "$WORK/sparse_crossover_b256.json"
+step sparse_crossover_b1 60 "$PY" benchmarks/sparse_crossover.py --device cuda --dtype bfloat16 --batch 1 \
+  --fractions 0.1,0.25,0.5 --rounds 10 --json "$WORK/sparse_crossover_b1.json"
+step bench_fused_b256 90 "${BENCH[@]}" --batch-sizes 256 --runtimes eager --no-train --fuse --sparse off \
+  --out "$WORK/bench_fused_b256"
+step bench_fused_sparse_b256 90 "${BENCH[@]}" --batch-sizes 256 --runtimes eager --no-train --fuse --sparse on \
+  --out "$WORK/bench_fused_sparse_b256"
+step bench_fused_sparse_b1 60 "${BENCH[@]}" --batch-sizes 1 --runtimes cudagraphs --no-train --fuse --sparse on \
+  --out "$WORK/bench_fused_sparse_b1"
+# Batch 1 in a CUDA graph, both sides fused: the mask estimators as the op chooses (its two-launch
 # kernel for the top stage), then as modules, side by side; the estimator's CUDA tests and crossover.
 step bench_fused_b1 60 "${BENCH[@]}" --families convnext_tiny,resnet50,mobilenetv2_100 --batch-sizes 1 \
   --runtimes cudagraphs --no-train --fuse --out "$WORK/bench_fused_b1"
@@ -72,14 +91,7 @@ step profile_fused_b1 30 "${PROFILE[@]}" --model convnext_tiny --stop-stages 2,1
 step tests_train_step 90 "$PY" -m pytest -q -p no:cacheprovider --tb=short -m "not slow" tests/test_train_step.py
 step bench_train 150 "${BENCH[@]}" --runtimes "" --train-runtimes eager,cuda-graph --train-batch 64 \
   --out "$WORK/bench_train"
-# The fused models (both sides), the pooled head, dense then sparse feature branches: the targets of
-# sparse masked inference at batch 256, then the new kernels' CUDA tests (graph capture, no sync).
-step bench_fused_b256 90 "${BENCH[@]}" --batch-sizes 256 --runtimes eager --no-train --fuse --sparse off \
-  --out "$WORK/bench_fused_b256"
-step bench_fused_sparse_b256 90 "${BENCH[@]}" --batch-sizes 256 --runtimes eager --no-train --fuse --sparse on \
-  --out "$WORK/bench_fused_sparse_b256"
-step tests_pooled 90 "$PY" -m pytest -q -p no:cacheprovider -n 8 --tb=short -k cuda \
-  tests/test_pooled_head.py tests/test_inference.py
+step tests_pooled 90 "$PY" -m pytest -q -p no:cacheprovider -n 8 --tb=short -k cuda tests/test_inference.py
 step bench_b1 60 "${BENCH[@]}" --batch-sizes 1 --runtimes eager,cudagraphs --no-train --out "$WORK/bench_b1"
 step bench_b256 60 "${BENCH[@]}" --batch-sizes 256 --runtimes eager --no-train --out "$WORK/bench_b256"
 step tests 75 "$PY" -m pytest -q -p no:cacheprovider -n 8 --tb=short -k "cuda or concurrent" \
@@ -107,6 +119,10 @@ echo "|---|---|---|"
 cat "$WORK/summary.md"
 cp "$WORK/summary.md" "$OUT/summary.md"
 grep -hE "[0-9]+ (passed|failed)" "$WORK/tests.log" | tail -n 1
+grep -hE "[0-9]+ (passed|failed)" "$WORK/tests_sparse.log" | tail -n 1
+for log in "$WORK"/sparse_crossover_b256.log "$WORK"/sparse_crossover_b1.log; do
+  [ -f "$log" ] && { echo "$(basename "$log" .log):"; grep -hE "^(\||device)" "$log"; }
+done
 "$PY" - "$WORK" <<'PYTHON'
 import json, pathlib, sys
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*/results.json")):

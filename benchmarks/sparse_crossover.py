@@ -2,12 +2,14 @@
 
     python benchmarks/sparse_crossover.py [--device cpu] [--batch 8] [--rounds 15]
 
-For the top-down stages of ConvNeXt-T and ResNet-50 at 224 px, and masks of several active
-fractions, times in alternating rounds
+For the stages of ConvNeXt-T and ResNet-50 at 224 px that AIM variants mask (maps 7x7 to 56x56),
+and masks of several active fractions, times in alternating rounds
     dense:  align and refine convolutions on the whole map, then aim::pooled_epilogue
     sparse: aim::sparse_pooled_branch
-and prints sparse/dense with both sides' interquartile ranges. The masks are blobs (a smoothed
-random field thresholded at the fraction's quantile), as trained masks are, not scattered pixels.
+and prints sparse/dense with both sides' interquartile ranges. On CUDA both ops run their Triton
+kernels (aim_ext.ops.pooled_head_triton) and the convolutions cuDNN's. The masks are blobs (a
+smoothed random field thresholded at the fraction's quantile), as trained masks are, not
+scattered pixels.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ STAGES = [
     ("resnet50 s4", 2048, 7),
     ("resnet50 s3", 1024, 14),
     ("resnet50 s2", 512, 28),
+    ("convnext_tiny s0", 96, 56),
+    ("resnet50 s1", 256, 56),
 ]
 FRACTIONS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 WIDTH = 256

@@ -84,6 +84,13 @@ bool kernel_takes(const Tensor& s, const EstimatorParams& p, int64_t shared_byte
   if (p.block_weights.size() > 2 * static_cast<size_t>(estimator::kMaxBlocks)) {
     return say("the kernel takes at most " + std::to_string(estimator::kMaxBlocks) + " residual blocks");
   }
+  // The stem's launch has one block per (chunk of input channels, image): within grid.x's limit.
+  const int64_t stem_blocks = estimator::stem_chunks(s.size(1)) * s.size(0);
+  if (stem_blocks > estimator::kMaxGridBlocks) {
+    return say("the stem's launch would need " + std::to_string(stem_blocks) + " blocks (" +
+               std::to_string(estimator::stem_chunks(s.size(1))) + " channel chunks x " + std::to_string(s.size(0)) +
+               " images), more than a grid's " + std::to_string(estimator::kMaxGridBlocks) + ": split the batch");
+  }
   const int64_t acc_size = dtype == at::kDouble ? 8 : 4;
   if (!estimator::map_fits_kernel(s.size(2), s.size(3), acc_size, shared_bytes)) {
     const int64_t side = estimator::largest_square_map(acc_size, shared_bytes);

@@ -7,7 +7,7 @@
 // (after its bias), each GELU, each residual sum, the channel means, the context term, the 1x1
 // conv's output and the logits.
 //
-// This header is the arithmetic of the one-launch kernel route, in the order it sums, written once
+// This header is the arithmetic of the kernel route (two launches), in the order it sums, written once
 // for the CUDA kernels (cuda/mask_estimator_kernel.cu) and their CPU emulation
 // (mask_estimator.cpp): both call these functions, so the emulation checks the kernels'
 // arithmetic and indexing on the CPU. Each output is one thread's sum in a fixed order with fused
@@ -44,6 +44,9 @@ AIM_HOST_DEVICE int padded_index(int p, int W) { return (p / W + 1) * (W + 2) + 
 
 // Number of stem partial sums (chunks of kStemChunk input channels).
 AIM_HOST_DEVICE int64_t stem_chunks(int64_t C) { return (C + kStemChunk - 1) / kStemChunk; }
+
+// A launch's grid.x limit (2^31 - 1 blocks): the stem launches stem_chunks(C) * N blocks, the tail N.
+constexpr int64_t kMaxGridBlocks = 2147483647;
 
 // Shared memory of a stem block: its padded input channels and their weights [c][tap][o].
 AIM_HOST_DEVICE int64_t stem_shared_bytes(int64_t H, int64_t W, int64_t acc_size) {

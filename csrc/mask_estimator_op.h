@@ -4,7 +4,7 @@
 //
 // Routes, chosen by the op's `algorithm` argument:
 //   "convolutions"  ATen's convolutions, layer by layer, in s's dtype (any width D, any map)
-//   "kernel"        the one-launch kernel on CUDA, its emulation on the CPU (D = 32, maps within
+//   "kernel"        the two-launch kernel on CUDA, its emulation on the CPU (D = 32, maps within
 //                   the kernel's shared memory); an error where the map does not fit
 //   "auto"          on CUDA the kernel where it fits and wins (kAutoMaxPositions, kAutoMaxBatch),
 //                   else the convolutions; on the CPU the convolutions

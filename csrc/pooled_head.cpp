@@ -3,17 +3,17 @@
 //
 //   aim::pooled_epilogue       from the feature branch's 3x3 convolution output (dense):
 //                              pooled[n] = sum_p w(p) B(n, p) GELU(LayerNorm_C(conv))(n, p)
-//                              (conv + conv_bias where given, in the accumulation type)
+//                              (conv + conv_bias where given, rounded to conv's dtype)
 //   aim::sparse_pooled_branch  from the backbone features S_l (sparse): the 1x1 align conv on the
 //                              3x3 neighbourhoods of the active positions, the 3x3 refine conv at
 //                              the active positions only, then the same LayerNorm, GELU and sum.
 //
 // w(p) is the position's share of mean(P_T) (its nearest-resize footprint in P_T over P_T's area),
 // B = 1[logits >= 0]. pooled is (N, D) in the accumulation type (float32, float64 for float64
-// input), the mask (N, 1, H, W) in the input's dtype and memory format. Both ops run the same ATen
-// code on CPU and CUDA. Positions are compacted on CPU with nonzero (the host knows the count);
-// on CUDA with nonzero_static at a capacity of all N*H*W positions, so that no count reaches the
-// host and the ops run inside a captured CUDA graph.
+// input), the mask (N, 1, H, W) in the input's dtype and memory format. These are the CPU kernels:
+// positions are compacted with nonzero (the host knows the count) and the work follows it. On CUDA
+// the ops run Triton kernels that keep the count on the device (aim_ext/ops/pooled_head_triton.py),
+// or, where Triton is missing, the PyTorch references registered in aim_ext/ops/pooled_head.py.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -26,11 +26,9 @@
 namespace aim {
 namespace {
 
-// Positions per matrix product of the sparse refine conv. CPU: 512 x 9 x 256 gathered values
-// (4.5 MiB in float32) stay in cache; one product over every position was up to 1.5x slower on
-// 2 cores. CUDA: large chunks, a few launches per stage, the gathered patches bounded in memory.
-constexpr int64_t kCpuChunk = 512;
-constexpr int64_t kCudaChunk = 1 << 16;
+// Positions per matrix product of the sparse refine conv: 512 x 9 x 256 gathered values (4.5 MiB
+// in float32) stay in cache; one product over every position was up to 1.5x slower on 2 cores.
+constexpr int64_t kChunk = 512;
 
 void check_like_map(const Tensor& t, const char* op, const char* name, const Tensor& map,
                     const char* map_name) {
@@ -73,14 +71,8 @@ void check_pooled_inputs(const Tensor& map, const char* map_name, const Tensor& 
   TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
 }
 
-// The flat indices (n * H * W + p) where `flags` (P,) is set, ascending: exactly those on CPU; on
-// CUDA all P slots, the unused ones holding P (one past the end), so that the shape never depends
-// on the data.
-Tensor compact(const Tensor& flags) {
-  const int64_t P = flags.size(0);
-  if (flags.is_cpu()) return at::nonzero(flags).view({-1});
-  return at::nonzero_static(flags, P, P).view({-1});
-}
+// The flat indices (n * H * W + p) where `flags` (P,) is set, ascending.
+Tensor compact(const Tensor& flags) { return at::nonzero(flags).view({-1}); }
 
 // (N, H, W, C) rows of a map, a view for channels_last and a copy for NCHW.
 Tensor position_rows(const Tensor& map) {
@@ -92,26 +84,22 @@ Tensor mask_of(const Tensor& active, const Tensor& like) {
   return active.to(like.scalar_type()).view({like.size(0), 1, like.size(2), like.size(3)}).contiguous(fmt);
 }
 
-// sum over the rows at positions `index` (slots equal to P are empty) of
-// w(p) * GELU(LayerNorm(rows)), per image: (N, D) in the accumulation type. GELU's output is rounded
-// to the rows' dtype, as the dense T_l(S_l) is.
+// sum over the rows at positions `index` of w(p) * GELU(LayerNorm(rows)), per image: (N, D) in the
+// accumulation type. GELU's output is rounded to the rows' dtype, as the dense T_l(S_l) is.
 Tensor pool_rows(const Tensor& rows, const Tensor& index, const Tensor& pool_weight, const Tensor& ln_weight,
                  const Tensor& ln_bias, double eps, int64_t N, int64_t HW,
                  const std::optional<Tensor>& conv_bias = std::nullopt) {
   const auto acc = acc_dtype(rows);
-  const int64_t D = rows.size(1), P = N * HW;
-  // The convolution's bias, where given, joins the rows in the accumulation type (one kernel with
-  // the cast).
-  const Tensor x = conv_bias.has_value() ? at::add(rows, conv_bias->to(acc)) : rows.to(acc);
+  const int64_t D = rows.size(1);
+  // The convolution's bias, where given, is added in the rows' dtype: the sum rounded once, as a
+  // convolution with its bias writes it (the same rounding on every path).
+  const Tensor x = (conv_bias.has_value() ? at::add(rows, conv_bias->to(rows.scalar_type())) : rows).to(acc);
   const Tensor y = at::layer_norm(x, {D}, ln_weight.to(acc), ln_bias.to(acc), eps);
   const Tensor features = at::gelu(y).to(rows.scalar_type()).to(acc);
-  const Tensor valid = index < P;
-  const Tensor slot = at::where(valid, index, at::zeros_like(index));
-  const Tensor weight = pool_weight.reshape({HW}).to(acc).index_select(0, at::remainder(slot, HW));
-  const Tensor image = at::div(slot, HW, "floor");
-  // Empty slots add an explicit zero (their gathered rows are real data, possibly not finite).
-  const Tensor terms = at::where(valid.unsqueeze(1), features * weight.unsqueeze(1), at::zeros({}, features.options()));
-  return at::zeros({N, D}, rows.options().dtype(acc)).index_add_(0, image, terms);
+  const Tensor weight = pool_weight.reshape({HW}).to(acc).index_select(0, at::remainder(index, HW));
+  const Tensor image = at::div(index, HW, "floor");
+  // On the CPU index_add_ sums in index order: deterministic.
+  return at::zeros({N, D}, rows.options().dtype(acc)).index_add_(0, image, features * weight.unsqueeze(1));
 }
 
 std::tuple<Tensor, Tensor> pooled_epilogue(const Tensor& conv, const Tensor& ln_weight, const Tensor& ln_bias,
@@ -124,7 +112,7 @@ std::tuple<Tensor, Tensor> pooled_epilogue(const Tensor& conv, const Tensor& ln_
   const Tensor active = logits.reshape({N * HW}) >= 0;
   const Tensor index = compact(active);
   const Tensor rows = position_rows(conv);
-  const Tensor gathered = rows.index_select(0, at::clamp_max(index, N * HW - 1));
+  const Tensor gathered = rows.index_select(0, index);
   return {pool_rows(gathered, index, pool_weight, ln_weight, ln_bias, eps, N, HW, conv_bias), mask_of(active, conv)};
 }
 
@@ -135,7 +123,7 @@ Tensor needed_positions(const Tensor& active, int64_t N, int64_t H, int64_t W) {
 }
 
 // Each active position's 3x3 neighbourhood, kernel order (ky, kx): the flat positions (K * 9),
-// P where the neighbour lies outside the image or the slot is empty, and whether it lies inside.
+// P where the neighbour lies outside the image, and whether it lies inside.
 struct Neighbourhoods {
   Tensor position, inside;
   int64_t K, P;
@@ -143,13 +131,12 @@ struct Neighbourhoods {
 
 Neighbourhoods neighbourhoods(const Tensor& active_index, int64_t N, int64_t H, int64_t W) {
   const int64_t HW = H * W, P = N * HW;
-  const Tensor slot = at::clamp_max(active_index, P - 1);
-  const Tensor image = at::div(slot, HW, "floor"), p = at::remainder(slot, HW);
+  const Tensor image = at::div(active_index, HW, "floor"), p = at::remainder(active_index, HW);
   const Tensor y = at::div(p, W, "floor"), x = at::remainder(p, W);
   const Tensor offsets = at::arange(-1, 2, active_index.options());
   const Tensor yy = y.unsqueeze(1).unsqueeze(2) + offsets.view({1, 3, 1});
   const Tensor xx = x.unsqueeze(1).unsqueeze(2) + offsets.view({1, 1, 3});
-  const Tensor inside = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W) & (active_index < P).view({-1, 1, 1});
+  const Tensor inside = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W);
   const Tensor q = at::where(inside, image.view({-1, 1, 1}) * HW + yy * W + xx, at::full({}, P, yy.options()));
   return {q.reshape({-1}), inside.reshape({-1, 9}), active_index.size(0), P};
 }
@@ -161,7 +148,7 @@ Tensor gathered_product(const Tensor& source, const Tensor& index, const Tensor&
                         const std::optional<Tensor>& bias, int64_t K) {
   const int64_t X = source.size(1), D = weight_t.size(1);
   Tensor out = at::empty({K, D}, source.options());
-  const int64_t chunk = source.is_cpu() ? kCpuChunk : kCudaChunk;
+  const int64_t chunk = kChunk;
   for (int64_t start = 0; start < K; start += chunk) {
     const int64_t len = std::min(chunk, K - start);
     Tensor patches = source.index_select(0, index.narrow(0, start * 9, len * 9)).view({len, 9, X});
@@ -186,7 +173,7 @@ Tensor refine_aligned(const Tensor& s, const Tensor& active, const Neighbourhood
   const int64_t N = s.size(0), C = s.size(1), H = s.size(2), W = s.size(3), D = align_weight.size(0);
   const Tensor needed_index = compact(needed_positions(active, N, H, W));
   const int64_t M = needed_index.size(0), P = nb.P;
-  const Tensor rows = position_rows(s).index_select(0, at::clamp_max(needed_index, P - 1));
+  const Tensor rows = position_rows(s).index_select(0, needed_index);
   const Tensor a_weight = align_weight.reshape({D, C}).t();
   Tensor aligned = align_bias.has_value() ? at::addmm(align_bias->to(s.scalar_type()), rows, a_weight)
                                           : at::mm(rows, a_weight);
@@ -244,15 +231,11 @@ std::tuple<Tensor, Tensor> sparse_pooled_branch(const Tensor& s, const Tensor& l
   check_pooled_inputs(s, "s", logits, pool_weight, ln_weight, ln_bias, D, eps, op);
   if (capacity.has_value()) {
     TORCH_CHECK(*capacity >= 0, op, ": capacity must be >= 0, got ", *capacity);
-    TORCH_CHECK(s.is_cpu() || *capacity >= P, op, ": on ", s.device(),
-                " the capacity is all N*H*W = ", P,
-                " positions (a smaller one could not be checked without a host synchronisation), got ",
-                *capacity);
   }
 
   const Tensor active = logits.reshape({P}) >= 0;
   const Tensor active_index = compact(active);
-  if (capacity.has_value() && s.is_cpu()) {
+  if (capacity.has_value()) {
     const int64_t gathered = compact(needed_positions(active, N, H, W)).size(0);
     TORCH_CHECK(gathered <= *capacity, op, ": the active positions and their 3x3 neighbourhoods are ",
                 gathered, " positions, more than capacity=", *capacity);
@@ -281,13 +264,10 @@ TORCH_LIBRARY_FRAGMENT(aim, m) {
       "Tensor ln_bias, float eps, int? capacity) -> (Tensor, Tensor)");
 }
 
-// The same ATen code serves both devices.
+// The CPU kernels; CUDA calls take aim_ext/ops/pooled_head_triton.py's kernels (aim_ext.ops.pooled_head).
 TORCH_LIBRARY_IMPL(aim, CPU, m) {
   m.impl("pooled_epilogue", &aim::pooled_epilogue);
   m.impl("sparse_pooled_branch", &aim::sparse_pooled_branch);
 }
 
-TORCH_LIBRARY_IMPL(aim, CUDA, m) {
-  m.impl("pooled_epilogue", &aim::pooled_epilogue);
-  m.impl("sparse_pooled_branch", &aim::sparse_pooled_branch);
-}
+

@@ -60,7 +60,8 @@ EpilogueForward epilogue_forward_layout(const Tensor& conv, const Tensor& weight
   EpilogueForward b{merge_forward_layout(conv, coarse)};
   b.weight = weight.to(acc).contiguous();
   b.bias = bias.to(acc).contiguous();
-  if (conv_bias.has_value()) b.conv_bias = conv_bias->to(acc).contiguous();
+  // Rounded to conv's dtype first, as the unfused path adds it (conv + bias.to(conv.dtype)).
+  if (conv_bias.has_value()) b.conv_bias = conv_bias->to(conv.scalar_type()).to(acc).contiguous();
   if (with_features) b.features = at::empty(conv.sizes(), conv.options().memory_format(merge_memory_format(conv)));
   return b;
 }

@@ -1,6 +1,8 @@
 // The epilogue of a top-down stage as one op (the paper's feature branch end, Eq. 2-3, the merge):
 //   features = GELU(LayerNorm_C(conv))            rounded once to conv's dtype
-//              (evaluation: conv + conv_bias where given, added in the accumulation type)
+//              (evaluation: conv + conv_bias where given, the bias rounded to conv's dtype, added
+//              in the accumulation type and the sum rounded to conv's dtype: the unfused path's
+//              conv + bias.to(conv.dtype), one rounding on every path)
 //   mask     = 1[(logits + noise) / temperature >= 0]
 //   out      = features * mask + nearest_resize(coarse, (H, W))
 // The argument checks and the layout of the tensors (topdown_epilogue.cpp), shared by the CPU and
@@ -31,8 +33,8 @@ void check_epilogue_backward_inputs(const Tensor& grad_out, const std::optional<
 // The merge's tensors (input is conv), plus the LayerNorm parameters, contiguous in the
 // accumulation type, and the features, laid out like conv (undefined without `with_features`:
 // the evaluation op, aim::topdown_epilogue_inference, does not write them). conv_bias, the
-// convolution's bias the evaluation op adds to conv (C values in the accumulation type), is
-// undefined when absent.
+// convolution's bias the evaluation op adds to conv (C values of conv's dtype, held in the
+// accumulation type), is undefined when absent.
 struct EpilogueForward : MergeForward {
   Tensor weight, bias, features, conv_bias;
 };

@@ -3,7 +3,12 @@ import os
 import pytest
 import torch
 
-from aim_ext.ops import kernels_available
+# Without a GPU the Triton kernels run on CPU tensors under Triton's interpreter, which must be
+# chosen before triton is imported (aim_ext imports it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from aim_ext.ops import kernels_available  # noqa: E402
 
 # The suite runs on pytest-xdist workers (pyproject's addopts): one intra-op thread each, so that two
 # workers on two cores do not oversubscribe them (OpenMP threads spinning against each other).

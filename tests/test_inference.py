@@ -280,3 +280,28 @@ def test_evaluation_without_autograd_writes_no_features():
     recorded = model.forward_topdown(x)  # autograd on: the training op, features kept
     assert all(s.features is not None for s in recorded)
     torch.testing.assert_close(merged, recorded[-1].merged.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_convolution_bias_is_rounded_the_same_on_every_path(dtype):
+    """A fused model whose feature branches leave refine's bias to the epilogue (512 input channels,
+    `epilogue_bias`): P_T and the pooled logits are the same bits with and without torch.no_grad
+    (the evaluation op against the training op fed conv + bias.to(dtype)), and the pooled head's
+    op given the bias equals it given conv + bias.to(dtype)."""
+    model = _aim("resnet18", 3, 64).float()
+    fused = fuse_for_inference(model).to(dtype)
+    assert any(s.features.epilogue_bias() is not None for s in fused.stages)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(21)).to(dtype)
+    with torch.no_grad():
+        _, _, without_grad = fused.predict(x, merged_map=True)
+    _, _, with_grad = fused.predict(x, merged_map=True)  # nothing requires grad: nothing records
+    assert torch.equal(without_grad, with_grad)
+    stage = fused.stages[0]
+    f, s = stage.features, fused.stage_inputs(x)[0]
+    with torch.no_grad():
+        conv, logits = f.convolutions(s), stage.mask_estimator(s)
+        weight = torch.rand(conv.shape[-2:], generator=torch.Generator().manual_seed(22))
+        given = aim_ext.ops.pooled_epilogue(conv, f.norm.weight, f.norm.bias, logits, weight, conv_bias=f.refine.bias)
+        added = conv + f.refine.bias.to(dtype)[:, None, None]
+        expected = aim_ext.ops.pooled_epilogue(added, f.norm.weight, f.norm.bias, logits, weight)
+    assert torch.equal(given[0], expected[0])

@@ -230,6 +230,15 @@ def test_a_forced_kernel_refuses_what_it_cannot_run_and_auto_takes_the_convoluti
         assert logits.shape == mask.shape == (0, 1, 5, 5)
 
 
+@NEEDS_KERNELS
+def test_a_batch_whose_stem_launch_exceeds_the_grid_limit_is_refused():
+    """The stem launches one block per 16 input channels and image: past grid.x's 2^31 - 1 blocks
+    the kernel route refuses in one line (an expanded view: no memory behind it)."""
+    s = torch.zeros(1, 2048, 1, 1).expand(2**24 + 1, 2048, 1, 1)
+    with pytest.raises(RuntimeError, match=r"the stem's launch would need 2147483776 blocks \(128 channel chunks"):
+        mask_estimator(s, *_params(2048), algorithm="kernel")
+
+
 # --------------------------------------------------------------------------------------------
 # CUDA: the kernels against their CPU emulation, determinism, graphs, no host synchronisation.
 
@@ -286,6 +295,34 @@ def test_cuda_kernel_is_deterministic_sync_free_and_replays_in_a_graph():
         graph.replay()
         expected, expected_mask = mask_estimator(s, *params, algorithm="kernel")
         assert torch.equal(replayed, expected) and torch.equal(replayed_mask, expected_mask)
+
+
+@NEEDS_CUDA
+def test_cuda_kernel_from_two_host_threads_with_different_maps():
+    """Two threads on one device, each with its own map size (its own shared-memory need), many
+    calls interleaved: every result equals the single-threaded one (the kernels' shared-memory
+    limit is set once per device to the largest any call can ask for)."""
+    import threading
+
+    params = [[t.cuda() for t in p] if isinstance(p, list) else p.cuda() for p in _params(64)]
+    inputs = [_input(2, 64, side, side, torch.float32, "cuda", seed=side) for side in (3, 17)]
+    expected = [mask_estimator(s, *params, algorithm="kernel")[0] for s in inputs]
+    failures = []
+
+    def worker(k):
+        try:
+            for _ in range(50):
+                if not torch.equal(mask_estimator(inputs[k], *params, algorithm="kernel")[0], expected[k]):
+                    failures.append(k)
+        except Exception as error:  # a launch with too little shared memory allowed
+            failures.append(repr(error))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
 
 
 @NEEDS_CUDA

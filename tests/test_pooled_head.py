@@ -154,14 +154,15 @@ def test_sparse_branch_reads_only_the_active_neighbourhoods(channels):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_pooled_epilogue_adds_the_convolution_bias(dtype):
     """conv_bias, the convolution's bias, is added to conv inside pooled_epilogue (at the active
-    positions): the dense computation on conv + conv_bias."""
+    positions) as every path adds it: the dense computation on conv + conv_bias.to(conv.dtype),
+    the sum rounded to conv's dtype."""
     g = torch.Generator().manual_seed(9)
     conv = torch.randn(2, 24, 5, 6, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
     _, _, _, _, lw, lb = _branch_weights(4, 24, dtype, "cpu", g)
     conv_bias = torch.randn(24, generator=g)  # float32, as a module's under autocast
     logits, weight = _logits(2, 5, 6, 0.4, dtype, "cpu", g), torch.rand(5, 6, generator=g)
     pooled, mask = pooled_epilogue(conv, lw, lb, logits, weight, conv_bias=conv_bias)
-    exact = conv.double() + conv_bias.double()[:, None, None]
+    exact = (conv + conv_bias.to(dtype)[:, None, None]).double()
     expected, expected_mask = pooled_epilogue_reference(
         exact, lw.double(), lb.double(), logits, weight.double()
     )

@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ESTIMATOR_MODES,
         default="auto",
         help="how a fused AIM model's mask estimators run (InferenceMaskEstimator.algorithm): the op "
-        "aim::mask_estimator's automatic choice, its one-launch kernel, its convolutions, or modules",
+        "aim::mask_estimator's automatic choice, its two-launch kernel, its convolutions, or modules",
     )
     parser.add_argument(
         "--pooled-head",

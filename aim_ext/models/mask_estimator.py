@@ -82,7 +82,7 @@ class InferenceMaskEstimator(nn.Module):
     ``to_logits(cat[h, mean(h)])`` computed as ``W_h h + W_c mean(h) + b`` with no concatenated map.
 
     Without autograd it runs as the one op `aim_ext.ops.mask_estimator` with `algorithm`: "auto"
-    takes the one-launch kernel on CUDA for small maps (the top stage) and ATen's convolutions
+    takes the two-launch kernel on CUDA for small maps (the top stage) and ATen's convolutions
     otherwise, in one call with no Python between the layers. While a tracer runs (export,
     compile) and when autograd would record, the layers run as modules, as they do with
     algorithm "modules".

@@ -9,8 +9,10 @@ with `benchmarks/sparse_crossover.py` (figures in benchmarks/RESULTS.md):
 - CPU (2 cores, float32, batch 1 and 8, ConvNeXt-T's and ResNet-50's stages at 7x7 to 28x28):
   sparse costs 0.2-0.6x of dense at 10-25% active (0.5-0.8x at batch 1) and stays faster up to
   55-80% active. "auto" picks sparse below `CPU_CROSSOVER`, under the lowest crossover measured.
-- CUDA: dense. The CUDA path gathers at a fixed capacity of every position, so that no count
-  reaches the host (graph-safe), and so does the dense work plus the gathers.
+- CUDA: dense, until `benchmarks/sparse_crossover.py --device cuda` has measured a crossover table
+  on a GPU. The sparse branch's CUDA kernels (aim_ext.ops.pooled_head_triton) do work that follows
+  the active count without reading it on the host, and `sparse_inference = "on"` runs them; whether
+  and where they beat cuDNN's dense convolutions is not measured yet, so "auto" does not guess.
 
 The policy reads the active fraction, which on CPU costs nothing; under torch.compile, torch.export
 or ONNX export it picks dense, which needs no data-dependent decision.

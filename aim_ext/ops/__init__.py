@@ -1,6 +1,6 @@
 """The `aim` ops: the masked merge (Eq. 2-3 and the top-down merge) and the whole top-down
 epilogue (LayerNorm, GELU, then the masked merge) of a stage for training, and the pooled head's
-dense and sparse ops and the one-launch mask estimator for evaluation; each with compiled CPU and
+dense and sparse ops and the two-launch mask estimator kernel for evaluation; each with compiled CPU and
 CUDA kernels and a pure PyTorch reference behind one `torch.ops.aim` op."""
 
 from aim_ext.ops.library import kernels_available

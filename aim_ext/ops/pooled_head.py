@@ -24,10 +24,16 @@ rounded to the input's dtype first, as the dense path rounds it.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import warnings
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from aim_ext.ops import pooled_head_triton
 from aim_ext.ops.library import impl_library, no_context, refuse_backward, refuse_gradient_inputs
 from aim_ext.ops.masked_merge import acc_dtype, memory_format, nearest_resize_adjoint
 from aim_ext.ops.topdown_epilogue import LAYER_NORM_EPS, layer_norm_gelu
@@ -40,6 +46,8 @@ __all__ = [
     "sparse_pooled_branch",
     "sparse_pooled_branch_graph",
     "sparse_pooled_branch_reference",
+    "triton_on_cpu",
+    "triton_route",
 ]
 
 
@@ -157,6 +165,62 @@ def sparse_pooled_branch_graph(
 
 
 # ---------------------------------------------------------------------------------------------
+# Which kernels a call runs: the Triton kernels on CUDA (aim_ext.ops.pooled_head_triton), the C++
+# kernels on the CPU; on CPU tensors the Triton route only where a test asks for it.
+
+_route = threading.local()
+_warned: set[str] = set()
+
+
+@contextlib.contextmanager
+def triton_on_cpu() -> Iterator[None]:
+    """Within this block the pooled head's ops take the CUDA route on CPU tensors too: the same
+    Triton kernels, run by Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported).
+    For tests: it is how the GPU's route is executed without a GPU, not a fast path."""
+    if not (pooled_head_triton.HAVE_TRITON and pooled_head_triton.INTERPRETED):
+        raise RuntimeError(
+            "triton_on_cpu needs Triton with its interpreter: install triton and set TRITON_INTERPRET=1 "
+            "before triton is imported"
+        )
+    _route.cpu = True
+    try:
+        yield
+    finally:
+        _route.cpu = False
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def triton_route(x: Tensor, width: int) -> bool:
+    """Whether a pooled-head op on ``x`` with ``width`` output channels runs the Triton kernels:
+    on CUDA wherever Triton is installed and the kernels take the dtype and width (else the
+    reference, with a one-time warning); on the CPU only inside `triton_on_cpu`."""
+    if x.device.type == "cpu":
+        return bool(getattr(_route, "cpu", False))
+    if x.device.type != "cuda":
+        return False
+    if not pooled_head_triton.HAVE_TRITON:
+        _warn_once(
+            "triton",
+            "aim_ext: Triton is not installed (a CPU-only or source build of torch): the pooled head's "
+            "ops run their dense PyTorch references on CUDA; the sparse branch saves no work",
+        )
+        return False
+    if x.dtype not in pooled_head_triton.DTYPES or width < 16 or width & (width - 1):
+        _warn_once(
+            f"{x.dtype}-{width}",
+            f"aim_ext: the pooled head's Triton kernels take float32, float16 and bfloat16 at a power-of-two "
+            f"width; {x.dtype} at width {width} runs the dense PyTorch reference on CUDA",
+        )
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
 # The ops' Python kernels: the fallback without the compiled extension, and fake kernels.
 
 
@@ -233,6 +297,8 @@ def pooled_epilogue(
     refuse_gradient_inputs("pooled_epilogue", conv, ln_weight, ln_bias, logits, conv_bias)
     if torch.onnx.is_in_onnx_export():
         return pooled_epilogue_reference(conv, ln_weight, ln_bias, logits, pool_weight, eps, conv_bias)
+    if conv.dim() == 4 and triton_route(conv, conv.shape[1]):
+        return torch.ops.aim.pooled_epilogue_triton(conv, ln_weight, ln_bias, logits, pool_weight, float(eps), conv_bias)
     return torch.ops.aim.pooled_epilogue(conv, ln_weight, ln_bias, logits, pool_weight, float(eps), conv_bias)
 
 
@@ -266,6 +332,16 @@ def sparse_pooled_branch(
             ln_weight,
             ln_bias,
             eps,
+        )
+    if s.dim() == 4 and triton_route(s, align_weight.shape[0]):
+        positions = s.shape[0] * s.shape[2] * s.shape[3]
+        if capacity is not None and capacity < positions:
+            raise ValueError(
+                f"sparse_pooled_branch: on {s.device} the capacity is all N*H*W = {positions} positions (a "
+                f"smaller one could not be checked without a host synchronisation), got {capacity}"
+            )
+        return torch.ops.aim.sparse_pooled_branch_triton(
+            s, logits, pool_weight, align_weight, align_bias, refine_weight, refine_bias, ln_weight, ln_bias, float(eps)
         )
     return torch.ops.aim.sparse_pooled_branch(
         s,

@@ -88,14 +88,15 @@ def layer_norm_gelu(
     conv: Tensor, weight: Tensor, bias: Tensor, eps: float = LAYER_NORM_EPS, conv_bias: Tensor | None = None
 ) -> Tensor:
     """GELU(LayerNorm over channels) in float32 (float64 for float64), rounded once to conv's dtype;
-    ``conv_bias`` (C,), the convolution's bias, is added to conv in that type first."""
+    ``conv_bias`` (C,), the convolution's bias, is added to conv first in conv's dtype (the sum
+    rounded once, as a convolution with its bias writes it: the same rounding on every path)."""
     check_epilogue_inputs(conv, weight, bias)
     acc = acc_dtype(conv)
-    x = conv.to(acc)
     if conv_bias is not None:
         if conv_bias.shape != (conv.shape[1],):
             raise ValueError(f"conv_bias must have shape ({conv.shape[1]},), got {tuple(conv_bias.shape)}")
-        x = x + conv_bias.to(acc)[:, None, None]
+        conv = conv + conv_bias.to(conv.dtype)[:, None, None]
+    x = conv.to(acc)
     x = x.permute(0, 2, 3, 1)
     normed = F.layer_norm(x, (conv.shape[1],), weight.to(acc), bias.to(acc), eps).permute(0, 3, 1, 2)
     return F.gelu(normed).to(conv.dtype)

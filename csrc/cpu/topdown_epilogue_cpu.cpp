@@ -39,11 +39,12 @@ struct Tiles {
         ps(merge_memory_format(t) == at::MemoryFormat::ChannelsLast ? t.size(1) : 1) {}
 };
 
-// Element (c, i) of a tile of conv, plus the convolution's bias where given (evaluation).
+// Element (c, i) of a tile of conv, plus the convolution's bias where given (evaluation), the sum
+// rounded to conv's dtype as a convolution with its bias writes it (one rounding on every path).
 template <typename scalar_t, typename acc_t>
 acc_t conv_value(const Tiles& g, const scalar_t* x, const acc_t* conv_bias, int64_t c, int64_t i) {
   const acc_t v = static_cast<acc_t>(x[c * g.cs + i * g.ps]);
-  return conv_bias == nullptr ? v : v + conv_bias[c];
+  return conv_bias == nullptr ? v : static_cast<acc_t>(static_cast<scalar_t>(v + conv_bias[c]));
 }
 
 // The per-pixel LayerNorm statistics of one tile, by two passes over the channels.

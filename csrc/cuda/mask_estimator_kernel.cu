@@ -8,6 +8,11 @@
 //                  blocks, the context term, the logits and the mask, every map in shared memory.
 // No atomics: each output is one thread's sum in a fixed order, so every run and every CUDA-graph
 // replay gives the same bits.
+#include <algorithm>
+#include <mutex>
+#include <set>
+#include <utility>
+
 #include "../mask_estimator.h"
 #include "device_utils.cuh"
 
@@ -140,12 +145,25 @@ __global__ void __launch_bounds__(kTailThreads) tail(EstimatorArgs a) {
   }
 }
 
-// Lets a kernel use more than the default 48 KiB of dynamic shared memory.
-template <typename Kernel>
-cudaError_t allow_shared_bytes(Kernel kernel, int64_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
+// Lets `kernel` use the most dynamic shared memory any call can ask for on the current device
+// (kMaxSharedBytes, or the device's smaller opt-in limit; kernel_takes refuses larger maps), set
+// once per kernel and device. Setting it per call to that call's size would let two host threads
+// on one device interleave and launch with too little allowed, and costs two driver calls a call.
+cudaError_t allow_largest_shared(const void* kernel) {
+  static std::mutex mutex;
+  static std::set<std::pair<int, const void*>> done;
+  int device = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error != cudaSuccess) return error;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done.count({device, kernel}) != 0) return cudaSuccess;
+  int optin = 0;
+  error = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (error != cudaSuccess) return error;
+  const int bytes = static_cast<int>(std::min<int64_t>(kMaxSharedBytes, optin));
+  error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (error == cudaSuccess) done.insert({device, kernel});
+  return error;
 }
 
 }  // namespace
@@ -162,8 +180,8 @@ cudaError_t mask_estimator_forward(DType dtype, const EstimatorArgs& a, cudaStre
     const int64_t acc_size = sizeof(acc_type<T>);
     const int64_t stem_bytes = stem_shared_bytes(a.H, a.W, acc_size);
     const int64_t tail_bytes = tail_shared_bytes(a.H, a.W, acc_size);
-    error = allow_shared_bytes(stem_partials<T>, stem_bytes);
-    if (error == cudaSuccess) error = allow_shared_bytes(tail<T>, tail_bytes);
+    error = allow_largest_shared(reinterpret_cast<const void*>(stem_partials<T>));
+    if (error == cudaSuccess) error = allow_largest_shared(reinterpret_cast<const void*>(tail<T>));
     if (error != cudaSuccess) return;
     const auto stem_blocks = static_cast<unsigned>(stem_chunks(a.C) * a.N);
     stem_partials<T><<<stem_blocks, kStemThreads, stem_bytes, stream>>>(a);

@@ -27,6 +27,13 @@ __device__ __forceinline__ int64_t coarse_pixel(const MergeShape& s, int64_t p, 
   return (n * s.h + nearest_source_index(y, sh, s.h)) * s.w + nearest_source_index(x, sw, s.w);
 }
 
+// conv + the convolution's bias where given (evaluation), rounded to T: a convolution with its
+// bias writes that sum in T, and every path adds the bias so (csrc/topdown_epilogue.h).
+template <typename T>
+__device__ __forceinline__ acc_type<T> with_bias(acc_type<T> v, const acc_type<T>* conv_bias, int64_t c) {
+  return conv_bias ? rounded<T>(v + conv_bias[c]) : v;
+}
+
 // ------------------------------------------------------------------------------------------
 // Forward.
 
@@ -48,7 +55,7 @@ __global__ void __launch_bounds__(kThreads)
       if (j < chunks) {
         const Vec<T, V> v = load_vec<T, V>(conv + p * C + j * V);
 #pragma unroll
-        for (int k = 0; k < V; ++k) sum += (x[kk][k] = to_acc(v.v[k]) + (conv_bias ? conv_bias[j * V + k] : acc_t(0)));
+        for (int k = 0; k < V; ++k) sum += (x[kk][k] = with_bias<T>(to_acc(v.v[k]), conv_bias, j * V + k));
       }
     }
     const acc_t mean = warp_sum(sum) / static_cast<acc_t>(C);
@@ -96,7 +103,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < pixels; p += int64_t(gridDim.x) * blockDim.x) {
     const int64_t n = p / HW, base = n * C * HW + (p - n * HW) * ps;
     // Element c of this pixel, plus the convolution's bias where given (evaluation).
-    auto value = [&](int64_t c) { return to_acc(conv[base + c * cs]) + (conv_bias ? conv_bias[c] : acc_t(0)); };
+    auto value = [&](int64_t c) { return with_bias<T>(to_acc(conv[base + c * cs]), conv_bias, c); };
     acc_t sum = 0, sq = 0;
     for (int64_t c = 0; c < C; ++c) sum += value(c);
     const acc_t mean = sum / static_cast<acc_t>(C);
