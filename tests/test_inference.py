@@ -301,7 +301,9 @@ def test_the_convolution_bias_is_rounded_the_same_on_every_path(dtype):
     with torch.no_grad():
         conv, logits = f.convolutions(s), stage.mask_estimator(s)
         weight = torch.rand(conv.shape[-2:], generator=torch.Generator().manual_seed(22))
-        given = aim_ext.ops.pooled_epilogue(conv, f.norm.weight, f.norm.bias, logits, weight, conv_bias=f.refine.bias)
+        given = aim_ext.ops.pooled_epilogue(
+            conv, f.norm.weight, f.norm.bias, logits, weight, conv_bias=f.refine.bias
+        )
         added = conv + f.refine.bias.to(dtype)[:, None, None]
         expected = aim_ext.ops.pooled_epilogue(added, f.norm.weight, f.norm.bias, logits, weight)
     assert torch.equal(given[0], expected[0])

@@ -235,7 +235,9 @@ def test_a_batch_whose_stem_launch_exceeds_the_grid_limit_is_refused():
     """The stem launches one block per 16 input channels and image: past grid.x's 2^31 - 1 blocks
     the kernel route refuses in one line (an expanded view: no memory behind it)."""
     s = torch.zeros(1, 2048, 1, 1).expand(2**24 + 1, 2048, 1, 1)
-    with pytest.raises(RuntimeError, match=r"the stem's launch would need 2147483776 blocks \(128 channel chunks"):
+    with pytest.raises(
+        RuntimeError, match=r"the stem's launch would need 2147483776 blocks \(128 channel chunks"
+    ):
         mask_estimator(s, *_params(2048), algorithm="kernel")
 
 

@@ -8,8 +8,13 @@ the shapes are small except where a case needs a large map or batch. The CUDA ca
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import types
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +31,8 @@ from aim_ext.ops.topdown_epilogue import layer_norm_gelu
 
 INTERPRETER = kernels.HAVE_TRITON and kernels.INTERPRETED
 needs_interpreter = pytest.mark.skipif(
-    not INTERPRETER, reason="needs triton with TRITON_INTERPRET=1 set before it is imported (conftest does it)"
+    not INTERPRETER,
+    reason="needs triton with TRITON_INTERPRET=1 set before it is imported (conftest does it)",
 )
 needs_cuda = pytest.mark.skipif(
     not (kernels.HAVE_TRITON and torch.cuda.is_available()), reason="needs a CUDA device and Triton"
@@ -69,7 +75,11 @@ def _mask_logits(n, h, w, pattern, g):
         logits = -torch.ones(n, 1, h, w)
         logits[..., 0, :] = logits[..., -1, :] = logits[..., :, 0] = logits[..., :, -1] = 1.0
         return logits
-    return pattern - torch.rand(n, 1, h, w, generator=g) if 0 < pattern < 1 else torch.full((n, 1, h, w), pattern - 0.5)
+    return (
+        pattern - torch.rand(n, 1, h, w, generator=g)
+        if 0 < pattern < 1
+        else torch.full((n, 1, h, w), pattern - 0.5)
+    )
 
 
 CASES = [
@@ -143,9 +153,9 @@ def test_dense_epilogue_kernel_matches_the_reference(dtype, channels_last):
     with torch.no_grad(), triton_on_cpu():
         pooled, mask = pooled_epilogue(conv, lw, lb, logits, weight, conv_bias=conv_bias)
     biased = (conv + conv_bias.to(dtype)[:, None, None]).double()
-    expected = (layer_norm_gelu(biased, lw.double(), lb.double()) * (logits >= 0).double() * weight.double()).sum(
-        dim=(2, 3)
-    )
+    expected = (
+        layer_norm_gelu(biased, lw.double(), lb.double()) * (logits >= 0).double() * weight.double()
+    ).sum(dim=(2, 3))
     assert torch.equal(mask, (logits >= 0).to(dtype))
     torch.testing.assert_close(pooled.double(), expected, rtol=TOL[dtype], atol=TOL[dtype])
     with torch.no_grad():  # the C++ CPU kernel rounds the same way
@@ -228,10 +238,13 @@ def test_opcheck_of_the_triton_ops():
         torch.ops.aim.sparse_pooled_branch_triton.default, (s, logits, weight, aw, ab, rw, rb, lw, lb, 1e-6)
     )
     torch.library.opcheck(
-        torch.ops.aim.sparse_pooled_branch_triton.default, (s[:, :5], logits, weight, aw[:, :5], None, rw, None, lw, lb, 1e-6)
+        torch.ops.aim.sparse_pooled_branch_triton.default,
+        (s[:, :5], logits, weight, aw[:, :5], None, rw, None, lw, lb, 1e-6),
     )
     conv = torch.randn(2, 16, 5, 4, generator=g).contiguous(memory_format=torch.channels_last)
-    torch.library.opcheck(torch.ops.aim.pooled_epilogue_triton.default, (conv, lw, lb, logits, weight, 1e-6, rb))
+    torch.library.opcheck(
+        torch.ops.aim.pooled_epilogue_triton.default, (conv, lw, lb, logits, weight, 1e-6, rb)
+    )
 
 
 @needs_interpreter
@@ -252,7 +265,9 @@ def test_compile_and_export_of_the_fused_sparse_model():
         expected = fused(x)
         got = torch.compile(fused, fullgraph=True, backend=recording_backend)(x)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        assert len(graphs) == 1 and graphs[0].count("torch.ops.aim.sparse_pooled_branch_triton(") == len(fused.stages)
+        assert len(graphs) == 1 and graphs[0].count("torch.ops.aim.sparse_pooled_branch_triton(") == len(
+            fused.stages
+        )
         exported = torch.export.export(fused, (x,))
         graph = str(exported.graph)
         assert graph.count("aim.sparse_pooled_branch_triton") == len(fused.stages)
@@ -267,14 +282,32 @@ def test_bad_input_gets_one_line():
     logits, weight = torch.randn(2, 1, 5, 4, generator=g), torch.rand(5, 4, generator=g)
     op = torch.ops.aim.sparse_pooled_branch_triton
     cases = [
-        ((s, logits[:, :, :4], weight, aw, ab, rw, rb, lw, lb, 1e-6), r"logits \(N, 1, H, W\) must have shape \(2, 1, 5, 4\)"),
-        ((s, (logits > 0), weight, aw, ab, rw, rb, lw, lb, 1e-6), "logits .* must be a floating-point tensor"),
-        ((s, logits, weight.t(), aw, ab, rw, rb, lw, lb, 1e-6), r"pool_weight \(H, W\) must have shape \(5, 4\)"),
+        (
+            (s, logits[:, :, :4], weight, aw, ab, rw, rb, lw, lb, 1e-6),
+            r"logits \(N, 1, H, W\) must have shape \(2, 1, 5, 4\)",
+        ),
+        (
+            (s, (logits > 0), weight, aw, ab, rw, rb, lw, lb, 1e-6),
+            "logits .* must be a floating-point tensor",
+        ),
+        (
+            (s, logits, weight.t(), aw, ab, rw, rb, lw, lb, 1e-6),
+            r"pool_weight \(H, W\) must have shape \(5, 4\)",
+        ),
         ((s.double(), logits, weight, aw, ab, rw, rb, lw, lb, 1e-6), "take float32, float16 or bfloat16"),
         ((s, logits, weight, aw, ab, rw, rb, lw, lb[:8], 1e-6), r"ln_bias must have shape \(16,\)"),
-        ((s, logits, weight, aw.bfloat16(), ab, rw, rb, lw, lb, 1e-6), "the conv weights must be torch.float32"),
-        ((s, logits, weight, aw[:, :7], ab, rw, rb, lw, lb, 1e-6), r"align_weight must have shape \(D, 20, 1, 1\)"),
-        ((s, logits, weight, aw[:12], ab[:12], rw[:12, :12], rb[:12], lw[:12], lb[:12], 1e-6), "power-of-two width"),
+        (
+            (s, logits, weight, aw.bfloat16(), ab, rw, rb, lw, lb, 1e-6),
+            "the conv weights must be torch.float32",
+        ),
+        (
+            (s, logits, weight, aw[:, :7], ab, rw, rb, lw, lb, 1e-6),
+            r"align_weight must have shape \(D, 20, 1, 1\)",
+        ),
+        (
+            (s, logits, weight, aw[:12], ab[:12], rw[:12, :12], rb[:12], lw[:12], lb[:12], 1e-6),
+            "power-of-two width",
+        ),
         ((s[0], logits, weight, aw, ab, rw, rb, lw, lb, 1e-6), "must be 4-D"),
     ]
     for args, message in cases:
@@ -306,13 +339,35 @@ def test_route_on_cuda_without_triton_or_for_other_dtypes_warns_once(monkeypatch
     assert not triton_route(torch.zeros(1), 256)  # the CPU takes the C++ kernels unless asked
 
 
+@pytest.mark.skipif(not kernels.HAVE_TRITON, reason="needs triton")
+def test_every_launch_compiles_for_sm90_within_its_registers_and_shared_memory(tmp_path):
+    """Triton's own compiler and ptxas, without a GPU: every bfloat16 launch the host code makes
+    (benchmarks/triton_resources.py) compiles for sm_90, spills no register, and fits a block's
+    shared memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "resources.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "triton_resources.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--dtypes", "bfloat16", "--json", str(out)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 8
+    assert all(r["spill_bytes"] == 0 and r["registers"] <= 255 and r["shared"] <= 227 * 1024 for r in rows)
+
+
 # ---------------------------------------------------------------------------------------------
 # On a GPU.
 
 
 def _cuda_case(dtype=torch.bfloat16, n=4, c=384, side=14, d=256):
     g = torch.Generator().manual_seed(17)
-    s = torch.randn(n, c, side, side, generator=g).to("cuda", dtype).contiguous(memory_format=torch.channels_last)
+    s = (
+        torch.randn(n, c, side, side, generator=g)
+        .to("cuda", dtype)
+        .contiguous(memory_format=torch.channels_last)
+    )
     params = _branch(c, d, dtype, "cuda", g)
     logits = (0.25 - torch.rand(n, 1, side, side, generator=g)).to("cuda", dtype)
     weight = torch.rand(side, side, generator=g).cuda()
@@ -326,7 +381,9 @@ def test_cuda_kernels_match_the_float64_dense_branch(dtype, c):
     s, logits, weight, params = _cuda_case(dtype, c=c)
     with torch.no_grad():
         pooled, mask = sparse_pooled_branch(s, logits, weight, *params)
-    torch.testing.assert_close(pooled.double().cpu(), _dense64(s, logits, weight, *params), rtol=TOL[dtype], atol=TOL[dtype])
+    torch.testing.assert_close(
+        pooled.double().cpu(), _dense64(s, logits, weight, *params), rtol=TOL[dtype], atol=TOL[dtype]
+    )
     assert torch.equal(mask, (logits >= 0).to(dtype))
 
 
@@ -336,7 +393,9 @@ def test_cuda_route_never_waits_for_the_host_and_replays_with_new_masks_bit_for_
     conv = F.conv2d(F.conv2d(s, params[0], params[1]), params[2], params[3], padding=1)
 
     def both():
-        return sparse_pooled_branch(s, logits, weight, *params), pooled_epilogue(conv, *params[4:], logits, weight)
+        return sparse_pooled_branch(s, logits, weight, *params), pooled_epilogue(
+            conv, *params[4:], logits, weight
+        )
 
     with torch.no_grad():
         stream = torch.cuda.Stream()

@@ -298,7 +298,9 @@ def pooled_epilogue(
     if torch.onnx.is_in_onnx_export():
         return pooled_epilogue_reference(conv, ln_weight, ln_bias, logits, pool_weight, eps, conv_bias)
     if conv.dim() == 4 and triton_route(conv, conv.shape[1]):
-        return torch.ops.aim.pooled_epilogue_triton(conv, ln_weight, ln_bias, logits, pool_weight, float(eps), conv_bias)
+        return torch.ops.aim.pooled_epilogue_triton(
+            conv, ln_weight, ln_bias, logits, pool_weight, float(eps), conv_bias
+        )
     return torch.ops.aim.pooled_epilogue(conv, ln_weight, ln_bias, logits, pool_weight, float(eps), conv_bias)
 
 
@@ -341,7 +343,16 @@ def sparse_pooled_branch(
                 f"smaller one could not be checked without a host synchronisation), got {capacity}"
             )
         return torch.ops.aim.sparse_pooled_branch_triton(
-            s, logits, pool_weight, align_weight, align_bias, refine_weight, refine_bias, ln_weight, ln_bias, float(eps)
+            s,
+            logits,
+            pool_weight,
+            align_weight,
+            align_bias,
+            refine_weight,
+            refine_bias,
+            ln_weight,
+            ln_bias,
+            float(eps),
         )
     return torch.ops.aim.sparse_pooled_branch(
         s,

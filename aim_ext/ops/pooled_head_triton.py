@@ -67,19 +67,22 @@ if HAVE_TRITON:
         its bits: Triton's interpreter truncates in its own conversion."""
         if dtype == tl.bfloat16:
             bits = v.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
             return bits.to(tl.float32, bitcast=True)
         else:
             return v.to(dtype).to(tl.float32)
 
     @triton.jit
-    def _dot(a, b, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
-        """a @ b accumulated in float32. WIDEN (half precision under Triton's interpreter, whose
-        dot does not take bfloat16): the operands widened to float32 first, which is exact."""
+    def _dot(a, b, IEEE: tl.constexpr, WIDEN: tl.constexpr):
+        """a @ b accumulated in float32; IEEE: float32 products in full precision (not TF32).
+        WIDEN (half precision under Triton's interpreter, whose dot does not take bfloat16): the
+        operands widened to float32 first, which is exact."""
         if WIDEN:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        elif IEEE:
+            return tl.dot(a, b, input_precision="ieee")
         else:
-            return tl.dot(a, b, input_precision=PRECISION)
+            return tl.dot(a, b)
 
     @triton.jit
     def _align_kernel(
@@ -90,7 +93,7 @@ if HAVE_TRITON:
         index_ptr, count_ptr,  # the needed positions, ascending, and their count
         HW, W, C,
         D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr,
     ):  # fmt: skip
         first = tl.program_id(0) * BM
         count = tl.load(count_ptr)
@@ -105,9 +108,11 @@ if HAVE_TRITON:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         for k0 in range(0, C, BK):
             k = k0 + tl.arange(0, BK)
-            a = tl.load(s_ptr + base[:, None] + k[None, :] * s_c, mask=live[:, None] & (k < C)[None, :], other=0.0)
+            a = tl.load(
+                s_ptr + base[:, None] + k[None, :] * s_c, mask=live[:, None] & (k < C)[None, :], other=0.0
+            )
             b = tl.load(w_ptr + k[:, None] * D + cols[None, :], mask=(k < C)[:, None], other=0.0)
-            acc += _dot(a, b, PRECISION, WIDEN)
+            acc += _dot(a, b, IEEE, WIDEN)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
         dtype = out_ptr.dtype.element_ty
@@ -125,7 +130,7 @@ if HAVE_TRITON:
         partial_ptr,  # (N, tiles, D) float32: each tile's sum
         H, W, X, eps,
         D: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-        CONV: tl.constexpr, HAS_BIAS: tl.constexpr, TAP_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+        CONV: tl.constexpr, HAS_BIAS: tl.constexpr, TAP_BIAS: tl.constexpr, IEEE: tl.constexpr,
         WIDEN: tl.constexpr,
     ):  # fmt: skip
         n, tile = tl.program_id(0), tl.program_id(1)
@@ -151,15 +156,21 @@ if HAVE_TRITON:
                 for k0 in range(0, X, BK):
                     k = k0 + tl.arange(0, BK)
                     a = tl.load(
-                        image + base[:, None] + k[None, :] * src_c, mask=inside[:, None] & (k < X)[None, :], other=0.0
+                        image + base[:, None] + k[None, :] * src_c,
+                        mask=inside[:, None] & (k < X)[None, :],
+                        other=0.0,
                     )
-                    b = tl.load(w_ptr + (tap * X + k[:, None]) * D + cols[None, :], mask=(k < X)[:, None], other=0.0)
-                    acc += _dot(a, b, PRECISION, WIDEN)
+                    b = tl.load(
+                        w_ptr + (tap * X + k[:, None]) * D + cols[None, :], mask=(k < X)[:, None], other=0.0
+                    )
+                    acc += _dot(a, b, IEEE, WIDEN)
                 if TAP_BIAS:
                     acc += tl.where(inside[:, None], tl.load(tap_bias_ptr + tap * D + cols)[None, :], 0.0)
         else:
             acc = tl.load(
-                image + (y * src_h + x * src_w)[:, None] + cols[None, :] * src_c, mask=live[:, None], other=0.0
+                image + (y * src_h + x * src_w)[:, None] + cols[None, :] * src_c,
+                mask=live[:, None],
+                other=0.0,
             ).to(tl.float32)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
@@ -168,7 +179,10 @@ if HAVE_TRITON:
         centred = v - mean[:, None]
         var = tl.sum(centred * centred, axis=1) / D
         norm = centred / tl.sqrt(var + eps)[:, None]
-        norm = norm * tl.load(ln_w_ptr + cols).to(tl.float32)[None, :] + tl.load(ln_b_ptr + cols).to(tl.float32)[None, :]
+        norm = (
+            norm * tl.load(ln_w_ptr + cols).to(tl.float32)[None, :]
+            + tl.load(ln_b_ptr + cols).to(tl.float32)[None, :]
+        )
         features = _rounded(0.5 * norm * (1.0 + tl.math.erf(norm * 0.7071067811865476)), dtype)
         weight = tl.load(pool_ptr + p, mask=live, other=0.0)
         terms = tl.where(live[:, None], features * weight[:, None], 0.0)
@@ -240,16 +254,37 @@ def needed_flags(active: Tensor, n: int, h: int, w: int) -> Tensor:
 # The host side, one function per op; ``launch`` is wrap_triton on CUDA, identity when interpreted.
 
 
-def refine_rows(hw: int) -> int:
-    """Rows per refine program: a 16-row tile for small maps (a 7x7 map holds a dozen active
-    positions), 64 from 16x16 up."""
-    return 16 if hw < 256 else 64
+# ---------------------------------------------------------------------------------------------
+# Launch configurations, one place for the host code and for benchmarks/triton_resources.py,
+# which compiles every one of them for sm_90 and checks registers, spills and shared memory.
+
+ALIGN_ROWS = 64
 
 
-def _dot_options(dtype: torch.dtype) -> dict:
-    """float32 products in IEEE float32 (not TF32: the dense path's cuDNN convolutions are the
-    reference); half precision on tensor cores, widened under the interpreter (`_dot`)."""
-    return {"PRECISION": "ieee" if dtype == torch.float32 else "tf32", "WIDEN": INTERPRETED and dtype != torch.float32}
+def align_config(d: int) -> dict:
+    """_align_kernel's tile: 64 rows by up to 128 of the D output channels, K in steps of 32."""
+    return {"BM": ALIGN_ROWS, "BN": min(d, 128), "BK": 32, "num_warps": 8}
+
+
+def refine_config(hw: int, dtype: torch.dtype, conv: bool = True) -> dict:
+    """_refine_pool_kernel's tile of active rows (all D channels, for the LayerNorm): 16 rows for
+    small maps (a 7x7 map holds a dozen active positions), 64 from 16x16 up; 32 where 64 spilled
+    registers for sm_90 (benchmarks/triton_resources.py): float32's IEEE products, and the
+    epilogue alone (conv False), which holds the whole loaded tile and its float32 copy."""
+    if hw < 256:
+        return {"BM": 16, "BK": 32, "num_warps": 4}
+    return {"BM": 64 if conv and dtype != torch.float32 else 32, "BK": 32, "num_warps": 8}
+
+
+def reduce_config(d: int) -> dict:
+    return {"BD": min(REDUCE_BLOCK, d), "num_warps": 2}
+
+
+def dot_options(dtype: torch.dtype) -> dict:
+    """float32 inputs multiply in IEEE float32, not TF32 (float32 results to float32's rounding,
+    whatever torch.backends' TF32 switches say); half precision on tensor cores, widened under the
+    interpreter (`_dot`)."""
+    return {"IEEE": dtype == torch.float32, "WIDEN": INTERPRETED and dtype != torch.float32}
 
 
 def check_supported(x: Tensor, width: int, op: str, channels: int | None = None) -> None:
@@ -290,7 +325,9 @@ def check_inputs(x: Tensor, logits: Tensor, pool_weight: Tensor, width: int, op:
     check_supported(x, width, op)
 
 
-def _composed_taps(align_weight: Tensor, align_bias: Tensor | None, refine_weight: Tensor, dtype: torch.dtype):
+def _composed_taps(
+    align_weight: Tensor, align_bias: Tensor | None, refine_weight: Tensor, dtype: torch.dtype
+):
     """refine(align(.)) as one 3x3 conv: the weight per tap (9, C, D) in ``dtype`` and align's
     bias through each tap (9, D) in float32, both from float32 products."""
     d, c = align_weight.shape[:2]
@@ -322,7 +359,8 @@ def _pool_active(
     device, hw = source.device, h * w
     index, _ = compact(active.reshape(n * hw))
     start, end = image_ranges(active.view(n, hw))
-    bm = refine_rows(hw)
+    config = refine_config(hw, source.dtype, conv=taps is not None)
+    bm = config["BM"]
     tiles = triton.cdiv(hw, bm)
     partial = _empty((n, tiles, d), torch.float32, device)
     dummy = ln_weight
@@ -336,12 +374,12 @@ def _pool_active(
         pool_weight.reshape(hw).to(torch.float32).contiguous(),
         index, start, end, partial,
         h, w, x, float(eps),
-        D=d, BM=bm, BK=32, CONV=taps is not None, HAS_BIAS=bias is not None, TAP_BIAS=tap_bias is not None,
-        **_dot_options(source.dtype), num_warps=4 if bm == 16 else 8,
+        D=d, CONV=taps is not None, HAS_BIAS=bias is not None, TAP_BIAS=tap_bias is not None,
+        **dot_options(source.dtype), **config,
     )  # fmt: skip
     pooled = torch.empty((n, d), dtype=torch.float32, device=device)
-    block = min(REDUCE_BLOCK, d)
-    launch(_reduce_kernel)[(n, d // block)](partial, start, end, pooled, tiles, D=d, BM=bm, BD=block)
+    reduce = reduce_config(d)
+    launch(_reduce_kernel)[(n, d // reduce["BD"])](partial, start, end, pooled, tiles, D=d, BM=bm, **reduce)
     return pooled
 
 
@@ -377,7 +415,9 @@ def sparse_branch(
         )
     for t in (align_weight, refine_weight):
         if t.dtype != s.dtype or t.device != s.device:
-            raise ValueError(f"{op}: the conv weights must be {s.dtype} on {s.device} like s, got {t.dtype} on {t.device}")
+            raise ValueError(
+                f"{op}: the conv weights must be {s.dtype} on {s.device} like s, got {t.dtype} on {t.device}"
+            )
     active, mask = _mask(logits, s)
     if n * h * w == 0:
         return torch.zeros((n, d), dtype=torch.float32, device=s.device), mask
@@ -388,19 +428,33 @@ def sparse_branch(
     else:
         needed, count = compact(needed_flags(active, n, h, w))
         aligned = _empty((n * h * w, d), s.dtype, s.device)
-        bn = min(d, 128)
-        launch(_align_kernel)[(triton.cdiv(n * h * w, 64), d // bn)](
+        config = align_config(d)
+        launch(_align_kernel)[(triton.cdiv(n * h * w, config["BM"]), d // config["BN"])](
             s, *s_strides,
             align_weight.reshape(d, c).t().contiguous(),
             ln_weight if align_bias is None else align_bias.to(s.dtype),
             aligned, needed, count,
             h * w, w, c,
-            D=d, BM=64, BN=bn, BK=32, HAS_BIAS=align_bias is not None, **_dot_options(s.dtype), num_warps=8,
+            D=d, HAS_BIAS=align_bias is not None, **dot_options(s.dtype), **config,
         )  # fmt: skip
         taps = refine_weight.permute(2, 3, 1, 0).reshape(9, d, d).contiguous()  # [tap, in, out]
         tap_bias, source, strides = None, aligned, (h * w * d, 1, w * d, d)
     pooled = _pool_active(
-        launch, source, strides, taps, tap_bias, refine_bias, ln_weight, ln_bias, pool_weight, active, eps, n, h, w, d
+        launch,
+        source,
+        strides,
+        taps,
+        tap_bias,
+        refine_bias,
+        ln_weight,
+        ln_bias,
+        pool_weight,
+        active,
+        eps,
+        n,
+        h,
+        w,
+        d,
     )
     return pooled, mask
 
@@ -507,7 +561,18 @@ def _define() -> None:
         ln_bias: Tensor,
         eps: float,
     ) -> tuple[Tensor, Tensor]:
-        args = (s, logits, pool_weight, align_weight, align_bias, refine_weight, refine_bias, ln_weight, ln_bias, eps)
+        args = (
+            s,
+            logits,
+            pool_weight,
+            align_weight,
+            align_bias,
+            refine_weight,
+            refine_bias,
+            ln_weight,
+            ln_bias,
+            eps,
+        )
         if s.device.type == "cpu":
             return torch.ops.aim.sparse_pooled_branch_interpreted(*args)
         return sparse_branch(wrap_triton, *args)
