@@ -435,3 +435,19 @@ def test_cuda_fused_model_sparse_on_matches_dense():
         sparse = fused(x)
     assert fused.branches_used == ["sparse", "sparse"]
     torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda
+def test_cuda_aoti_package_carries_the_sparse_kernels(tmp_path):
+    """An AOTInductor package of a fused model with sparse branches on CUDA (Inductor compiles the
+    triton_op's kernels into it) gives the eager model's logits."""
+    from aim_ext.export.aoti_export import export_aoti, run_aoti
+
+    model = mixed_mask_model("resnet18", 3, image_size=(96, 96))
+    fused = aim_ext.fuse_for_inference(model).cuda()
+    fused.sparse_inference = "on"
+    package = export_aoti(fused, tmp_path / "sparse.pt2", image_size=(96, 96), batch_size=2, device="cuda")
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(20)).cuda()
+    with torch.no_grad():
+        expected = fused(x)
+    torch.testing.assert_close(run_aoti(package, x)[0], expected, rtol=1e-4, atol=1e-4)
