@@ -23,8 +23,22 @@ def info() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "kernels": kernels_available(),
+        "triton": triton_version(),
         "build": build_decision(),
     }
+
+
+def triton_version() -> str | None:
+    """Triton's version (the pooled head's CUDA kernels; it comes with torch's CUDA wheels), or None."""
+    from aim_ext.ops import pooled_head_triton
+
+    if not pooled_head_triton.HAVE_TRITON:
+        return None
+    import triton
+
+    return triton.__version__ + (
+        " (interpreter: TRITON_INTERPRET=1)" if pooled_head_triton.INTERPRETED else ""
+    )
 
 
 def build_decision() -> str:

@@ -1,5 +1,7 @@
 """The masked_merge op: compiled kernels against the pure PyTorch reference and float64."""
 
+import importlib
+import importlib.util
 import json
 import os
 import random
@@ -332,6 +334,9 @@ def test_info_command_prints_versions_and_kernels():
     report = json.loads(result.stdout)
     assert report["torch"] == torch.__version__
     assert report["kernels"] == kernels_available()
+    spec = importlib.util.find_spec("triton")
+    assert (report["triton"] is None) == (spec is None)  # the subprocess inherits TRITON_INTERPRET
+    assert spec is None or report["triton"].startswith(importlib.import_module("triton").__version__)
 
 
 SCHEMA_OPS = (

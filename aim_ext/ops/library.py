@@ -9,6 +9,9 @@ Two training ops, each with a forward and a backward op, and three evaluation op
     aim::sparse_pooled_branch    the same from S_l, sparse              (aim_ext.ops.pooled_head)
     aim::mask_estimator          a folded mask estimator end to end     (aim_ext.ops.mask_estimator)
 
+The pooled head's two ops have CPU kernels here; on CUDA the Python functions route to Triton
+kernels registered as their own ops (aim_ext.ops.pooled_head_triton).
+
 csrc/masked_merge.cpp, csrc/topdown_epilogue.cpp, csrc/pooled_head.cpp and csrc/mask_estimator.cpp
 define the schemas; the
 strings below repeat them only for a process without the compiled extension (a test checks that
