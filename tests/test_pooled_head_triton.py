@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from mixed_masks import mixed_mask_model
 from test_engine import HostReads
+from test_pooled_head import _branch_weights
 
 import aim_ext
 from aim_ext.ops import pooled_epilogue, sparse_pooled_branch
@@ -38,20 +39,6 @@ needs_cuda = pytest.mark.skipif(
     not (kernels.HAVE_TRITON and torch.cuda.is_available()), reason="needs a CUDA device and Triton"
 )
 TOL = {torch.float32: 2e-4, torch.bfloat16: 8e-2, torch.float16: 1e-2}
-
-
-def _branch(c, d, dtype, device, g, bias=True):
-    def r(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
-
-    return (
-        r(d, c, 1, 1, scale=c**-0.5),
-        r(d) if bias else None,
-        r(d, d, 3, 3, scale=(9 * d) ** -0.5),
-        r(d) if bias else None,
-        1 + 0.1 * r(d),
-        0.1 * r(d),
-    )
 
 
 def _dense64(s, logits, weight, aw, ab, rw, rb, lw, lb):
@@ -99,13 +86,13 @@ CASES = [
 
 @needs_interpreter
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[3]}x{c[4]}-d{c[2]}-{c[5]}-{c[7]}")
-def test_sparse_kernels_match_the_float64_dense_branch(case):
+def test_sparse_kernels_match_the_float64_dense_branch_weights(case):
     n, c, d, h, w, dtype, channels_last, pattern = case
     g = torch.Generator().manual_seed(hash(case) % 2**31)
     s = torch.randn(n, c, h, w, generator=g).to(dtype)
     if channels_last:
         s = s.contiguous(memory_format=torch.channels_last)
-    params = _branch(c, d, dtype, "cpu", g, bias=c % 2 == 1 or pattern == 0.3)
+    params = _branch_weights(c, d, dtype, "cpu", g, bias=c % 2 == 1 or pattern == 0.3)
     logits = _mask_logits(n, h, w, pattern, g).to(dtype)
     weight = torch.rand(h, w, generator=g)
     with torch.no_grad(), triton_on_cpu():
@@ -128,7 +115,7 @@ def test_the_largest_batch_and_map(n, side):
     """Batch 256 (one program per image and tile) and a 56x56 map (49 refine tiles of 64 rows)."""
     g = torch.Generator().manual_seed(n + side)
     s = torch.randn(n, 20, side, side, generator=g).contiguous(memory_format=torch.channels_last)
-    params = _branch(20, 16, torch.float32, "cpu", g)
+    params = _branch_weights(20, 16, torch.float32, "cpu", g)
     logits = 0.25 - torch.rand(n, 1, side, side, generator=g)
     weight = torch.rand(side, side, generator=g)
     with torch.no_grad(), triton_on_cpu():
@@ -146,7 +133,7 @@ def test_dense_epilogue_kernel_matches_the_reference(dtype, channels_last):
     conv = torch.randn(3, 32, 6, 9, generator=g).to(dtype)
     if channels_last:
         conv = conv.contiguous(memory_format=torch.channels_last)
-    *_, lw, lb = _branch(4, 32, dtype, "cpu", g)
+    *_, lw, lb = _branch_weights(4, 32, dtype, "cpu", g)
     conv_bias = torch.randn(32, generator=g)  # float32, as a module's under autocast
     logits = (0.4 - torch.rand(3, 1, 6, 9, generator=g)).to(dtype)
     weight = torch.rand(6, 9, generator=g)
@@ -171,7 +158,7 @@ def test_nothing_past_a_count_is_read(channels):
     is read. A control run shows the poison would show if it were read."""
     g = torch.Generator().manual_seed(12)
     s = torch.randn(2, channels, 7, 6, generator=g)
-    params = _branch(channels, 16, torch.float32, "cpu", g)
+    params = _branch_weights(channels, 16, torch.float32, "cpu", g)
     logits = _mask_logits(2, 7, 6, 0.3, g)
     logits[1] = -1  # an image with no active position
     weight = torch.rand(7, 6, generator=g)
@@ -232,7 +219,7 @@ def test_the_cuda_route_of_a_fused_model_reads_nothing_back(name, stop_stage):
 def test_opcheck_of_the_triton_ops():
     g = torch.Generator().manual_seed(14)
     s = torch.randn(2, 20, 5, 4, generator=g)
-    aw, ab, rw, rb, lw, lb = _branch(20, 16, torch.float32, "cpu", g)
+    aw, ab, rw, rb, lw, lb = _branch_weights(20, 16, torch.float32, "cpu", g)
     logits, weight = torch.randn(2, 1, 5, 4, generator=g), torch.rand(5, 4, generator=g)
     torch.library.opcheck(
         torch.ops.aim.sparse_pooled_branch_triton.default, (s, logits, weight, aw, ab, rw, rb, lw, lb, 1e-6)
@@ -278,7 +265,7 @@ def test_compile_and_export_of_the_fused_sparse_model():
 def test_bad_input_gets_one_line():
     g = torch.Generator().manual_seed(16)
     s = torch.randn(2, 20, 5, 4, generator=g)
-    aw, ab, rw, rb, lw, lb = _branch(20, 16, torch.float32, "cpu", g)
+    aw, ab, rw, rb, lw, lb = _branch_weights(20, 16, torch.float32, "cpu", g)
     logits, weight = torch.randn(2, 1, 5, 4, generator=g), torch.rand(5, 4, generator=g)
     op = torch.ops.aim.sparse_pooled_branch_triton
     cases = [
@@ -368,7 +355,7 @@ def _cuda_case(dtype=torch.bfloat16, n=4, c=384, side=14, d=256):
         .to("cuda", dtype)
         .contiguous(memory_format=torch.channels_last)
     )
-    params = _branch(c, d, dtype, "cuda", g)
+    params = _branch_weights(c, d, dtype, "cuda", g)
     logits = (0.25 - torch.rand(n, 1, side, side, generator=g)).to("cuda", dtype)
     weight = torch.rand(side, side, generator=g).cuda()
     return s, logits, weight, params
@@ -377,7 +364,7 @@ def _cuda_case(dtype=torch.bfloat16, n=4, c=384, side=14, d=256):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("c", [192, 384])
-def test_cuda_kernels_match_the_float64_dense_branch(dtype, c):
+def test_cuda_kernels_match_the_float64_dense_branch_weights(dtype, c):
     s, logits, weight, params = _cuda_case(dtype, c=c)
     with torch.no_grad():
         pooled, mask = sparse_pooled_branch(s, logits, weight, *params)
@@ -424,11 +411,14 @@ def test_cuda_route_never_waits_for_the_host_and_replays_with_new_masks_bit_for_
 
 
 @needs_cuda
-def test_cuda_fused_model_sparse_on_matches_dense():
+def test_cuda_policy_auto_is_dense_and_on_runs_the_kernels():
     model = mixed_mask_model("resnet18", 3, image_size=(96, 96))
     fused = aim_ext.fuse_for_inference(model).cuda()
     x = torch.randn(8, 3, 96, 96, generator=torch.Generator().manual_seed(19)).cuda()
     with torch.no_grad():
+        fused.sparse_inference = "auto"  # dense on CUDA until a crossover is measured there
+        fused(x)
+        assert fused.branches_used == ["dense", "dense"]
         fused.sparse_inference = "off"
         dense = fused(x)
         fused.sparse_inference = "on"

@@ -322,19 +322,9 @@ def sparse_pooled_branch(
     where the mask needs it. ``capacity`` bounds the positions gathered (the active ones and their
     3x3 neighbourhoods); on CPU more is an error, on CUDA it must be all N*H*W positions."""
     refuse_gradient_inputs("sparse_pooled_branch", s, logits, align_weight, refine_weight, ln_weight, ln_bias)
+    args = (s, logits, pool_weight, align_weight, align_bias, refine_weight, refine_bias, ln_weight, ln_bias)
     if torch.onnx.is_in_onnx_export():
-        return sparse_pooled_branch_graph(
-            s,
-            logits,
-            pool_weight,
-            align_weight,
-            align_bias,
-            refine_weight,
-            refine_bias,
-            ln_weight,
-            ln_bias,
-            eps,
-        )
+        return sparse_pooled_branch_graph(*args, eps)
     if s.dim() == 4 and triton_route(s, align_weight.shape[0]):
         positions = s.shape[0] * s.shape[2] * s.shape[3]
         if capacity is not None and capacity < positions:
@@ -342,28 +332,5 @@ def sparse_pooled_branch(
                 f"sparse_pooled_branch: on {s.device} the capacity is all N*H*W = {positions} positions (a "
                 f"smaller one could not be checked without a host synchronisation), got {capacity}"
             )
-        return torch.ops.aim.sparse_pooled_branch_triton(
-            s,
-            logits,
-            pool_weight,
-            align_weight,
-            align_bias,
-            refine_weight,
-            refine_bias,
-            ln_weight,
-            ln_bias,
-            float(eps),
-        )
-    return torch.ops.aim.sparse_pooled_branch(
-        s,
-        logits,
-        pool_weight,
-        align_weight,
-        align_bias,
-        refine_weight,
-        refine_bias,
-        ln_weight,
-        ln_bias,
-        float(eps),
-        None if capacity is None else int(capacity),
-    )
+        return torch.ops.aim.sparse_pooled_branch_triton(*args, float(eps))
+    return torch.ops.aim.sparse_pooled_branch(*args, float(eps), None if capacity is None else int(capacity))

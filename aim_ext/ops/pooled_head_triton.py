@@ -43,6 +43,7 @@ import importlib.util
 import os
 import threading
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -246,7 +247,7 @@ def image_ranges(active: Tensor) -> tuple[Tensor, Tensor]:
 
 def needed_flags(active: Tensor, n: int, h: int, w: int) -> Tensor:
     """The active positions' 3x3 neighbourhoods, (P,) bool: the rows the refine conv reads."""
-    dilated = F.max_pool2d(active.view(n, 1, h, w).to(torch.float16), 3, 1, 1)
+    dilated = F.max_pool2d(active.reshape(n, 1, h, w).to(torch.float16), 3, 1, 1)
     return dilated.reshape(n * h * w) > 0
 
 
@@ -346,19 +347,17 @@ def _pool_active(
     bias: Tensor | None,
     ln_weight: Tensor,
     ln_bias: Tensor,
+    eps: float,
     pool_weight: Tensor,
     active: Tensor,
-    eps: float,
-    n: int,
-    h: int,
-    w: int,
-    d: int,
 ) -> Tensor:
-    """Steps 3 and 4: each image's sum over its active positions of w(p) GELU(LayerNorm(row)), (N, D)
-    float32, the rows computed from ``source`` by the 3x3 ``taps`` (or read from it, taps None)."""
-    device, hw = source.device, h * w
+    """Steps 3 and 4: each image's sum over its ``active`` (N, 1, H, W) positions of w(p)
+    GELU(LayerNorm(row)), (N, D) float32, the rows computed from ``source`` by the 3x3 ``taps``
+    (or read from it, taps None)."""
+    n, _, h, w = active.shape
+    d, device, hw = ln_weight.shape[0], source.device, h * w
     index, _ = compact(active.reshape(n * hw))
-    start, end = image_ranges(active.view(n, hw))
+    start, end = image_ranges(active.reshape(n, hw))
     config = refine_config(hw, source.dtype, conv=taps is not None)
     bm = config["BM"]
     tiles = triton.cdiv(hw, bm)
@@ -439,23 +438,8 @@ def sparse_branch(
         )  # fmt: skip
         taps = refine_weight.permute(2, 3, 1, 0).reshape(9, d, d).contiguous()  # [tap, in, out]
         tap_bias, source, strides = None, aligned, (h * w * d, 1, w * d, d)
-    pooled = _pool_active(
-        launch,
-        source,
-        strides,
-        taps,
-        tap_bias,
-        refine_bias,
-        ln_weight,
-        ln_bias,
-        pool_weight,
-        active,
-        eps,
-        n,
-        h,
-        w,
-        d,
-    )
+    norm = (ln_weight, ln_bias, eps)
+    pooled = _pool_active(launch, source, strides, taps, tap_bias, refine_bias, *norm, pool_weight, active)
     return pooled, mask
 
 
@@ -476,23 +460,9 @@ def dense_epilogue(
     active, mask = _mask(logits, conv)
     if n * h * w == 0:
         return torch.zeros((n, d), dtype=torch.float32, device=conv.device), mask
-    pooled = _pool_active(
-        launch,
-        conv,
-        tuple(conv.stride()),
-        None,
-        None,
-        conv_bias,
-        ln_weight,
-        ln_bias,
-        pool_weight,
-        active,
-        eps,
-        n,
-        h,
-        w,
-        d,
-    )
+    norm = (ln_weight, ln_bias, eps)
+    strides = tuple(conv.stride())
+    pooled = _pool_active(launch, conv, strides, None, None, conv_bias, *norm, pool_weight, active)
     return pooled, mask
 
 
@@ -507,90 +477,46 @@ def _direct(kernel):
     return kernel
 
 
+SPARSE_SCHEMA = (
+    "(Tensor s, Tensor logits, Tensor pool_weight, Tensor align_weight, Tensor? align_bias, "
+    "Tensor refine_weight, Tensor? refine_bias, Tensor ln_weight, Tensor ln_bias, float eps) "
+    "-> (Tensor, Tensor)"
+)
+EPILOGUE_SCHEMA = (
+    "(Tensor conv, Tensor ln_weight, Tensor ln_bias, Tensor logits, Tensor pool_weight, float eps, "
+    "Tensor? conv_bias) -> (Tensor, Tensor)"
+)
+
+
+def _sparse_fake(s, logits, pool_weight, align_weight, *rest):
+    return _fake_outputs(s, logits, align_weight.shape[0])
+
+
+def _epilogue_fake(conv, *rest):
+    return _fake_outputs(conv, None, conv.shape[1])
+
+
 def _define() -> None:
     """The ops: triton_ops (CUDA: the kernels visible to torch.compile and AOTInductor), whose CPU
     route is an opaque op running the same kernels under Triton's interpreter."""
-    lib_ns = "aim"
-
-    @torch.library.custom_op(f"{lib_ns}::sparse_pooled_branch_interpreted", mutates_args=())
-    def sparse_interpreted(
-        s: Tensor,
-        logits: Tensor,
-        pool_weight: Tensor,
-        align_weight: Tensor,
-        align_bias: Tensor | None,
-        refine_weight: Tensor,
-        refine_bias: Tensor | None,
-        ln_weight: Tensor,
-        ln_bias: Tensor,
-        eps: float,
-    ) -> tuple[Tensor, Tensor]:
-        return sparse_branch(_direct, s, logits, pool_weight, align_weight, align_bias, refine_weight,
-                             refine_bias, ln_weight, ln_bias, eps)  # fmt: skip
-
-    @sparse_interpreted.register_fake
-    def _(s, logits, pool_weight, align_weight, *rest):
-        return _fake_outputs(s, logits, align_weight.shape[0])
-
-    @torch.library.custom_op(f"{lib_ns}::pooled_epilogue_interpreted", mutates_args=())
-    def epilogue_interpreted(
-        conv: Tensor,
-        ln_weight: Tensor,
-        ln_bias: Tensor,
-        logits: Tensor,
-        pool_weight: Tensor,
-        eps: float,
-        conv_bias: Tensor | None,
-    ) -> tuple[Tensor, Tensor]:
-        return dense_epilogue(_direct, conv, ln_weight, ln_bias, logits, pool_weight, eps, conv_bias)
-
-    @epilogue_interpreted.register_fake
-    def _(conv, *rest):
-        return _fake_outputs(conv, None, conv.shape[1])
-
-    @triton_op(f"{lib_ns}::sparse_pooled_branch_triton", mutates_args=())
-    def sparse_triton(
-        s: Tensor,
-        logits: Tensor,
-        pool_weight: Tensor,
-        align_weight: Tensor,
-        align_bias: Tensor | None,
-        refine_weight: Tensor,
-        refine_bias: Tensor | None,
-        ln_weight: Tensor,
-        ln_bias: Tensor,
-        eps: float,
-    ) -> tuple[Tensor, Tensor]:
-        args = (
-            s,
-            logits,
-            pool_weight,
-            align_weight,
-            align_bias,
-            refine_weight,
-            refine_bias,
-            ln_weight,
-            ln_bias,
-            eps,
+    for name, schema, body, fake in (
+        ("sparse_pooled_branch", SPARSE_SCHEMA, sparse_branch, _sparse_fake),
+        ("pooled_epilogue", EPILOGUE_SCHEMA, dense_epilogue, _epilogue_fake),
+    ):
+        interpreted = torch.library.custom_op(
+            f"aim::{name}_interpreted", partial(body, _direct), mutates_args=(), schema=schema
         )
-        if s.device.type == "cpu":
-            return torch.ops.aim.sparse_pooled_branch_interpreted(*args)
-        return sparse_branch(wrap_triton, *args)
+        interpreted.register_fake(fake)
+        on_device = partial(_on_device, body, interpreted)
+        triton_op(f"aim::{name}_triton", on_device, mutates_args=(), schema=schema)
 
-    @triton_op(f"{lib_ns}::pooled_epilogue_triton", mutates_args=())
-    def epilogue_triton(
-        conv: Tensor,
-        ln_weight: Tensor,
-        ln_bias: Tensor,
-        logits: Tensor,
-        pool_weight: Tensor,
-        eps: float,
-        conv_bias: Tensor | None,
-    ) -> tuple[Tensor, Tensor]:
-        args = (conv, ln_weight, ln_bias, logits, pool_weight, eps, conv_bias)
-        if conv.device.type == "cpu":
-            return torch.ops.aim.pooled_epilogue_interpreted(*args)
-        return dense_epilogue(wrap_triton, *args)
+
+def _on_device(body: Callable, interpreted, x: Tensor, *args):
+    """A triton_op's body: on CUDA the kernels through wrap_triton (so that tracing records
+    them), on CPU tensors the opaque op that runs them under the interpreter."""
+    if x.device.type == "cpu":
+        return interpreted(x, *args)
+    return body(wrap_triton, x, *args)
 
 
 if HAVE_TRITON:
