@@ -327,6 +327,9 @@ def test_route_on_cuda_without_triton_or_for_other_dtypes_warns_once(monkeypatch
 
 
 @pytest.mark.skipif(not kernels.HAVE_TRITON, reason="needs triton")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="with a GPU the CUDA tests compile the kernels for the card itself"
+)
 def test_every_launch_compiles_for_sm90_within_its_registers_and_shared_memory(tmp_path):
     """Triton's own compiler and ptxas, without a GPU: every bfloat16 launch the host code makes
     (benchmarks/triton_resources.py) compiles for sm_90, spills no register, and fits a block's
