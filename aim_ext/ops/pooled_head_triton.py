@@ -268,11 +268,12 @@ def align_config(d: int) -> dict:
 
 
 def refine_config(hw: int, dtype: torch.dtype, conv: bool = True) -> dict:
-    """_refine_pool_kernel's tile of active rows (all D channels, for the LayerNorm): 16 rows for
-    small maps (a 7x7 map holds a dozen active positions), 64 from 16x16 up; 32 where 64 spilled
-    registers for sm_90 (benchmarks/triton_resources.py): float32's IEEE products, and the
-    epilogue alone (conv False), which holds the whole loaded tile and its float32 copy."""
-    if hw < 256:
+    """_refine_pool_kernel's tile of one image's active rows (all D channels, for the LayerNorm):
+    16 rows for maps under 128 positions (a 7x7 map at 25% holds a dozen), else 64 (a 14x14 map
+    at 25%, 49 rows, fills 77% of one tile); 32 where 64 spilled registers for sm_90
+    (benchmarks/triton_resources.py): float32's IEEE products, and the epilogue alone (conv
+    False), which holds the whole loaded tile and its float32 copy."""
+    if hw < 128:
         return {"BM": 16, "BK": 32, "num_warps": 4}
     return {"BM": 64 if conv and dtype != torch.float32 else 32, "BK": 32, "num_warps": 8}
 
