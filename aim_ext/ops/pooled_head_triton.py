@@ -241,8 +241,9 @@ def compact(flags: Tensor) -> tuple[Tensor, Tensor]:
 
 def image_ranges(active: Tensor) -> tuple[Tensor, Tensor]:
     """Where each image's rows lie in `compact`'s list of ``active`` (N, H*W): start and end, (N,) int32."""
-    end = torch.cumsum(active.sum(1, dtype=torch.int32), 0, dtype=torch.int32)
-    return end - active.sum(1, dtype=torch.int32), end
+    counts = active.sum(1, dtype=torch.int32)
+    end = torch.cumsum(counts, 0, dtype=torch.int32)
+    return end - counts, end
 
 
 def needed_flags(active: Tensor, n: int, h: int, w: int) -> Tensor:
