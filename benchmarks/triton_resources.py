@@ -57,7 +57,7 @@ def launches(d: int, dtypes: list[str]):
                 "tap_bias_ptr": f32, "bias_ptr": pointer, "ln_w_ptr": pointer, "ln_b_ptr": pointer,
                 "pool_ptr": f32,
                 "index_ptr": "*i32", "start_ptr": "*i32", "end_ptr": "*i32", "partial_ptr": f32,
-                "H": i32, "W": i32, "X": i32, "eps": "fp32",
+                "H": i32, "W": i32, "X": i32, "eps": "fp32", "tiles": i32,
             }  # fmt: skip
             for kind, conv, tap_bias in (
                 ("refine", True, False),

@@ -307,10 +307,19 @@ def test_bad_input_gets_one_line():
         sparse_pooled_branch(s, logits, weight, aw, ab, rw, rb, lw, lb, capacity=39)
 
 
+def _on_cuda(dtype=torch.bfloat16, shape=(2, 384, 14, 14), stride=None):
+    """What triton_route reads of a CUDA tensor, without one."""
+    like = torch.empty(shape, device="meta")
+    strides = like.stride() if stride is None else stride
+    return types.SimpleNamespace(
+        device=torch.device("cuda"), dtype=dtype, shape=like.shape, stride=lambda: strides
+    )
+
+
 def test_route_on_cuda_without_triton_or_for_other_dtypes_warns_once(monkeypatch):
     """Where Triton is missing (a CPU-only or source build of torch), or the kernels do not take the
-    dtype or width, CUDA calls run the dense references, with one warning each."""
-    cuda = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
+    dtype, width or size, CUDA calls run the dense references, with one warning each."""
+    cuda = _on_cuda()
     monkeypatch.setattr(pooled_head_module, "_warned", set())
     monkeypatch.setattr(kernels, "HAVE_TRITON", False)
     with pytest.warns(RuntimeWarning, match="Triton is not installed"):
@@ -321,9 +330,78 @@ def test_route_on_cuda_without_triton_or_for_other_dtypes_warns_once(monkeypatch
     assert caught == []  # once
     monkeypatch.setattr(kernels, "HAVE_TRITON", True)
     assert triton_route(cuda, 256)
-    with pytest.warns(RuntimeWarning, match="float64 at width 256 runs the dense PyTorch reference"):
-        assert not triton_route(types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64), 256)
+    with pytest.warns(
+        RuntimeWarning, match="take float32, float16 or bfloat16, got torch.float64; the pooled"
+    ):
+        assert not triton_route(_on_cuda(torch.float64), 256)
+    with pytest.warns(RuntimeWarning, match="power-of-two width from 16 to 256, got 512"):
+        assert not triton_route(cuda, 512)
+    huge = _on_cuda(shape=(2**11, 384, 56, 56), stride=(0, 1, 0, 0))  # an expanded view: small span
+    with pytest.warns(
+        RuntimeWarning, match=r"too large for the Triton kernels' 32-bit indexing \(2466250752"
+    ):
+        assert not triton_route(huge, 256)
+    sliced = _on_cuda(shape=(2, 384, 14, 14), stride=(2**31, 1, 14 * 384, 384))  # a view reaching past 2**31
+    assert not triton_route(sliced, 256)  # the same reason: warned once already
     assert not triton_route(torch.zeros(1), 256)  # the CPU takes the C++ kernels unless asked
+
+
+@needs_interpreter
+def test_bfloat16_rounding_is_to_nearest_even_and_keeps_nan_and_inf():
+    """`_rounded` against torch's own bfloat16 conversion, on random values, ties, and the NaN bit
+    pattern a GPU's arithmetic makes (0x7FFFFFFF), which a plain carry would turn into -0."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def round_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(out_ptr + i, kernels._rounded(tl.load(x_ptr + i), tl.bfloat16))
+
+    g = torch.Generator().manual_seed(23)
+    special = torch.tensor(
+        [0x7FFFFFFF, 0x7FC00000, 0xFFFFFFFF - 2**32, 0x7F800001, 0x3F808000, 0x3F818000], dtype=torch.int32
+    )
+    x = torch.cat([special.view(torch.float32), torch.tensor([float("inf"), -float("inf"), 0.0, -0.0])])
+    x = torch.cat([x, torch.randn(64 - x.numel(), generator=g) * 100])
+    out = torch.empty_like(x)
+    round_kernel[(1,)](x, out, BLOCK=64)
+    expected = x.to(torch.bfloat16).float()
+    assert torch.equal(out.isnan(), x.isnan())
+    assert torch.equal(out[~x.isnan()], expected[~x.isnan()])
+
+
+@needs_interpreter
+def test_strided_parameters_and_views():
+    """Parameters that are strided views, and an input that is a channel slice of a wider map, give
+    the contiguous copies' result (the kernels read vectors as contiguous: the host makes them so)."""
+    g = torch.Generator().manual_seed(24)
+    wide = torch.randn(2, 40, 6, 5, generator=g)
+    s = wide[:, 4:24]  # a view: strides of the 40-channel map
+    aw, ab, rw, rb, lw, lb = _branch_weights(20, 16, torch.float32, "cpu", g)
+    strided = [torch.stack([t, t], 1)[:, 0] for t in (ab, rb, lw, lb)]  # stride 2
+    logits, weight = 0.4 - torch.rand(2, 1, 6, 5, generator=g), torch.rand(6, 5, generator=g)
+    with torch.no_grad(), triton_on_cpu():
+        got, _ = sparse_pooled_branch(
+            s, logits, weight, aw, strided[0], rw, strided[1], strided[2], strided[3]
+        )
+        want, _ = sparse_pooled_branch(s.contiguous(), logits, weight, aw, ab, rw, rb, lw, lb)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_the_ops_name_their_kernels_for_compile_caches():
+    """torch keys its compile caches of a triton_op on the kernels it finds for it."""
+    from torch._library.triton import get_triton_kernels_for_op
+
+    assert get_triton_kernels_for_op("aim::sparse_pooled_branch_triton") == [
+        kernels._align_kernel,
+        kernels._refine_pool_kernel,
+        kernels._reduce_kernel,
+    ]
+    assert get_triton_kernels_for_op("aim::pooled_epilogue_triton") == [
+        kernels._refine_pool_kernel,
+        kernels._reduce_kernel,
+    ]
 
 
 @pytest.mark.skipif(not kernels.HAVE_TRITON, reason="needs triton")

@@ -197,8 +197,8 @@ def _warn_once(key: str, message: str) -> None:
 
 def triton_route(x: Tensor, width: int) -> bool:
     """Whether a pooled-head op on ``x`` with ``width`` output channels runs the Triton kernels:
-    on CUDA wherever Triton is installed and the kernels take the dtype and width (else the
-    reference, with a one-time warning); on the CPU only inside `triton_on_cpu`."""
+    on CUDA wherever Triton is installed and the kernels take the dtype, width and size (else the
+    dense reference, with a one-time warning per reason); on the CPU only inside `triton_on_cpu`."""
     if x.device.type == "cpu":
         return bool(getattr(_route, "cpu", False))
     if x.device.type != "cuda":
@@ -210,12 +210,10 @@ def triton_route(x: Tensor, width: int) -> bool:
             "ops run their dense PyTorch references on CUDA; the sparse branch saves no work",
         )
         return False
-    if x.dtype not in pooled_head_triton.DTYPES or width < 16 or width & (width - 1):
-        _warn_once(
-            f"{x.dtype}-{width}",
-            f"aim_ext: the pooled head's Triton kernels take float32, float16 and bfloat16 at a power-of-two "
-            f"width; {x.dtype} at width {width} runs the dense PyTorch reference on CUDA",
-        )
+    reason = pooled_head_triton.unsupported(x, width)
+    if reason is not None:
+        message = f"aim_ext: {reason}; the pooled head runs its dense PyTorch reference"
+        _warn_once(reason.split(" (")[0], message)
         return False
     return True
 

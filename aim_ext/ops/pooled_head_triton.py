@@ -55,6 +55,7 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_LIMIT = 2**31  # the kernels index with int32
+MAX_WIDTH = 256  # AIM's top-down width; wider tiles spill registers (benchmarks/triton_resources.py)
 REDUCE_BLOCK = 64  # channels per program of the per-image reduction
 
 if HAVE_TRITON:
@@ -65,11 +66,12 @@ if HAVE_TRITON:
     @triton.jit
     def _rounded(v, dtype: tl.constexpr):
         """float32 ``v`` rounded to ``dtype`` (to nearest, ties to even), as float32. bfloat16 by
-        its bits: Triton's interpreter truncates in its own conversion."""
+        its bits, on the GPU as under Triton's interpreter (whose own conversion truncates); a NaN
+        passes as it is (a GPU's 0x7FFFFFFF would carry into the sign bit)."""
         if dtype == tl.bfloat16:
             bits = v.to(tl.uint32, bitcast=True)
             bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-            return bits.to(tl.float32, bitcast=True)
+            return tl.where(v == v, bits.to(tl.float32, bitcast=True), v)
         else:
             return v.to(dtype).to(tl.float32)
 
@@ -129,13 +131,12 @@ if HAVE_TRITON:
         pool_ptr,  # (H*W,) float32: w(p)
         index_ptr, start_ptr, end_ptr,  # the active positions; image n's are [start[n], end[n])
         partial_ptr,  # (N, tiles, D) float32: each tile's sum
-        H, W, X, eps,
+        H, W, X, eps, tiles,
         D: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
         CONV: tl.constexpr, HAS_BIAS: tl.constexpr, TAP_BIAS: tl.constexpr, IEEE: tl.constexpr,
         WIDEN: tl.constexpr,
     ):  # fmt: skip
-        n, tile = tl.program_id(0), tl.program_id(1)
-        tiles = tl.num_programs(1)
+        n, tile = tl.program_id(0) // tiles, tl.program_id(0) % tiles  # a 1-D grid: no 65535 limit
         start = tl.load(start_ptr + n)
         end = tl.load(end_ptr + n)
         first = start + tile * BM
@@ -290,19 +291,30 @@ def dot_options(dtype: torch.dtype) -> dict:
     return {"IEEE": dtype == torch.float32, "WIDEN": INTERPRETED and dtype != torch.float32}
 
 
-def check_supported(x: Tensor, width: int, op: str, channels: int | None = None) -> None:
-    """Refuse, in one line naming the problem, what the kernels cannot take."""
+def unsupported(x: Tensor, width: int) -> str | None:
+    """Why the kernels cannot take input ``x`` (N, C, H, W) at ``width`` output channels, or None."""
     if x.dtype not in DTYPES:
-        raise ValueError(f"{op}: the Triton kernels take float32, float16 or bfloat16, got {x.dtype}")
-    if width < 16 or width & (width - 1):
-        raise ValueError(f"{op}: the Triton kernels need a power-of-two width of at least 16, got {width}")
+        return f"the Triton kernels take float32, float16 or bfloat16, got {x.dtype}"
+    if not (16 <= width <= MAX_WIDTH) or width & (width - 1):
+        return f"the Triton kernels need a power-of-two width from 16 to {MAX_WIDTH}, got {width}"
     n, c, h, w = x.shape
-    largest = n * h * w * max(width, c if channels is None else channels)
-    if largest >= INDEX_LIMIT or x.numel() >= INDEX_LIMIT:
-        raise ValueError(
-            f"{op}: the map is too large for the Triton kernels' 32-bit indexing (N*H*W*max(C, D) = "
-            f"{largest} >= 2**31); split the batch or use the dense path (sparse_inference='off')"
+    # The farthest element an index reaches: the input's (its strides, a view's included) and the
+    # (N*H*W, max(C, D)) rows of the scratch buffers.
+    span = 1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride(), strict=True))
+    largest = max(span, n * h * w * max(width, c))
+    if largest >= INDEX_LIMIT:
+        return (
+            f"the map is too large for the Triton kernels' 32-bit indexing ({largest} elements >= 2**31): "
+            "split the batch"
         )
+    return None
+
+
+def check_supported(x: Tensor, width: int, op: str) -> None:
+    """Refuse, in one line naming the problem, what the kernels cannot take."""
+    reason = unsupported(x, width)
+    if reason is not None:
+        raise ValueError(f"{op}: {reason}")
 
 
 def _check_like(t: Tensor | None, shape: tuple[int, ...], name: str, x: Tensor, op: str) -> None:
@@ -332,11 +344,13 @@ def _composed_taps(
     align_weight: Tensor, align_bias: Tensor | None, refine_weight: Tensor, dtype: torch.dtype
 ):
     """refine(align(.)) as one 3x3 conv: the weight per tap (9, C, D) in ``dtype`` and align's
-    bias through each tap (9, D) in float32, both from float32 products."""
+    bias through each tap (9, D) in float32, both from float64 products (no autocast, no TF32),
+    rounded once."""
     d, c = align_weight.shape[:2]
-    taps = refine_weight.float().permute(2, 3, 0, 1).reshape(9, d, d)  # [tap, out, in]
-    weight = (taps @ align_weight.float().reshape(d, c)).transpose(1, 2).to(dtype).contiguous()
-    tap_bias = None if align_bias is None else (taps @ align_bias.float()).contiguous()
+    with torch.autocast(align_weight.device.type, enabled=False):
+        taps = refine_weight.double().permute(2, 3, 0, 1).reshape(9, d, d)  # [tap, out, in]
+        weight = (taps @ align_weight.double().reshape(d, c)).transpose(1, 2).to(dtype).contiguous()
+        tap_bias = None if align_bias is None else (taps @ align_bias.double()).float().contiguous()
     return weight, tap_bias
 
 
@@ -366,15 +380,15 @@ def _pool_active(
     partial = _empty((n, tiles, d), torch.float32, device)
     dummy = ln_weight
     x = taps.shape[1] if taps is not None else d
-    launch(_refine_pool_kernel)[(n, tiles)](
+    launch(_refine_pool_kernel)[(n * tiles,)](
         source, *strides,
         dummy if taps is None else taps,
         dummy if tap_bias is None else tap_bias,
-        dummy if bias is None else bias.to(source.dtype),
-        ln_weight, ln_bias,
+        dummy if bias is None else bias.to(source.dtype).contiguous(),
+        ln_weight.contiguous(), ln_bias.contiguous(),
         pool_weight.reshape(hw).to(torch.float32).contiguous(),
         index, start, end, partial,
-        h, w, x, float(eps),
+        h, w, x, float(eps), tiles,
         D=d, CONV=taps is not None, HAS_BIAS=bias is not None, TAP_BIAS=tap_bias is not None,
         **dot_options(source.dtype), **config,
     )  # fmt: skip
@@ -433,7 +447,7 @@ def sparse_branch(
         launch(_align_kernel)[(triton.cdiv(n * h * w, config["BM"]), d // config["BN"])](
             s, *s_strides,
             align_weight.reshape(d, c).t().contiguous(),
-            ln_weight if align_bias is None else align_bias.to(s.dtype),
+            ln_weight if align_bias is None else align_bias.to(s.dtype).contiguous(),
             aligned, needed, count,
             h * w, w, c,
             D=d, HAS_BIAS=align_bias is not None, **dot_options(s.dtype), **config,
@@ -511,6 +525,11 @@ def _define() -> None:
         interpreted.register_fake(fake)
         on_device = partial(_on_device, body, interpreted)
         triton_op(f"aim::{name}_triton", on_device, mutates_args=(), schema=schema)
+        # torch finds a triton_op's kernels by reading its body's source for wrap_triton(kernel)
+        # calls; these are launched through a parameter, so name them, or compile caches would not
+        # key on the kernels' source.
+        kernels = [_align_kernel, _refine_pool_kernel, _reduce_kernel][name == "pooled_epilogue" :]
+        torch._library.triton.triton_ops_to_kernels[f"aim::{name}_triton"] = kernels
 
 
 def _on_device(body: Callable, interpreted, x: Tensor, *args):
