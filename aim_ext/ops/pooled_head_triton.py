@@ -254,10 +254,6 @@ def needed_flags(active: Tensor, n: int, h: int, w: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# The host side, one function per op; ``launch`` is wrap_triton on CUDA, identity when interpreted.
-
-
-# ---------------------------------------------------------------------------------------------
 # Launch configurations, one place for the host code and for benchmarks/triton_resources.py,
 # which compiles every one of them for sm_90 and checks registers, spills and shared memory.
 
@@ -338,6 +334,10 @@ def check_inputs(x: Tensor, logits: Tensor, pool_weight: Tensor, width: int, op:
     for name, vector in vectors.items():
         _check_like(vector, (width,), name, x, op)
     check_supported(x, width, op)
+
+
+# ---------------------------------------------------------------------------------------------
+# The host side, one function per op; ``launch`` is wrap_triton on CUDA, identity when interpreted.
 
 
 def _composed_taps(
