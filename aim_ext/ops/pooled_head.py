@@ -12,9 +12,11 @@ positions that position p of stage l reaches through the chain of nearest resize
                                         the active positions (both as matrix products on the
                                         gathered positions), then the same
 
-Both have one C++ implementation (csrc/pooled_head.cpp) for CPU and CUDA and the pure PyTorch
-references below, the dense computation they must equal: the feature branch on the whole map, the
-masked map and its weighted sum. During ONNX export they are written in standard operators:
+Both have C++ CPU kernels (csrc/pooled_head.cpp), Triton kernels for CUDA whose work follows the
+active count kept on the device (aim_ext.ops.pooled_head_triton; `triton_route` says which a call
+takes), and the pure PyTorch references below, the dense computation they must equal: the feature
+branch on the whole map, the masked map and its weighted sum. During ONNX export they are written
+in standard operators:
 `pooled_epilogue` as its reference, `sparse_pooled_branch` as `sparse_pooled_branch_graph`, the
 same gathers and matrix products as the C++ code (NonZero, Gather, MatMul, ScatterND).
 
