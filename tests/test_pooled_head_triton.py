@@ -215,12 +215,18 @@ def test_the_cuda_route_of_a_fused_model_reads_nothing_back(name, stop_stage):
     assert all(torch.equal(a, b) for a, b in zip(masks, expected_masks, strict=True))
 
 
+def _small_case(seed: int):
+    """S_l (2, 20, 5, 4), the branch's weights at width 16, mask logits and pool weights."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(2, 20, 5, 4, generator=g)
+    params = _branch_weights(20, 16, torch.float32, "cpu", g)
+    return s, params, torch.randn(2, 1, 5, 4, generator=g), torch.rand(5, 4, generator=g)
+
+
 @needs_interpreter
 def test_opcheck_of_the_triton_ops():
-    g = torch.Generator().manual_seed(14)
-    s = torch.randn(2, 20, 5, 4, generator=g)
-    aw, ab, rw, rb, lw, lb = _branch_weights(20, 16, torch.float32, "cpu", g)
-    logits, weight = torch.randn(2, 1, 5, 4, generator=g), torch.rand(5, 4, generator=g)
+    s, (aw, ab, rw, rb, lw, lb), logits, weight = _small_case(14)
+    g = torch.Generator().manual_seed(15)
     torch.library.opcheck(
         torch.ops.aim.sparse_pooled_branch_triton.default, (s, logits, weight, aw, ab, rw, rb, lw, lb, 1e-6)
     )
@@ -263,10 +269,7 @@ def test_compile_and_export_of_the_fused_sparse_model():
 
 @needs_interpreter
 def test_bad_input_gets_one_line():
-    g = torch.Generator().manual_seed(16)
-    s = torch.randn(2, 20, 5, 4, generator=g)
-    aw, ab, rw, rb, lw, lb = _branch_weights(20, 16, torch.float32, "cpu", g)
-    logits, weight = torch.randn(2, 1, 5, 4, generator=g), torch.rand(5, 4, generator=g)
+    s, (aw, ab, rw, rb, lw, lb), logits, weight = _small_case(16)
     op = torch.ops.aim.sparse_pooled_branch_triton
     cases = [
         (
