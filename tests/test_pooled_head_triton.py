@@ -525,3 +525,26 @@ def test_cuda_aoti_package_carries_the_sparse_kernels(tmp_path):
     with torch.no_grad():
         expected = fused(x)
     torch.testing.assert_close(run_aoti(package, x)[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_without_triton_the_package_imports_and_the_cpu_ops_run():
+    """A CPU-only or source build of torch has no Triton: the package imports, `info` says so, the
+    Triton ops are not defined, and the pooled head runs its C++ CPU kernels."""
+    script = """
+import importlib.util
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name.split(".")[0] == "triton" else find_spec(name, *a)
+import torch, aim_ext
+from aim_ext.__main__ import info
+from aim_ext.ops import pooled_epilogue
+assert info()["triton"] is None
+assert not hasattr(torch.ops.aim, "sparse_pooled_branch_triton")
+conv, logits = torch.randn(1, 16, 3, 3), torch.randn(1, 1, 3, 3)
+pooled, mask = pooled_epilogue(conv, torch.ones(16), torch.zeros(16), logits, torch.rand(3, 3))
+assert pooled.shape == (1, 16) and mask.shape == (1, 1, 3, 3)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr

@@ -544,11 +544,4 @@ if HAVE_TRITON:
     _define()
 
 
-def usable_on(device: torch.device) -> bool:
-    """Whether the kernels can run on ``device``: CUDA with Triton, or CPU under Triton's interpreter."""
-    if not HAVE_TRITON:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and INTERPRETED)
-
-
-__all__ = ["HAVE_TRITON", "compact", "image_ranges", "poisoned_scratch", "usable_on"]
+__all__ = ["HAVE_TRITON", "compact", "image_ranges", "poisoned_scratch", "unsupported"]
