@@ -72,9 +72,9 @@ KERNELS = (
 
 # Instantiations allowed a stack frame, with its largest size in bytes; every other kernel must
 # have none. A defect, listed so that CI refuses any new or larger frame until it is fixed: these
-# kernels call ptxas' out-of-line slow path of IEEE division (float32: the mask's pre-activation
-# (logits + noise) / temperature in device_utils.cuh's preactivation; float64 also the epilogue's
-# divisions), and save live registers to the stack around the calls: 12 to 52 bytes of spill
+# kernels call ptxas' out-of-line slow path of IEEE division (float32: nearest_scale's in / out
+# and the mask's (logits + noise) / temperature in device_utils.cuh; float64 also the epilogue's
+# divisions) and save live registers to the stack around the calls: 12 to 52 bytes of spill
 # stores each (ptxas -v agrees on masked_merge_kernels_float.cu: 32/44 and 12/16 bytes).
 FRAMES = {
     ("masked_merge_kernels_bfloat16.cu", "backward_nchw<__nv_bfloat16, 8>"): 40,
@@ -274,7 +274,7 @@ def summary_table(rows: list[dict], kernels=KERNELS) -> list[str]:
             if known
             else "?"
         )
-        frames = ", ".join(f"{r['name']} ({r['stack'] + r['local']} B)" for r in framed) or "none"
+        frames = ", ".join(f"`{r['name']}` ({r['stack'] + r['local']} B)" for r in framed) or "none"
         shared = sorted({r["shared"] for r in group})
         lines.append(
             f"| {arch} | {source} | {name} | {len(group)} | {k.threads if k else '?'} | "
