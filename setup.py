@@ -3,6 +3,8 @@
 CUDA is built when torch is a CUDA build and nvcc is found (or FORCE_CUDA=1); set
 AIM_EXT_CPU_ONLY=1 to skip it. AIM_EXT_NVCC_THREADS=N passes --split-compile=N to nvcc, which
 runs its optimizer on N threads (0: every CPU); the merge kernels' file takes minutes on one.
+AIM_EXT_SANITIZE=address,undefined (either or both) compiles the CPU kernels only, with those
+sanitizers (benchmarks/sanitize.sh runs the op tests on such a build).
 Build with `pip install --no-build-isolation .` so the extension is compiled against the torch
 it will run with.
 """
@@ -35,6 +37,8 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 ROOT = Path(__file__).parent
 # The list of sources CMakeLists.txt reads too.
 SOURCE_LIST = "csrc/sources.txt"
+# The values of AIM_EXT_SANITIZE: gcc's and clang's -fsanitize names.
+SANITIZERS = ("address", "undefined")
 
 
 def kernel_sources() -> dict[str, list[str]]:
@@ -59,6 +63,26 @@ def nvcc_threads() -> list[str]:
     return [f"--split-compile={threads}"]
 
 
+def sanitizers() -> list[str]:
+    """The sanitizers AIM_EXT_SANITIZE names (a comma list of SANITIZERS), or none."""
+    value = os.environ.get("AIM_EXT_SANITIZE", "").strip()
+    if not value:
+        return []
+    names = [name.strip() for name in value.split(",")]
+    if not set(names) <= set(SANITIZERS):
+        raise RuntimeError(f"AIM_EXT_SANITIZE must be a comma list of {', '.join(SANITIZERS)}, got {value!r}")
+    return sorted(set(names), key=names.index)
+
+
+def sanitizer_flags(names: list[str]) -> list[str]:
+    """Compile and link flags for the sanitizers; a report halts the process (no recovery)."""
+    if not names:
+        return []
+    # Python's CFLAGS carry -fwrapv, which defines signed overflow and so hides it from UBSan.
+    sanitize = f"-fsanitize={','.join(names)}"
+    return [sanitize, "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-fno-wrapv"]
+
+
 def log(message: str) -> None:
     """Print the build decision and keep it for `python -m aim_ext info` (pip hides build output)."""
     print(f"aim_ext build: {message}", file=sys.stderr)
@@ -78,9 +102,14 @@ def nvcc_version(nvcc: str) -> str | None:
 
 def cuda_decision() -> tuple[bool, str]:
     """Whether to build the CUDA kernels, and why."""
+    forced = os.environ.get("FORCE_CUDA") == "1"
+    if sanitizers():
+        # nvcc does not take -fsanitize; compute-sanitizer checks the CUDA kernels instead.
+        if forced:
+            raise RuntimeError("FORCE_CUDA=1 but AIM_EXT_SANITIZE builds the CPU kernels only")
+        return False, f"AIM_EXT_SANITIZE={','.join(sanitizers())} (sanitized builds are CPU-only)"
     if os.environ.get("AIM_EXT_CPU_ONLY") == "1":
         return False, "AIM_EXT_CPU_ONLY=1"
-    forced = os.environ.get("FORCE_CUDA") == "1"
     nvcc = CUDA_HOME and shutil.which("nvcc", path=str(Path(CUDA_HOME) / "bin"))
     if torch.version.cuda is None:
         if forced:
@@ -111,10 +140,15 @@ def extension():
     cxx = ["-O3", "-fdiagnostics-color=always", "-fopenmp", abi]
     with_cuda, why = cuda_decision()
     if not with_cuda:
+        link = ["-fopenmp"]
+        sanitize = sanitizer_flags(sanitizers())
+        if sanitize:
+            # -O1 -g: reports with line numbers and whole stacks, still fast enough for the tests.
+            cxx = ["-O1", "-g", *cxx[1:], *sanitize]
+            link += sanitize
+            why += f"; compiled with {' '.join(sanitize)} -O1 -g"
         log(f"building the CPU kernels only: {why}")
-        return CppExtension(
-            "aim_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
-        )
+        return CppExtension("aim_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     log(
