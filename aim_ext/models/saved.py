@@ -1,18 +1,24 @@
 """A trained model that travels: a folder with `model.safetensors` and `config.json` (timm's layout),
 saved and loaded without the data it was trained on; also the model of an aim-train run folder or
 checkpoint. Nothing is executed from a file: weights come from safetensors or `weights_only` loads.
+
+Each save writes the weights, then the config, each renamed into place whole, and names itself in
+both (`weights_id`); a reader takes a config and weights of the same save, so one process loading
+while another saves into the folder gets the old model or the new one, never a mix.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from aim_ext.cache import write_atomic
@@ -28,6 +34,9 @@ FORMAT = "aim-ext saved model"
 # as version 1, which any aim-ext reads.
 FORMAT_VERSION = 2
 RUN_MODEL_FOLDER = "model"  # where aim-train puts the saved model inside its run folder
+WEIGHTS_ID = "weights_id"  # the save's name, in config.json and in the weights' safetensors metadata
+# How long a reader waits for a save in progress to write the config that goes with its weights.
+CONSISTENT_READ_S = 1.0
 
 
 class ModelFileError(ValueError):
@@ -50,7 +59,7 @@ def save_pretrained(
     framed (`crop_pct`, the share of a resized image that is centre-cropped, and the resize's
     `interpolation`; timm's defaults for the backbone unless given), the Gumbel settings, the
     package version and, when given, the validation metrics and a training summary. Each file is
-    written whole or not at all. Returns the folder."""
+    written whole or not at all, and `load_model` reads the two of one save. Returns the folder."""
     if is_inference_only(model):
         raise ValueError("save_pretrained: save the trained model, before aim_ext.fuse_for_inference")
     num_classes = int(model.num_classes)
@@ -82,11 +91,15 @@ def save_pretrained(
         "aim_ext_version": _version(),
         "metrics": metrics,
         "training": training,
+        WEIGHTS_ID: uuid.uuid4().hex,
     }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    write_atomic(folder / WEIGHTS_FILE, safetensors.torch.save(weights))
+    # The weights first: a reader that finds the new config finds its weights.
+    write_atomic(
+        folder / WEIGHTS_FILE, safetensors.torch.save(weights, metadata={WEIGHTS_ID: config[WEIGHTS_ID]})
+    )
     write_atomic(folder / CONFIG_FILE, (json.dumps(config, indent=2, default=float) + "\n").encode())
     return folder
 
@@ -119,17 +132,7 @@ def load_model(source: str | Path, *, device: str | torch.device = "cpu") -> nn.
 
 
 def _load_saved(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelFileError(f"{folder / CONFIG_FILE} is not a readable config: {error}") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ModelFileError(f"{folder / CONFIG_FILE} is not an {FORMAT} config")
-    if config.get("format_version", 0) > FORMAT_VERSION:
-        raise ModelFileError(
-            f"{folder} was saved in format {config['format_version']}; this aim-ext reads up to "
-            f"{FORMAT_VERSION}: upgrade aim-ext"
-        )
+    config, weights, weights_id = _read_saved(folder)
     model = _build(
         config["backbone"],
         config["stop_stage"],
@@ -141,14 +144,64 @@ def _load_saved(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     if gumbel and isinstance(model, MaskingModel):
         model.set_gumbel(temperature=gumbel["temperature"], noise=gumbel["noise"])
     weights_path = folder / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise ModelFileError(f"{weights_path} is missing")
-    try:
-        weights = safetensors.torch.load_file(str(weights_path))
-    except (SafetensorError, OSError) as error:
-        raise ModelFileError(f"{weights_path} is not a readable safetensors file ({error})") from None
     _load_weights(model, {"architecture": config.get("architecture"), "model": weights}, str(weights_path))
+    if not _same_save(config, weights_id):
+        raise ModelFileError(
+            f"{folder}: {CONFIG_FILE} and {WEIGHTS_FILE} are from different saves (an interrupted "
+            "save_pretrained?): save the model again"
+        )
     return model, config
+
+
+def _read_saved(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], str | None]:
+    """The config, the weights and the weights' `weights_id`, of one save. A save in progress
+    replaces the weights first, then the config, so for a moment a reader can find new weights
+    beside the old config: it reads both again until they agree or `CONSISTENT_READ_S` has passed
+    (then it returns the last pair, for `_load_saved` to refuse)."""
+    deadline = time.monotonic() + CONSISTENT_READ_S
+    pause = 0.005
+    while True:
+        config = _read_config(folder)
+        weights, weights_id = _read_weights(folder / WEIGHTS_FILE)
+        if _same_save(config, weights_id) or time.monotonic() > deadline:
+            return config, weights, weights_id
+        time.sleep(pause)
+        pause = min(2 * pause, 0.1)
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelFileError(f"{folder / CONFIG_FILE} is not a readable config: {error}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ModelFileError(f"{folder / CONFIG_FILE} is not an {FORMAT} config")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{folder} was saved in format {config['format_version']}; this aim-ext reads up to "
+            f"{FORMAT_VERSION}: upgrade aim-ext"
+        )
+    return config
+
+
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The tensors and the `weights_id` of one version of the file (one open: a rename over it
+    meanwhile changes nothing here)."""
+    if not path.is_file():
+        raise ModelFileError(f"{path} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            weights = {key: file.get_tensor(key) for key in file.keys()}
+            weights_id = (file.metadata() or {}).get(WEIGHTS_ID)
+    except (SafetensorError, OSError) as error:
+        raise ModelFileError(f"{path} is not a readable safetensors file ({error})") from None
+    return weights, weights_id
+
+
+def _same_save(config: dict[str, Any], weights_id: str | None) -> bool:
+    """Whether weights of ``weights_id`` are those of ``config``'s save; a config without one (an
+    older aim-ext's, or one written by hand) takes any weights."""
+    return config.get(WEIGHTS_ID) is None or config[WEIGHTS_ID] == weights_id
 
 
 def _load_checkpoint_file(path: Path) -> tuple[nn.Module, dict[str, Any]]:
