@@ -9,10 +9,13 @@ while another saves into the folder gets the old model or the new one, never a m
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
+import os
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,11 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from aim_ext.cache import write_atomic
 from aim_ext.models.checkpoint import architecture, load_checkpoint, load_model_state
@@ -96,12 +104,28 @@ def save_pretrained(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    # The weights first: a reader that finds the new config finds its weights.
-    write_atomic(
-        folder / WEIGHTS_FILE, safetensors.torch.save(weights, metadata={WEIGHTS_ID: config[WEIGHTS_ID]})
-    )
-    write_atomic(folder / CONFIG_FILE, (json.dumps(config, indent=2, default=float) + "\n").encode())
+    with _one_save_at_a_time(folder):
+        # The weights first: a reader that finds the new config finds its weights.
+        write_atomic(
+            folder / WEIGHTS_FILE, safetensors.torch.save(weights, metadata={WEIGHTS_ID: config[WEIGHTS_ID]})
+        )
+        write_atomic(folder / CONFIG_FILE, (json.dumps(config, indent=2, default=float) + "\n").encode())
     return folder
+
+
+@contextlib.contextmanager
+def _one_save_at_a_time(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (flock on the folder itself, no file added; where the
+    platform has no flock, no lock), so that two saves into it leave the two files of one."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def load_model(source: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
