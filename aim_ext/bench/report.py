@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 import aim_ext
+from aim_ext.cache import write_atomic
 
 KEY = ("kind", "family", "runtime", "batch", "dtype")  # rows compared with each other
 
@@ -218,12 +220,14 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title("AIM overhead, same runtime and run")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=120)
     plt.close(fig)
+    write_atomic(path, png.getvalue())
 
 
 def write(rows: list[dict], env: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"rows": rows, "env": env}, indent=1))
-    (out / "results.md").write_text(markdown(rows, env))
+    """results.json, results.md and overhead.png in ``out``, each written whole or not at all."""
+    write_atomic(out / "results.json", json.dumps({"rows": rows, "env": env}, indent=1).encode())
+    write_atomic(out / "results.md", markdown(rows, env).encode("utf-8", "surrogateescape"))
     plot(rows, out / "overhead.png")

@@ -40,6 +40,14 @@ from aim_ext.bench.variants import (
     family_variants,
     trained_variants,
 )
+from aim_ext.cli.errors import (
+    non_negative_int,
+    one_line_errors,
+    positive_int,
+    printable,
+    shown,
+    writable_folder,
+)
 from aim_ext.export import example_image
 from aim_ext.models import (
     AIM,
@@ -104,28 +112,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runtimes", type=_names, help=", ".join(RUNTIMES))
     parser.add_argument(
         "--batch-sizes",
-        type=lambda t: [int(b) for b in _names(t)],
+        type=lambda t: [positive_int(b) for b in _names(t)],
         help="comma-separated inference batch sizes (default 1,32,256; --quick: 1)",
     )
     parser.add_argument("--dtypes", type=_names, help=", ".join(DTYPES))
     parser.add_argument(
-        "--image-size", type=int, help="square input size (default 224, --quick 160; --model: its own)"
+        "--image-size",
+        type=positive_int,
+        help="square input size (default 224, --quick 160; --model: its own)",
     )
     parser.add_argument(
-        "--num-classes", type=int, help="classes of the new models (default 1000; --model: its own)"
+        "--num-classes", type=positive_int, help="classes of the new models (default 1000; --model: its own)"
     )
     parser.add_argument(
         "--train", action=argparse.BooleanOptionalAction, default=True, help="time training steps"
     )
-    parser.add_argument("--train-batch", type=int, help="training batch (default 64; --quick: 8)")
+    parser.add_argument("--train-batch", type=positive_int, help="training batch (default 64; --quick: 8)")
     parser.add_argument(
         "--train-runtimes",
         type=_names,
         help="the training step kinds (aim-train --step): " + ", ".join(TRAIN_STEPS),
     )
-    parser.add_argument("--warmup", type=int, help="untimed calls per model before timing")
-    parser.add_argument("--rounds", type=int, help="alternating rounds over the models of a comparison")
-    parser.add_argument("--per-round", type=int, help="timed calls per model and round")
+    parser.add_argument("--warmup", type=non_negative_int, help="untimed calls per model before timing")
+    parser.add_argument(
+        "--rounds", type=positive_int, help="alternating rounds over the models of a comparison"
+    )
+    parser.add_argument("--per-round", type=positive_int, help="timed calls per model and round")
     parser.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
@@ -367,9 +379,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+@one_line_errors("aim-bench")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _settings(build_parser().parse_args(argv))
+    writable_folder(args.out)  # before the long run, not after it
     switches = {  # class attributes every model of the run reads
         (AIM, "concurrent_branches"): args.concurrent_branches,
         (AIM, "sparse_inference"): args.sparse,
@@ -395,8 +409,9 @@ def main(argv: list[str] | None = None) -> int:
         mask_density=args.mask_density,
     )
     report.write(rows, env, args.out)
-    print(report.markdown(rows, env))
-    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'overhead.png'}")
+    print(printable(report.markdown(rows, env)))
+    written = ", ".join(shown(args.out / name) for name in ("results.json", "results.md", "overhead.png"))
+    print(f"wrote {written}")
     return 0
 
 

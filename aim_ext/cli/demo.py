@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aim_ext.cache import write_atomic
+from aim_ext.cli.errors import non_negative_int, one_line_errors, printable, say, shown, writable_folder
 from aim_ext.engine.config import TrainConfig
 from aim_ext.engine.train import resolve_device
 from aim_ext.models.offline_weights import MODEL as WEIGHTS_MODEL
@@ -159,7 +161,7 @@ def _table(results: dict[str, dict[str, Any]]) -> list[str]:
 
 def write_results(out: Path, results: dict[str, Any], comparison: Path, command: str) -> Path:
     """results.json and a short report.md that links the full comparison."""
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     lines = [
         "# aim-demo: vanilla MobileNetV2 vs MobileNetV2+AIM[3] on TuxBirds-95",
         "",
@@ -176,8 +178,7 @@ def write_results(out: Path, results: dict[str, Any], comparison: Path, command:
         f"EPG chance level (a uniform map) is the mean object-mask fraction of the test images: "
         f"{results['test_epg_chance_level']:.3f}.",
     ]
-    report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
+    report = write_atomic(out / "report.md", printable("\n".join(lines) + "\n").encode())
     return report
 
 
@@ -200,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--full", action="store_true", help="the larger configuration (224 px, 20 epochs), for a GPU"
     )
-    parser.add_argument("--seed", type=int, default=0, help="training seed of both models (default 0)")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="training seed of both models (default 0)"
+    )
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto: cuda if present"
     )
@@ -210,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@one_line_errors("aim-demo")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
@@ -219,12 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     from aim_ext.explain.run import EvalError, EvalOptions
     from aim_ext.models.offline_weights import WeightsError, mobilenet_v2_imagenet
 
-    out: Path = args.out
+    out: Path = writable_folder(args.out)  # before the fetches and the training
     try:
         weights = mobilenet_v2_imagenet()
         sources = ensure_sources()
     except (WeightsError, SourcesError) as error:
-        print(f"aim-demo: {error}", file=sys.stderr)
+        say("aim-demo", error)
         return 1
     print(f"aim-demo: ImageNet MobileNetV2 weights {weights}; TuxBirds sources {sources}")
     configs = {
@@ -241,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         for name, cfg in configs.items():
-            print(f"aim-demo: training {name} ({cfg.model}, stop stage {cfg.stop_stage}) into {cfg.out}")
+            print(
+                f"aim-demo: training {name} ({cfg.model}, stop stage {cfg.stop_stage}) into {shown(cfg.out)}"
+            )
             train(cfg)
         configuration = "full" if args.full else "quick"
         options = EvalOptions(
@@ -254,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         vanilla, aim, comparison = compare_runs(out / "vanilla", out / "aim", options, out=out / COMPARISON)
     except (TrainingError, EvalError, ValueError) as error:
-        print(f"aim-demo: {error}", file=sys.stderr)
+        say("aim-demo", error)
         return 1
     results = {
         "vanilla": _summary(vanilla.metrics),
@@ -269,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "aim-demo " + " ".join(sys.argv[1:] if argv is None else argv)
     report = write_results(out, results, comparison, command.strip())
     print("\n".join(_table(results)))
-    print(f"aim-demo: {out / 'results.json'}, report {report} ({results['wall_time_s']:.0f} s)")
+    print(f"aim-demo: {shown(out / 'results.json')}, report {shown(report)} ({results['wall_time_s']:.0f} s)")
     return 0
 
 

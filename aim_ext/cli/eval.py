@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from aim_ext.cli.errors import non_negative_int, one_line_errors, positive_int, say, shown, writable_folder
+
 
 def _deviation(text: str) -> float:
     value = float(text)
@@ -73,13 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--target", choices=("label", "pred"), default="label", help="class to attribute (default label)"
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
-    parser.add_argument("--max-images", type=int, help="evaluate only the first N images of the split")
-    parser.add_argument("--figures", type=int, default=4, help="images per figure (0: no figures)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default 32)")
+    parser.add_argument(
+        "--max-images", type=positive_int, help="evaluate only the first N images of the split"
+    )
+    parser.add_argument(
+        "--figures", type=non_negative_int, default=4, help="images per figure (0: no figures)"
+    )
     parser.add_argument(
         "--device", choices=("cpu", "cuda", "auto"), default="auto", help="default auto: cuda if present"
     )
-    parser.add_argument("--num-workers", type=int, help="data loader workers (default: the run's)")
+    parser.add_argument(
+        "--num-workers", type=non_negative_int, help="data loader workers (default: the run's)"
+    )
     parser.add_argument(
         "--no-counterfactuals",
         dest="counterfactuals",
@@ -87,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="TuxBirds: skip the background-swap and background-only rates",
     )
     parser.add_argument(
-        "--counterfactual-images", type=int, help="TuxBirds: counterfactual rates on the first N images only"
+        "--counterfactual-images",
+        type=positive_int,
+        help="TuxBirds: counterfactual rates on the first N images only",
     )
     parser.add_argument(
         "--out", type=Path, help="output folder (default RUN/eval_<split>, RUN_B/compare_<A>)"
@@ -95,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@one_line_errors("aim-eval")
 def main(argv: list[str] | None = None) -> int:
     """Run aim-eval; 0 on success, 1 with a message when a run cannot be evaluated."""
     parser = build_parser()
@@ -105,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"evaluate one run at a time (or two with --compare), got {len(args.runs)}")
     if args.compare and args.shifted_centre:
         parser.error("--shifted-centre evaluates one run: run it on each of the two")
+    if args.out is not None:
+        writable_folder(args.out)  # before the evaluation, not after it
     from aim_ext.explain.centre_bias import evaluate_centre_bias
     from aim_ext.explain.reports import compare_runs, evaluate_run
     from aim_ext.explain.run import EvalError, EvalOptions
@@ -128,16 +141,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.compare:
             _, _, report = compare_runs(*args.runs, options, out=args.out)
-            print(f"comparison report: {report}")
+            print(f"comparison report: {shown(report)}")
         else:
             evaluation, report = evaluate_run(args.runs[0], options, out=args.out)
             summary = {k: v for k, v in evaluation.metrics.items() if k not in ("definitions", "notes")}
             print(json.dumps(summary, indent=2))
-            print(f"report: {report}")
+            print(f"report: {shown(report)}")
             if args.shifted_centre:
-                print(f"centre bias: {evaluate_centre_bias(evaluation, args.shifted_centre, report.parent)}")
+                centre = evaluate_centre_bias(evaluation, args.shifted_centre, report.parent)
+                print(f"centre bias: {shown(centre)}")
     except (EvalError, FileNotFoundError) as error:
-        print(f"aim-eval: {error}", file=sys.stderr)
+        say("aim-eval", error)
         return 1
     return 0
 

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import argparse
 import html
+import os
 import sys
 from pathlib import Path
+
+from aim_ext.cache import write_atomic
+from aim_ext.cli.errors import one_line_errors, positive_int, say, shown, writable_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,18 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="JPEG or PNG files")
     parser.add_argument("--out", type=Path, default=Path("explanations"), help="default explanations/")
     parser.add_argument("--gradcam", action="store_true", help="add GradCAM of the top class on P_T")
-    parser.add_argument("--top-k", type=int, default=5, help="classes to print per image (default 5)")
+    parser.add_argument(
+        "--top-k", type=positive_int, default=5, help="classes to print per image (default 5)"
+    )
     parser.add_argument(
         "--device", choices=("cpu", "cuda", "auto"), default="auto", help="default auto: cuda if present"
     )
     return parser
 
 
+@one_line_errors("aim-explain")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.top_k < 1:
-        print(f"aim-explain: --top-k must be at least 1, got {args.top_k}", file=sys.stderr)
-        return 2
     from timm.data import create_transform, resolve_data_config
 
     from aim_ext.engine.train import resolve_device
@@ -49,38 +53,38 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_model(args.model)
     except (ValueError, FileNotFoundError) as error:
-        print(f"aim-explain: {error}", file=sys.stderr)
+        say("aim-explain", error)
         return 2
     device = resolve_device(args.device)
     model.to(device)
     data = resolve_data_config({}, model=model)
     transform = create_transform(**data)
-    args.out.mkdir(parents=True, exist_ok=True)
+    writable_folder(args.out)
     rows, failed = [], 0
     for path in args.images:
         try:
             image = read_image(path)
         except ValueError as reason:
-            print(f"aim-explain: {path}: {reason}", file=sys.stderr)
+            print(f"aim-explain: {shown(path)}: {reason}", file=sys.stderr)
             failed += 1
             continue
         batch = transform(image).unsqueeze(0).to(device)
         explanation = explain_images(model, batch, top_k=args.top_k, gradcam=args.gradcam)
         fractions = explanation.active_fractions()[0].tolist()
         names = [*explanation.stage_names, "merged"] if explanation.masks else []
-        print(f"{path}")
+        print(shown(path))
         for label, probability in explanation.top[0]:
             print(f"  {probability:6.1%}  {label}")
         if names:
             print("  active: " + ", ".join(f"{n} {f:.0%}" for n, f in zip(names, fractions, strict=True)))
-        figure = args.out / f"{len(rows):03d}_{path.stem}.png"
+        figure = args.out / f"{len(rows):03d}_{_utf8(path.stem)}.png"
         explanation_figure(
-            batch.cpu(), explanation, 0, figure, mean=data["mean"], std=data["std"], title=path.name
+            batch.cpu(), explanation, 0, figure, mean=data["mean"], std=data["std"], title=shown(path.name)
         )
         rows.append((path, figure, explanation.top[0], dict(zip(names, fractions, strict=True))))
     if rows:
         index = _write_index(args.out, rows)
-        print(f"wrote {len(rows)} figure(s) and {index}")
+        print(f"wrote {len(rows)} figure(s) and {shown(index)}")
     return 1 if failed else 0
 
 
@@ -92,15 +96,18 @@ def _write_index(out: Path, rows) -> Path:
         active = ", ".join(f"{html.escape(n)} {f:.0%}" for n, f in fractions.items())
         cells.append(
             f"<tr><td><img src='{html.escape(figure.name)}' height='220'></td>"
-            f"<td><b>{html.escape(path.name)}</b><br>{classes}<br><small>{active}</small></td></tr>"
+            f"<td><b>{html.escape(shown(path.name))}</b><br>{classes}<br><small>{active}</small></td></tr>"
         )
     page = (
         "<!doctype html><meta charset='utf-8'><title>aim-explain</title>"
         "<table>" + "".join(cells) + "</table>\n"
     )
-    index = out / "index.html"
-    index.write_text(page)
-    return index
+    return write_atomic(out / "index.html", page.encode())
+
+
+def _utf8(name: str) -> str:
+    """A file name's bytes that are not UTF-8 as U+FFFD, so that index.html can link the figure."""
+    return os.fsencode(name).decode("utf-8", "replace")
 
 
 if __name__ == "__main__":

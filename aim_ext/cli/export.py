@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from aim_ext.cli.errors import one_line_errors, positive_int, say, shown
 from aim_ext.export.aoti_export import export_aoti, run_aoti
 from aim_ext.export.graph import example_image, image_size_of, output_names, reference_outputs
 from aim_ext.export.onnx_export import DEFAULT_OPSET, export_onnx, onnxruntime_providers, run_onnxruntime
@@ -45,17 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", help="without SOURCE: the timm backbone name, e.g. convnext_tiny")
     parser.add_argument("--stop-stage", type=int, help="AIM's stop stage; leave out for the vanilla model")
-    parser.add_argument("--num-classes", type=int, help="without SOURCE: the number of classes")
+    parser.add_argument("--num-classes", type=positive_int, help="without SOURCE: the number of classes")
     parser.add_argument(
         "--checkpoint", type=Path, help="with --model: an aim-train checkpoint or a state_dict file"
     )
-    parser.add_argument("--image-size", type=int, help="square input size (default: the model's, e.g. 224)")
+    parser.add_argument(
+        "--image-size", type=positive_int, help="square input size (default: the model's, e.g. 224)"
+    )
     parser.add_argument("--onnx", type=Path, metavar="OUT.onnx", help="ONNX file (checked with onnxruntime)")
     parser.add_argument("--aot", type=Path, metavar="OUT.pt2", help="AOTInductor package")
     parser.add_argument("--tensorrt", type=Path, metavar="OUT.plan", help="TensorRT engine (needs tensorrt)")
     parser.add_argument("--fp16", action="store_true", help="export in float16")
     parser.add_argument("--dynamic-batch", action="store_true", help="any batch size at run time")
-    parser.add_argument("--batch-size", type=int, default=1, help="the traced (or optimised-for) batch")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=1, help="the traced (or optimised-for) batch"
+    )
     parser.add_argument(
         "--device",
         choices=["cpu", "cuda"],
@@ -74,12 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="AIM's feature branches in the exported graph: dense (default) or sparse (AIM.sparse_inference)",
     )
     parser.add_argument(
-        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})"
+        "--opset", type=positive_int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})"
     )
     parser.add_argument("--no-check", action="store_true", help="skip running the exported files")
     return parser
 
 
+@one_line_errors("aim-export")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -94,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if not (args.onnx or args.aot or args.tensorrt):
         parser.error("name at least one output: --onnx OUT.onnx, --aot OUT.pt2 or --tensorrt OUT.plan")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.opset < DEFAULT_OPSET:
+        parser.error(f"--opset {args.opset} is too old: the export needs opset {DEFAULT_OPSET} or newer")
     if args.tensorrt and not tensorrt_available():
-        print(f"aim-export: {MISSING}", file=sys.stderr)
+        say("aim-export", MISSING)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 load_weights(model, args.checkpoint)
         model.eval()
     except (FileNotFoundError, ValueError, RuntimeError) as error:
-        print(f"aim-export: {error}", file=sys.stderr)
+        say("aim-export", error)
         return 1
     size = (args.image_size, args.image_size) if args.image_size else image_size_of(model)
     options = {"image_size": size, "batch_size": args.batch_size, "dynamic_batch": args.dynamic_batch}
@@ -130,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     onnx_path = args.onnx or (args.tensorrt.with_suffix(".onnx") if args.tensorrt else None)
     if onnx_path:
         export_onnx(exported, onnx_path, fp16=args.fp16, opset=args.opset, **options)
-        print(f"wrote {onnx_path} (ONNX opset {args.opset}, onnx.checker full check passed)")
+        print(f"wrote {shown(onnx_path)} (ONNX opset {args.opset}, onnx.checker full check passed)")
         providers = onnxruntime_providers()
         checks.run(
             f"onnxruntime ({providers[0]})", "cpu", lambda x: run_onnxruntime(onnx_path, x.numpy(), providers)
@@ -139,11 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         export_aoti(
             exported, args.aot, dtype=torch.float16 if args.fp16 else torch.float32, device=device, **options
         )
-        print(f"wrote {args.aot} (AOTInductor package for {device})")
+        print(f"wrote {shown(args.aot)} (AOTInductor package for {device})")
         checks.run(f"AOTInductor ({device})", device, lambda x: run_aoti(args.aot, x))
     if args.tensorrt:
         build_engine(onnx_path, args.tensorrt, **options)
-        print(f"wrote {args.tensorrt} (TensorRT engine from {onnx_path})")
+        print(f"wrote {shown(args.tensorrt)} (TensorRT engine from {shown(onnx_path)})")
         runner = TensorRTRunner(args.tensorrt)
         checks.run("TensorRT", "cuda", runner)
     if checks.failed:

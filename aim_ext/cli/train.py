@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from aim_ext.cli.errors import one_line_errors, say
 from aim_ext.engine.build import build_datasets, build_model, data_config
 from aim_ext.engine.config import TrainConfig, config_fields, load_config
 from aim_ext.engine.tensorboard import TensorBoardUnavailable, require_tensorboard
@@ -114,6 +115,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return load_config(base, overrides)
 
 
+@one_line_errors("aim-train")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from aim_ext.engine import ResumeError, StepError, TrainingError, fit
@@ -121,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
     except (ValueError, FileNotFoundError) as error:  # a bad value or a missing run: one line
-        print(f"aim-train: {error}", file=sys.stderr)
+        say("aim-train", error)
         return 2
     if cfg.log == "tensorboard":
         try:  # before the datasets are fetched or rendered
             require_tensorboard()
         except TensorBoardUnavailable as error:
-            print(f"aim-train: {error}", file=sys.stderr)
+            say("aim-train", error)
             return 2
     try:  # an unknown dataset or model, a missing data root or index file: one line
         train, val = build_datasets(cfg, data_config(cfg))
@@ -137,16 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(cfg, train.num_classes)
         area_targets_shape(cfg, model)  # per-stage targets that do not fit the model
     except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"aim-train: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        say("aim-train", error)
         return 2
     try:
         best = fit(cfg, train, val, model, resume=args.resume)
     except (StepError, ResumeError) as error:  # refused before training: a step kind this run
         # cannot use, or a run --resume cannot continue
-        print(f"aim-train: {error}", file=sys.stderr)
+        say("aim-train", error)
         return 2
     except TrainingError as error:
-        print(f"aim-train: {error}", file=sys.stderr)
+        say("aim-train", error)
         return 1
     summary = {k: v for k, v in best.items() if k.startswith("val_") or k == "epoch"}
     print(json.dumps(summary, indent=2))

@@ -153,11 +153,26 @@ def holdout_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[li
     return kept, sorted(held)
 
 
+# Pillow's modes of 16-bit greyscale files (PNG opens as I;16, some readers as I).
+SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image in RGB, whatever its mode: 16-bit greyscale (a 16-bit PNG: mode I;16 or I) scaled
+    to 8 bits, since Pillow's own conversion clips it at 255 and turns it white; CMYK, palette and
+    8-bit greyscale as Pillow converts them."""
+    if image.mode in SIXTEEN_BIT:
+        levels = np.asarray(image).astype(np.float32) / 257.0
+        image = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
 def load_rgb(path: Path) -> Image.Image:
-    """Decode an image as RGB (greyscale and CMYK files included); CorruptImageError names the file."""
+    """Decode an image as RGB (`to_rgb`: greyscale, 16-bit and CMYK files included);
+    CorruptImageError names the file."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except FileNotFoundError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:

@@ -15,19 +15,45 @@ import torch
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash leaves the old file."""
+    """torch.save to a temporary file in the same folder, then rename: a crash leaves the old file.
+    A write that fails (a full disk) raises its OSError, which torch's writer reports only as a
+    position mismatch."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            writes = _Writes(handle)
+            try:
+                torch.save(obj, writes)
+            except RuntimeError:
+                if writes.error is None:
+                    raise
+                writes.error.filename = str(path)
+                raise writes.error from None
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class _Writes:
+    """A binary handle that remembers the first OSError of its writes."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def rng_state() -> dict[str, Any]:

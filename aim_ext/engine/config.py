@@ -24,6 +24,58 @@ LOG_KINDS = ("jsonl", "tensorboard")
 MASK_INITS = ("random", "edges")
 
 
+# (field, low, high) of every numeric field: a bound is inclusive unless given as ("<", value) for a
+# strict one; None: unbounded. Optional fields may also be None.
+_RANGES: tuple[tuple[str, Any, Any], ...] = (
+    ("stop_stage", 0, None),
+    ("drop_rate", 0, ("<", 1)),
+    ("drop_path_rate", 0, ("<", 1)),
+    ("freeze_levels", 0, None),
+    ("image_size", 1, None),
+    ("batch_size", 1, None),
+    ("num_workers", 0, None),
+    ("epochs", 1, None),
+    ("lr_backbone", 0, None),
+    ("lr_topdown", 0, None),
+    ("lr_mask", 0, None),
+    ("weight_decay", 0, None),
+    ("weight_decay_mask", 0, None),
+    ("warmup_epochs", 0, None),
+    ("label_smoothing", 0, ("<", 1)),
+    ("accum_steps", 1, None),
+    ("grad_clip", ("<", 0), None),
+    ("area_final", 0, 1),
+    ("area_start", 0, None),
+    ("area_duration", 1, None),
+    ("area_weight", 0, None),
+    ("aux_weight", 0, None),
+    ("temperature", ("<", 0), None),
+    ("noise_off_epoch", 0, None),
+    ("seed", 0, 2**32 - 1),
+    ("mask_log_every", 1, None),
+    ("mask_log_images", 1, None),
+    ("max_steps_per_epoch", 1, None),
+    ("log_every", 1, None),
+)
+
+
+def _within(value: float, low: Any, high: Any) -> bool:
+    if value != value:  # NaN
+        return False
+    if low is not None and (value <= low[1] if isinstance(low, tuple) else value < low):
+        return False
+    return high is None or (value < high[1] if isinstance(high, tuple) else value <= high)
+
+
+def _describe(low: Any, high: Any) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"> {low[1]}" if isinstance(low, tuple) else f">= {low}")
+    if high is not None:
+        parts.append(f"< {high[1]}" if isinstance(high, tuple) else f"<= {high}")
+    return " and ".join(parts)
+
+
 def _knob(default: Any, help: str, choices: tuple[str, ...] | None = None):
     """A config field with the text of its `aim-train --help` line (and its allowed values)."""
     metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
@@ -165,17 +217,30 @@ class TrainConfig:
                 raise ValueError("area_final_stages needs annealing: set area_final too")
             if not self.area_final_stages or not all(0 <= t <= 1 for t in self.area_final_stages):
                 raise ValueError(f"area_final_stages must be values in [0, 1], got {self.area_final_stages}")
-        if self.log_every < 1:
-            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
-        if self.accum_steps < 1 or self.batch_size < 1:
-            raise ValueError("batch_size and accum_steps must be >= 1")
-        if self.freeze_levels < 0:
-            raise ValueError(f"freeze_levels must be >= 0, got {self.freeze_levels}")
+        self._check_ranges()
         if self.select_from is not None and not 0 <= self.select_from < self.epochs:
             raise ValueError(
                 f"select_from={self.select_from} leaves no epoch to select among {self.epochs} "
                 f"(choose 0..{self.epochs - 1})"
             )
+
+    def _check_ranges(self) -> None:
+        """Every number in its range: a negative epoch count or learning rate is refused, never
+        trained on (nothing runs, nothing is written)."""
+        for name, low, high in _RANGES:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not _within(value, low, high):
+                raise ValueError(f"{name} must be {_describe(low, high)}, got {value}")
+        if (
+            not isinstance(self.randaugment, tuple)
+            or len(self.randaugment) != 2
+            or not all(isinstance(v, int) and v >= 0 for v in self.randaugment)
+        ):
+            raise ValueError(f"randaugment must be two integers >= 0, got {self.randaugment!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -197,7 +262,17 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"training config not found: {path}")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a YAML text file (not UTF-8)") from None
+        except yaml.YAMLError as error:  # truncated or not YAML: where the parser stopped
+            mark = getattr(error, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(error, "problem", None) or type(error).__name__
+            raise ValueError(f"{path} is not valid YAML: {problem}{where}") from None
+        if values is None:
+            raise ValueError(f"{path} is empty: expected a mapping of config keys")
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of config keys")
     values.update(overrides or {})

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from aim_ext.cache import write_atomic
 from aim_ext.data import ShiftedCentre, eval_preprocessing
 from aim_ext.explain.evaluate import Evaluation, evaluate
 from aim_ext.explain.figures import shifted_crops_figure
@@ -60,8 +61,9 @@ def write_centre_bias(
     """centre_bias.md, centre_bias.json and shifted_centre_crops.png in ``out``; returns the .md."""
     rows = centre_bias_rows(centred.metrics, {d: e.metrics for d, e in shifted.items()})
     header = ["split", *(title for title, _ in COLUMNS)]
-    (out / "centre_bias.json").write_text(
-        json.dumps({"columns": header, "rows": rows, "seed": SEED}, indent=2) + "\n"
+    write_atomic(
+        out / "centre_bias.json",
+        (json.dumps({"columns": header, "rows": rows, "seed": SEED}, indent=2) + "\n").encode(),
     )
     largest = max(shifted)
     dataset = shifted[largest].run.dataset
@@ -83,9 +85,7 @@ def write_centre_bias(
         f"![candidate crops]({figure.name})",
         "",
     ]
-    path = out / "centre_bias.md"
-    path.write_text("\n".join(lines))
-    return path
+    return write_atomic(out / "centre_bias.md", "\n".join(lines).encode("utf-8", "surrogateescape"))
 
 
 def evaluate_centre_bias(centred: Evaluation, deviations: Sequence[float], out: Path) -> Path:

@@ -7,6 +7,7 @@ no global backend switch, no open-figure registry, safe in a headless training p
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from matplotlib.patches import Rectangle
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 
+from aim_ext.cache import write_atomic
 from aim_ext.data.shifted_centre import DIRECTION_NAMES, ShiftedCentre
 from aim_ext.explain.epg import resize_maps
 from aim_ext.metrics import merged_mask
@@ -83,11 +85,11 @@ def _stage_names(stage_names: Sequence[str] | None, count: int) -> list[str]:
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The figure as a PNG at ``path``, written whole or not at all (a full disk leaves the old file)."""
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100, format="png")
-    return path
+    png = io.BytesIO()
+    fig.savefig(png, dpi=100, format="png")
+    return write_atomic(Path(path), png.getvalue())
 
 
 def _grid(rows: int, cols: int) -> tuple[Figure, np.ndarray]:

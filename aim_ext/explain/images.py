@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
+from aim_ext.data.common import to_rgb
 from aim_ext.explain.attributions import attribute
 from aim_ext.explain.epg import resize_maps
 from aim_ext.explain.figures import _grid, _masked, _overlay, _save, _show, _upsample_mask, to_display
@@ -24,14 +25,19 @@ MIN_SIDE = 16  # pixels: smaller images hold too little to classify
 
 def read_image(path: str | Path):
     """The image file as a PIL RGB image, as aim-explain reads it (transparent parts over white), or
-    a ValueError naming why it cannot be used (missing, not an image, truncated, too small)."""
+    a ValueError naming why it cannot be used (missing, unreadable, empty, not an image, truncated,
+    too small)."""
     try:
         with Image.open(path) as image:
             image.load()
             rgb = _on_white(image)
     except FileNotFoundError:
         raise ValueError("not found") from None
+    except (PermissionError, IsADirectoryError) as error:
+        raise ValueError(f"cannot be read ({error.strerror})") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:  # not an image, truncated
+        if Path(path).stat().st_size == 0:
+            raise ValueError("an empty file, not an image") from None
         raise ValueError(
             f"not a readable image ({str(error).splitlines()[0] if str(error) else 'unreadable'})"
         ) from None
@@ -41,12 +47,13 @@ def read_image(path: str | Path):
 
 
 def _on_white(image):
-    """RGB, with any transparent parts (RGBA, LA, a palette's transparent colour) shown over white,
-    as a viewer shows them, instead of the black or arbitrary colour under zero alpha."""
+    """RGB (`to_rgb`: 16-bit and CMYK files included), with any transparent parts (RGBA, LA, a
+    palette's transparent colour) shown over white, as a viewer shows them, instead of the black or
+    arbitrary colour under zero alpha."""
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    return image.convert("RGB")
+    return to_rgb(image)
 
 
 @dataclass

@@ -5,6 +5,7 @@ one run (`evaluate_run`, what `aim-eval RUN` does), and the comparison of two ru
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from aim_ext.cache import write_atomic
 from aim_ext.data import ShiftedCentre
 from aim_ext.engine import build_split
 from aim_ext.explain.epg import energy_pointing_game
@@ -88,11 +90,11 @@ def write_csv(evaluation: Evaluation, path: Path) -> Path:
             for name, values in zip(names, table.T, strict=True):
                 columns[f"mask_{kind}_{name}"] = values.tolist()
         columns["object_share"] = evaluation.object_share.tolist()
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        writer.writerows(zip(*columns.values(), strict=True))
-    return path
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(columns)
+    writer.writerows(zip(*columns.values(), strict=True))
+    return write_atomic(path, text.getvalue().encode("utf-8", "surrogateescape"))
 
 
 def _figure_epg(shown: Shown, method: str) -> Tensor:
@@ -170,8 +172,7 @@ def _write_markdown(lines: list[str], figures: dict[str, Path], out: Path) -> Pa
         for title, path in figures.items():
             lines += ["", f"### {title}", "", f"![{title}]({_link(path, out)})"]
     report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    return write_atomic(report, ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
 
 
 def _link(path: Path, base: Path) -> str:
@@ -184,7 +185,7 @@ def write_report(evaluation: Evaluation, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     metrics = evaluation.metrics
     write_csv(evaluation, out / "per_image.csv")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomic(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     figures = write_figures(evaluation, out) if evaluation.options.figures > 0 else {}
     run = evaluation.run
     lines = [
@@ -269,7 +270,7 @@ def write_comparison(
     out.mkdir(parents=True, exist_ok=True)
     labels = _labels(a, b)
     table = _table(("metric", labels[0], labels[1], "B-A"), difference_rows(a, b))
-    (out / "differences.md").write_text("\n".join(table) + "\n")
+    write_atomic(out / "differences.md", ("\n".join(table) + "\n").encode("utf-8", "surrogateescape"))
     figures: dict[str, Path] = {}
     n = min(len(a.shown.images), len(b.shown.images))
     if n:

@@ -103,6 +103,11 @@ def open_run(folder: str | Path, options: EvalOptions) -> Run:
     """Load a run's config and checkpoint (or a saved model), build its model and the dataset
     split to evaluate."""
     folder = Path(folder)
+    if folder.is_file():
+        raise EvalError(
+            f"{folder} is a file: give the run folder (aim-train's --out) or a saved model's folder; "
+            "--checkpoint picks a checkpoint file"
+        )
     if not folder.is_dir():
         raise EvalError(f"run folder not found: {folder}")
     if (folder / CONFIG_FILE).is_file():
@@ -126,7 +131,8 @@ def open_run(folder: str | Path, options: EvalOptions) -> Run:
         state = load_checkpoint(path)
         load_model_state(model, state, source=str(path))
     except (ValueError, RuntimeError) as error:  # RuntimeError: tensor sizes (e.g. number of classes)
-        raise EvalError(f"cannot load {path}: {error}") from error
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise EvalError(text if str(path) in text else f"cannot load {path}: {text}") from error
     return _ready(folder, cfg, path, state.get("epoch"), model, dataset, data, options)
 
 

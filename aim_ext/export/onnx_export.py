@@ -8,6 +8,10 @@ feature branch LayerNormalization and Erf-based GELU.
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +41,30 @@ def export_onnx(
         raise ValueError(f"opset {opset} is too old: the export needs opset {DEFAULT_OPSET} or newer")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    with _replacing(path) as partial:
+        _export_onnx(model, partial, image_size, batch_size, dynamic_batch, fp16, opset)
+    return path
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path``, renamed onto it when the block succeeds: a failed export
+    (a full disk, a graph the checker refuses) leaves the old file as it was."""
+    try:
+        fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as error:  # name the file asked for, not the temporary one
+        error.filename = str(path)
+        raise
+    os.close(fd)
+    try:
+        yield Path(partial)
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+
+
+def _export_onnx(model, path: Path, image_size, batch_size, dynamic_batch, fp16, opset) -> None:
     dtype = torch.float16 if fp16 else torch.float32
     graph = prepare_graph(model, dtype=dtype)
     args, dynamic_shapes = trace_inputs(
@@ -54,13 +82,14 @@ def export_onnx(
         verbose=False,
     )
     check_onnx(path)
-    return path
 
 
 def check_onnx(path: str | Path) -> onnx.ModelProto:
-    """`onnx.checker` full check, and every node a standard ONNX operator."""
-    onnx.checker.check_model(str(path), full_check=True)
-    proto = onnx.load(str(path))
+    """`onnx.checker` full check, and every node a standard ONNX operator. The file is read by
+    Python (the checker's own reader refuses a path that is not UTF-8); an export is self-contained
+    and under protobuf's 2 GiB."""
+    proto = onnx.load(Path(path))
+    onnx.checker.check_model(proto, full_check=True)
     custom = sorted(
         {f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in STANDARD_DOMAINS}
     )
@@ -87,7 +116,8 @@ def run_onnxruntime(
     """Run the exported model on one batch with onnxruntime; returns the outputs in order."""
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=providers or onnxruntime_providers())
+    model = Path(path).read_bytes()  # onnxruntime refuses a path that is not UTF-8
+    session = onnxruntime.InferenceSession(model, providers=providers or onnxruntime_providers())
     return session.run(None, {INPUT_NAME: image})
 
 
@@ -95,4 +125,4 @@ def run_onnx_reference(path: str | Path, image: np.ndarray) -> list[np.ndarray]:
     """Run the exported model with ONNX's own reference evaluator (slow; an independent check)."""
     from onnx.reference import ReferenceEvaluator
 
-    return ReferenceEvaluator(str(path)).run(None, {INPUT_NAME: image})
+    return ReferenceEvaluator(onnx.load(Path(path))).run(None, {INPUT_NAME: image})
