@@ -161,8 +161,9 @@ class InferenceFeatureBranch(FeatureBranch):
 
     def _bias_map(self, out: Tensor) -> Tensor:
         """The composed convolution's bias, (1, 256, H, W) in ``out``'s dtype and layout: each
-        position's entry of `border_bias`. Kept per size, device, dtype and layout; while a tracer
-        runs, made in the graph; made during a CUDA graph capture (device ops only), not kept."""
+        position's entry of `border_bias`. Kept per size, device, dtype and layout (on CUDA once
+        its stream has computed it: every thread's stream then reads it); while a tracer runs,
+        made in the graph; made during a CUDA graph capture (device ops only), not kept."""
         h, w = out.shape[-2:]
         fmt = memory_format(out)
         key = (h, w, out.device, out.dtype, fmt == torch.channels_last)  # torch.save takes no formats
@@ -173,6 +174,8 @@ class InferenceFeatureBranch(FeatureBranch):
             table = self.border_bias.to(out.dtype)
             bias = table.index_select(1, rows).index_select(2, cols)[None].contiguous(memory_format=fmt)
             if not traced and not (out.is_cuda and torch.cuda.is_current_stream_capturing()):
+                if out.is_cuda:  # complete before a call on another stream (another thread's) reads it
+                    torch.cuda.current_stream(out.device).synchronize()
                 self._bias_maps[key] = bias  # one made in a capture holds values only after a replay
         return bias
 
