@@ -788,7 +788,7 @@ def export_full_disk(w, capsys, disk):
     previous.write_bytes(b"the previous export")
     with disk.full():
         result = run(capsys, "aim-export", w.saved, "--onnx", previous, "--no-check")
-    one_line(result, "aim-export", 1, FULL)
+    one_line(result, "aim-export", 1, f"{previous}: ", FULL)
     assert previous.read_bytes() == b"the previous export"
     no_partials(disk.folder)
 

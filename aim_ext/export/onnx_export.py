@@ -59,8 +59,10 @@ def _replacing(path: Path) -> Iterator[Path]:
     try:
         yield Path(partial)
         os.replace(partial, path)
-    except BaseException:
+    except BaseException as error:
         Path(partial).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename in (None, partial):  # a full disk's
+            error.filename = str(path)
         raise
 
 
