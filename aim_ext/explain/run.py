@@ -120,7 +120,7 @@ def open_run(folder: str | Path, options: EvalOptions) -> Run:
     try:
         cfg = _with_dataset(load_config(config), options)
     except ValueError as error:
-        raise EvalError(f"{config}: {error}") from error
+        raise EvalError(str(error) if str(config) in str(error) else f"{config}: {error}") from error
     path = _checkpoint_path(folder, options.checkpoint)
     # The checkpoint replaces every weight: never fetch or read the pretrained ones again.
     cfg = dataclasses.replace(cfg, pretrained=False, pretrained_file=None)
