@@ -235,7 +235,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a number, got {value!r}")
             if not _within(value, low, high):
                 raise ValueError(f"{name} must be {_describe(low, high)}, got {value}")
-        if (
+        if self.randaugment is not None and (
             not isinstance(self.randaugment, tuple)
             or len(self.randaugment) != 2
             or not all(isinstance(v, int) and v >= 0 for v in self.randaugment)
