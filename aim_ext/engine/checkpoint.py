@@ -4,39 +4,29 @@ Loading a trained model's weights is `aim_ext.models.checkpoint`'s job."""
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from aim_ext.cache import atomic_file
+
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, then rename: a crash leaves the old file.
     A write that fails (a full disk) raises its OSError, which torch's writer reports only as a
     position mismatch."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            writes = _Writes(handle)
-            try:
-                torch.save(obj, writes)
-            except RuntimeError:
-                if writes.error is None:
-                    raise
-                writes.error.filename = str(path)
-                raise writes.error from None
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(Path(path)) as handle:
+        writes = _Writes(handle)
+        try:
+            torch.save(obj, writes)
+        except RuntimeError:
+            if writes.error is None:
+                raise
+            writes.error.filename = str(path)
+            raise writes.error from None
 
 
 class _Writes:

@@ -6,20 +6,25 @@ import csv
 import io
 import json
 import math
+import os
+import random
 import shutil
+import signal
+import threading
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from aim_ext.cache import write_atomic
+from aim_ext.cache import remove_partials, write_atomic
 from aim_ext.data import eval_preprocessing
 from aim_ext.engine.build import pretrained_weights
 from aim_ext.engine.checkpoint import rng_state, save_atomic, set_rng_state
@@ -59,6 +64,74 @@ class TrainingError(RuntimeError):
 
 class ResumeError(ValueError):
     """`--resume` cannot continue this run (another recipe, process count or aim-ext); nothing changed."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT (Ctrl-C) stopped training at a safe point; `last.pt` holds the state that
+    `--resume` continues from exactly. `signum` is the signal's number."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGTERM and SIGINT ask training to stop at the next safe point: the end of the current
+    optimizer step, or the checkpoint of an epoch that is already ending. A second signal stops at
+    once (every file is written atomically, so `--resume` then continues from the last checkpoint).
+    Handlers are installed only in the main thread, and the previous ones come back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, log: callable = print) -> None:
+        self.signum: int | None = None
+        self.agreed = False
+        self._log = log
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None:
+            self.__exit__()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)  # the previous handler: by default the end of the process
+            return
+        self.signum = signum
+        self._log(
+            f"{signal.Signals(signum).name}: stopping at the end of this step "
+            f"({signal.Signals(signum).name} again stops at once)"
+        )
+
+    def requested(self, world: World, agree: bool) -> bool:
+        """Whether to stop. Alone, at once; in a distributed run only where every process calls it
+        with `agree` (there the processes add up their flags), so that all stop at the same step."""
+        if world.size == 1:
+            return self.signum is not None
+        if agree and not self.agreed:
+            self.agreed = world.sum([float(self.signum is not None)])[0] > 0
+        return self.agreed
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a signal to another process"
+
+
+class _StoppedMidEpoch(Exception):
+    """Raised by train_one_epoch at a safe point inside an epoch; `_fit` checkpoints `position`."""
+
+    def __init__(self, position: dict[str, Any]) -> None:
+        super().__init__(position)
+        self.position = position
 
 
 def resolve_device(name: str) -> torch.device:
@@ -164,9 +237,14 @@ def train_one_epoch(
     cfg: TrainConfig,
     epoch: int,
     world: World | None = None,
+    *,
+    position: dict[str, Any] | None = None,
+    stop: StopSignals | None = None,
 ) -> dict[str, Any]:
     """One pass over the training data with `step` (`aim_ext.engine.step`); returns the mean loss
-    terms, accuracy and mask areas (over all processes of a distributed run)."""
+    terms, accuracy and mask areas (over all processes of a distributed run). `position`: a
+    mid-epoch checkpoint's, to continue this epoch after its `step` micro-batches exactly. `stop`:
+    when it asks, raise `_StoppedMidEpoch` at the end of an optimizer step."""
     world = world or World()
     ctx = step.ctx
     model = ctx.model
@@ -181,8 +259,17 @@ def train_one_epoch(
     lrs = {name: float(lr) for name, lr in zip(names, scheduler.get_last_lr(), strict=True)}  # epoch's first
     running = RunningStats(ctx.device)
     ctx.optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(data, total=steps, desc=f"epoch {epoch}", leave=False, disable=None)
-    for index, batch in enumerate(bar):
+    batches, skip = iter(data), 0
+    if position is not None:
+        # The micro-batches already trained on are loaded again and dropped, which replays the
+        # loader workers' random streams; then this process's generators are those of the stop.
+        skip, lrs = position["step"], position["lr"]
+        running.restore(position["running"][world.rank], ctx.device)
+        for _ in range(skip):
+            next(batches)
+        set_rng_state(position["rng"][world.rank])
+    bar = tqdm(batches, total=steps, initial=skip, desc=f"epoch {epoch}", leave=False, disable=None)
+    for index, batch in enumerate(bar, start=skip):
         if index >= steps:
             break
         images, labels = _inputs(batch, cfg, ctx.device)
@@ -196,10 +283,17 @@ def train_one_epoch(
         running.add(index, stats, len(labels))
         if closes_group:
             scheduler.step()  # per optimizer step, not per micro-batch
-        if (index + 1) % cfg.log_every == 0:
+        at_log = (index + 1) % cfg.log_every == 0
+        if at_log:
             totals = _checked(running.read(world), epoch)  # the only device-to-host read of the loop
             bar.set_postfix(
                 loss=f"{totals['loss'] / totals['seen']:.3f}", acc=f"{totals['correct'] / totals['seen']:.3f}"
+            )
+        # A stop in the epoch's last step waits for its checkpoint instead.
+        if stop is not None and stop.requested(world, at_log) and closes_group and index + 1 < steps:
+            _checked(running.read(world), epoch)
+            raise _StoppedMidEpoch(
+                {"epoch": epoch, "step": index + 1, "steps": steps, "lr": lrs, "running": running.state()}
             )
     totals = _checked(running.read(world), epoch)
     seen = max(totals["seen"], 1)
@@ -256,6 +350,16 @@ class RunningStats:
         bad = [b for b in world.gather(int(self.bad_step)) if b >= 0]
         out["bad_step"] = min(bad) if bad else -1
         return out
+
+    def state(self) -> dict[str, Any]:
+        """This process's sums so far, for a mid-epoch checkpoint."""
+        sums = None if self.sums is None else self.sums.cpu()
+        return {"sums": sums, "bad_step": int(self.bad_step), "seen": self.seen}
+
+    def restore(self, state: dict[str, Any], device: torch.device) -> None:
+        self.sums = None if state["sums"] is None else state["sums"].to(device)
+        self.bad_step = torch.full((), state["bad_step"], dtype=torch.int64, device=device)
+        self.seen = state["seen"]
 
 
 def _inputs(batch: dict, cfg: TrainConfig, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -355,7 +459,10 @@ def fit(
 def _fit(
     cfg, train_set, val_set, model, out: Path, device, world: World, resume: bool, log
 ) -> dict[str, Any]:
+    # Every generator that rng_state() keeps, so that two runs of one config write the same last.pt.
     torch.manual_seed(cfg.seed + world.rank)
+    random.seed(cfg.seed + world.rank)
+    np.random.seed(cfg.seed + world.rank)
     freeze_levels(model, cfg.freeze_levels)
     if isinstance(model, MaskingModel):  # aux_weight 0: the auxiliary heads are not computed at all
         model.set_aux_heads(cfg.aux_weight != 0)
@@ -366,10 +473,11 @@ def _fit(
     micro_batches = _steps(loader(train_set, cfg, shuffle=True, world=world), cfg)
     scheduler = build_scheduler(optimizer, cfg, math.ceil(micro_batches / cfg.accum_steps))
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" and device.type == "cuda" else None
-    start, best = 0, {"key": -math.inf, "metrics": None}
+    start, best, position = 0, {"key": -math.inf, "metrics": None}, None
     if resume and (out / "last.pt").exists():
-        start, best = _restore(out / "last.pt", model, optimizer, scheduler, scaler, world, cfg)
-        log(f"resumed from {out / 'last.pt'} at epoch {start}")
+        start, best, position = _restore(out / "last.pt", model, optimizer, scheduler, scaler, world, cfg)
+        within = f", step {position['step']} of {position['steps']}" if position else ""
+        log(f"resumed from {out / 'last.pt'} at epoch {start}{within}")
     use_tensor_learning_rates(optimizer, device)  # after a restore, which brings its own values
     trained = model
     if world.size > 1:
@@ -383,27 +491,56 @@ def _fit(
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         _prepare_run_folder(out, start if resume else 0)
-        (out / "config.yaml").write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+        write_atomic(out / "config.yaml", yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False).encode())
     val_loader = loader(val_set, cfg, shuffle=False)
     fixed = _fixed_batch(val_set, cfg) if world.is_main else None
     board = TensorBoardLog(out, start) if world.is_main and cfg.log == "tensorboard" else None
+    run = _RunState(model, optimizer, scheduler, scaler, cfg, device, out, log, val_loader, fixed, board)
     try:
-        for epoch in range(start, cfg.epochs):
-            data = loader(train_set, cfg, shuffle=True, epoch=epoch, world=world)
-            stats = train_one_epoch(step, data, scheduler, cfg, epoch, world)
-            rngs = world.gather(rng_state())
-            if world.is_main:
-                run = _RunState(
-                    model, optimizer, scheduler, scaler, cfg, device, out, log, val_loader, fixed, board
-                )
-                best = _end_of_epoch(run, epoch, stats, rngs, best)
-            world.barrier()  # the other processes wait for the checkpoint
+        with StopSignals(log) as stop:
+            for epoch in range(start, cfg.epochs):
+                data = loader(train_set, cfg, shuffle=True, epoch=epoch, world=world)
+                try:
+                    stats = train_one_epoch(
+                        step, data, scheduler, cfg, epoch, world, position=position, stop=stop
+                    )
+                except _StoppedMidEpoch as stopped:
+                    _stop_mid_epoch(run, stopped.position, best, world, stop)
+                position = None
+                rngs = world.gather(rng_state())
+                if world.is_main:
+                    best = _end_of_epoch(run, epoch, stats, rngs, best)
+                world.barrier()  # the other processes wait for the checkpoint
+                if epoch + 1 < cfg.epochs and stop.requested(world, agree=True):
+                    raise TrainingInterrupted(
+                        f"stopped by {stop.name} after epoch {epoch}; {_how_to_resume(out)}",
+                        stop.signum or signal.SIGTERM,
+                    )
     finally:
         if board is not None:
             board.close()
     if world.is_main and (out / "best.pt").is_file():
         _save_model(out, train_set, cfg, best)
     return best["metrics"] or {}
+
+
+def _how_to_resume(out: Path) -> str:
+    return f"{out / 'last.pt'} holds the state: `aim-train --resume --out {out}` continues exactly"
+
+
+def _stop_mid_epoch(run: _RunState, position: dict, best: dict, world: World, stop: StopSignals) -> None:
+    """Checkpoint the state at a safe point inside an epoch (every process's generators and running
+    sums), then raise TrainingInterrupted."""
+    position = {**position, "rng": world.gather(rng_state()), "running": world.gather(position["running"])}
+    if world.is_main:
+        state = _training_state(run, position["epoch"] - 1, best, position["rng"])
+        save_atomic({**state, "position": position}, run.out / "last.pt")
+    world.barrier()
+    raise TrainingInterrupted(
+        f"stopped by {stop.name} in epoch {position['epoch']} after step {position['step']} of "
+        f"{position['steps']}; {_how_to_resume(run.out)}",
+        stop.signum or signal.SIGTERM,
+    )
 
 
 def _save_model(out: Path, train_set: Dataset, cfg: TrainConfig, best: dict) -> None:
@@ -451,7 +588,10 @@ def _prepare_step(
 def _prepare_run_folder(out: Path, start: int) -> None:
     """A fresh run (start 0) leaves nothing of an earlier run in the folder; a resumed one keeps
     the metrics of the epochs before `start` only (a crash after the log line, before the
-    checkpoint, would otherwise leave a duplicate)."""
+    checkpoint, would otherwise leave a duplicate). Either way the temporary files of writes that
+    a killed run left half done go."""
+    for folder in (out, out / "masks", out / RUN_MODEL_FOLDER):
+        remove_partials(folder)
     metrics = out / "metrics.jsonl"
     if start == 0:
         metrics.unlink(missing_ok=True)
@@ -465,7 +605,7 @@ def _prepare_run_folder(out: Path, start: int) -> None:
         return
     if metrics.exists():
         kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["epoch"] < start]
-        metrics.write_text("".join(line + "\n" for line in kept))
+        write_atomic(metrics, "".join(line + "\n" for line in kept).encode())
 
 
 @dataclass
@@ -487,7 +627,7 @@ class _RunState:
 
 def _end_of_epoch(run: _RunState, epoch: int, stats: dict, rngs: list, best: dict) -> dict:
     """Validate, log, select and checkpoint (rank 0); returns the best record so far."""
-    model, optimizer, scheduler, scaler, cfg = run.model, run.optimizer, run.scheduler, run.scaler, run.cfg
+    model, cfg = run.model, run.cfg
     device, out, log = run.device, run.out, run.log
     val = predict_split(model, run.val_loader, cfg, device)
     metrics = {"epoch": epoch, **stats, **split_metrics(val, "val")}
@@ -504,22 +644,13 @@ def _end_of_epoch(run: _RunState, epoch: int, stats: dict, rngs: list, best: dic
     if is_best:
         best = {"key": key, "metrics": metrics}
     masks = _log_masks(model, run.fixed, cfg, epoch, device, out)
-    state = {
-        "architecture": architecture(model),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler else None,
-        "epoch": epoch,
-        "best": _plain(best),
-        "rng": rngs,  # one state per process
-        "config": _plain(cfg.to_dict()),
-        "recipe_version": RECIPE_VERSION,
-    }
+    state = _training_state(run, epoch, best, rngs)
     # The records first, then the checkpoints: a run that stops between them resumes before this
     # epoch, and the resumed run drops the epoch's records (metrics.jsonl) or purges them (TensorBoard).
-    with (out / "metrics.jsonl").open("a") as handle:
-        handle.write(json.dumps(_plain(metrics)) + "\n")
+    # metrics.jsonl is rewritten whole, atomically: a kill never leaves half a line.
+    records = out / "metrics.jsonl"
+    earlier = records.read_text() if records.exists() else ""
+    write_atomic(records, (earlier + json.dumps(_plain(metrics)) + "\n").encode())
     _write_summary(out)
     if run.board is not None:
         run.board.epoch(epoch, _plain(metrics))
@@ -539,6 +670,22 @@ def _end_of_epoch(run: _RunState, epoch: int, stats: dict, rngs: list, best: dic
         + (" (best)" if is_best else "")
     )
     return best
+
+
+def _training_state(run: _RunState, epoch: int, best: dict, rngs: list) -> dict[str, Any]:
+    """What `last.pt` holds after `epoch` (the last whole epoch trained)."""
+    return {
+        "architecture": architecture(run.model),
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler else None,
+        "epoch": epoch,
+        "best": _plain(best),
+        "rng": rngs,  # one state per process
+        "config": _plain(run.cfg.to_dict()),
+        "recipe_version": RECIPE_VERSION,
+    }
 
 
 def _write_summary(out: Path) -> None:
@@ -622,8 +769,13 @@ def _check_resume_config(path: Path, saved: dict, cfg: TrainConfig) -> None:
 
 def _restore(
     path: Path, model, optimizer, scheduler, scaler, world: World, cfg: TrainConfig
-) -> tuple[int, dict]:
-    state = load_checkpoint(path)
+) -> tuple[int, dict, dict | None]:
+    """Load `last.pt`; returns the epoch to start at, the best record so far and, for a checkpoint
+    written inside an epoch, its position there (else None)."""
+    try:
+        state = load_checkpoint(path)
+    except ValueError as error:  # empty, truncated or not a checkpoint: nothing to continue from
+        raise ResumeError(f"--resume: {error}") from None
     _check_resume_config(path, state.get("config", {}), cfg)
     _check_older_run(path, state, cfg, state["epoch"] + 1)
     load_model_state(model, state, source=str(path))
@@ -637,7 +789,8 @@ def _restore(
             f"{path} was written by {len(rngs)} processes; resume it with as many, not {world.size}"
         )
     set_rng_state(rngs[world.rank])
-    return state["epoch"] + 1, state["best"]
+    position = state.get("position")
+    return state["epoch"] + 1, state["best"], position
 
 
 def _fixed_batch(val_set: Dataset, cfg: TrainConfig) -> Tensor | None:
