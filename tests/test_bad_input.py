@@ -8,8 +8,8 @@ files that existed before are byte-identical afterwards.
 How the faults are made. No permission: a folder of mode 0555 (or a file of mode 0000); as root,
 whom modes do not stop, the command runs with effective uid and gid nobody (os.seteuid). A full
 disk: a tmpfs of 16 MiB filled to its last block (as root, where mount is allowed); elsewhere a
-file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail with EFBIG). A non-UTF-8 path: a name
-with the byte 0xff, as os.fsdecode gives it (a lone surrogate).
+file-size limit of 0 bytes (RLIMIT_FSIZE, SIGXFSZ ignored: every write fails with EFBIG). A
+non-UTF-8 path: a name with the byte 0xff, as os.fsdecode gives it (a lone surrogate).
 """
 
 from __future__ import annotations
@@ -255,6 +255,7 @@ class Disk:
         folder.mkdir()
         self.mounted = (
             os.geteuid() == 0
+            and shutil.which("mount") is not None
             and subprocess.run(
                 ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(folder)],
                 capture_output=True,
@@ -277,7 +278,7 @@ class Disk:
             return
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))  # every write fails
         try:
             yield
         finally:
@@ -316,8 +317,20 @@ def train_missing(w, capsys, disk):
     )
 
 
+def resume_with(w, capsys, last: Path, *fragments: str) -> None:
+    """aim-train --resume of a run whose last.pt is ``last``: refused in one line, the run untouched."""
+    folder = w.root / f"resume_{last.name}"
+    shutil.copytree(w.run, folder)
+    shutil.copy(last, folder / "last.pt")
+    before = snapshot(folder)
+    result = run(capsys, "aim-train", "--resume", "--out", folder, "--device", "cpu")
+    one_line(result, "aim-train", 2, f"--resume: {folder / 'last.pt'} ", *fragments)
+    assert snapshot(folder) == before
+
+
 def train_empty(w, capsys, disk):
     one_line(run(capsys, "aim-train", "--config", w.root / "empty.yaml"), "aim-train", 2, "is empty")
+    resume_with(w, capsys, w.empty, "is empty, not a checkpoint")
 
 
 def train_truncated(w, capsys, disk):
@@ -325,6 +338,7 @@ def train_truncated(w, capsys, disk):
         run(capsys, "aim-train", "--config", w.root / "trunc.yaml"), "aim-train", 2, "is not valid YAML"
     )
     assert "(line 2, column" in line
+    resume_with(w, capsys, w.root / "trunc.pt", "is a truncated or damaged checkpoint")
     argv = ["--dataset", "folder", "--data-root", w.data, *MODEL, "--pretrained-file", w.root / "trunc.pt"]
     one_line(
         run(capsys, "aim-train", *argv, *FAST, "--out", w.root / "t"),
@@ -352,6 +366,7 @@ def train_wrong_kind(w, capsys, disk):
         "is a PNG image, not a checkpoint",
     )
     assert not (w.root / "t").exists()
+    resume_with(w, capsys, w.root / "photo.png", "is a PNG image, not a checkpoint")
 
 
 def train_other_architecture(w, capsys, disk):
@@ -486,6 +501,11 @@ def eval_empty(w, capsys, disk):
     one_line(run(capsys, "aim-eval", w.emptyrun, *EVAL), "aim-eval", 1, "no config.yaml in")
     argv = [w.run, "--checkpoint", w.empty, *EVAL, "--out", w.root / "e"]
     one_line(run(capsys, "aim-eval", *argv), "aim-eval", 1, "is empty, not a checkpoint")
+    folder = w.root / "run_empty_config"
+    shutil.copytree(w.run, folder)
+    (folder / "config.yaml").write_text("")
+    line = one_line(run(capsys, "aim-eval", folder, *EVAL), "aim-eval", 1, "config.yaml is empty")
+    assert line.count("config.yaml") == 1
 
 
 def eval_truncated(w, capsys, disk):
@@ -651,6 +671,9 @@ def explain_full_disk(w, capsys, disk):
     assert explain_(capsys, w.saved, w.root / "photo.png", out=out).code == 0
     before = snapshot(out)
     assert sorted(p.name for p in before) == ["000_photo.png", "index.html"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in before} == {0o666 & ~umask}  # as open() makes them
     with disk.full():
         result = explain_(capsys, w.saved, w.root / "photo.png", out=out)
     one_line(result, "aim-explain", 1, FULL)
