@@ -7,12 +7,12 @@ interruption, then again in rounds: each round starts it afresh and kills it up 
 times before letting it finish, each try a new `aim-train` process (`--resume` once the run folder
 has its config). A try is killed in one of these ways, in turn:
 
-- `random`: SIGKILL after a random time (15% to 75% of the uninterrupted run's duration);
+- `random`: SIGKILL at a random moment of what is left to train (timed from the last run that finished);
 - `step`, `last.pt`, `records`, `model`: SIGKILL at a chosen moment (tests/kill_points.py) --
   inside a training step, halfway through writing last.pt, between an epoch's records and its
   checkpoint, between the two files of model/ -- at a random occurrence;
-- `sigterm`, `sigint`: that signal after a random time; the run must stop by itself at its next
-  safe point, with exit status 143 or 130.
+- `sigterm`, `sigint`: that signal at a random moment likewise; the run must stop by itself at its
+  next safe point, with exit status 143 or 130 (or finish, when the moment came after its last step).
 
 At the end of each round the run folder must equal the uninterrupted run's (tests/test_faults.py's
 `assert_same_run`: metrics.jsonl, summary.csv and config.yaml byte for byte, every checkpoint and
@@ -58,23 +58,35 @@ def command(flags: list[str], out: Path, point: str | None = None, n: int = 0) -
 EXITS = (0, -signal.SIGKILL, 128 + signal.SIGTERM, 130, -signal.SIGTERM, -signal.SIGINT)
 
 
-def run(cmd: list[str], after: float | None = None, send: int = signal.SIGKILL) -> tuple[int, float, str]:
-    """Run `cmd`; `after` seconds in, send it `send`. Its exit status (minus the signal that ended
-    it), how long it ran and the last line it wrote to stderr."""
-    start = time.monotonic()
+def epochs_done(out: Path) -> int:
+    records = out / "metrics.jsonl"
+    return len(records.read_text().splitlines()) if records.is_file() else 0
+
+
+def run(
+    cmd: list[str], out: Path, after: float | None = None, send: int = signal.SIGKILL
+) -> tuple[int, float, str]:
+    """Run `cmd`; `after` seconds after it has (re)written the run's config.yaml (its training
+    begins), send it `send`. Its exit status (minus the signal that ended it), how long it trained
+    (or -1 if it did not begin) and the last line it wrote to stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread in every run: the same arithmetic
+    launched = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if after is not None:
-        try:
-            proc.wait(timeout=after)
-        except subprocess.TimeoutExpired:
+    began = None
+    while proc.poll() is None:
+        config = out / "config.yaml"
+        if began is None and config.is_file() and config.stat().st_mtime >= launched:
+            began = time.monotonic()
+        if began is not None and after is not None and time.monotonic() >= began + after:
             proc.send_signal(send)
+            break
+        time.sleep(0.01)
     _, err = proc.communicate()
     code = proc.returncode
     if code not in EXITS:
         sys.exit(f"unexpected exit {code} of {' '.join(cmd)}:\n{err.decode()[-2000:]}")
     lines = err.decode().strip().splitlines()
-    return code, time.monotonic() - start, lines[-1] if lines else ""
+    return code, -1.0 if began is None else time.monotonic() - began, lines[-1] if lines else ""
 
 
 def main() -> None:
@@ -93,10 +105,11 @@ def main() -> None:
     flags = ["--dataset", "waterbirds", "--data-root", str(work / "waterbirds"), "--cub-root", str(cub.root)]
     flags += [*TRAINING, "--epochs", str(EPOCHS)]
     out = work / "run"
-    code, whole, _ = run(command(flags, out))
+    code, trained, _ = run(command(flags, out), out)
     assert code == 0
     out.rename(work / "reference")
-    print(f"uninterrupted run: {whole:.1f} s")
+    epoch_s = trained / EPOCHS  # updated by every run that finishes: the machine's load changes
+    print(f"uninterrupted run: {trained:.1f} s of training")
     kills, rounds, tries, by_mode = 0, 0, 0, {}
     while kills < args.kills:
         rounds += 1
@@ -105,19 +118,23 @@ def main() -> None:
         while True:
             mode = MODES[tries % len(MODES)] if in_round < args.per_round and kills < args.kills else None
             tries += 1
+            done = epochs_done(out)
             if mode in (None, "random", "sigterm", "sigint"):
-                after = None if mode is None else rng.uniform(0.15, 0.75) * whole
+                # A random moment of what is left to train (model/ written at the end included).
+                after = None if mode is None else rng.uniform(0.0, 1.0) * epoch_s * max(EPOCHS - done, 0.5)
                 send = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT}.get(mode, signal.SIGKILL)
-                code, took, said = run(command(flags, out), after, send)
-                detail = "" if after is None else f"after {after:.1f} s"
+                code, took, said = run(command(flags, out), out, after, send)
+                detail = "" if after is None else f"{after:.1f} s into training"
                 if code in (128 + signal.SIGTERM, 130):
                     detail += ": " + said.split(";")[0]
             else:
                 n = rng.randint(1, OCCURRENCES[mode])
-                code, took, _ = run(command(flags, out, mode, n))
+                code, took, _ = run(command(flags, out, mode, n), out)
                 detail = f"occurrence {n}"
-            print(f"round {rounds} try {tries}: {mode or 'finish'} {detail} -> exit {code} ({took:.1f} s)")
+            print(f"round {rounds} try {tries} (at {done} epochs): {mode or 'finish'} {detail}: exit {code}")
             if code == 0:
+                if took > 0 and EPOCHS > done:
+                    epoch_s = took / (EPOCHS - done)
                 break
             kills += 1
             in_round += 1

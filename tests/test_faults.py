@@ -156,16 +156,22 @@ def test_a_run_killed_before_model_is_written_writes_it_on_resume(flags, referen
     assert_same_run(out, reference)
 
 
-@pytest.mark.parametrize(("point", "code"), [("sigterm", 128 + signal.SIGTERM), ("sigint", 130)])
-def test_sigterm_and_ctrl_c_stop_after_the_step_and_resume_exactly(flags, reference, out, capfd, point, code):
-    assert run_forked([*flags, "--out", str(out)], point, 4) == code
+@pytest.mark.parametrize(
+    ("point", "n", "epoch", "step", "code"),
+    # Stopped in epoch 0 nothing is selected yet (a best key of -inf); in epoch 1, epoch 0 is.
+    [("sigterm", 4, 1, 1, 128 + signal.SIGTERM), ("sigint", 2, 0, 2, 130)],
+)
+def test_sigterm_and_ctrl_c_stop_after_the_step_and_resume_exactly(
+    flags, reference, out, capfd, point, n, epoch, step, code
+):
+    assert run_forked([*flags, "--out", str(out)], point, n) == code
     name = "SIGTERM" if point == "sigterm" else "SIGINT"
     err = capfd.readouterr().err
-    assert f"aim-train: stopped by {name} in epoch 1 after step 1 of 3; " in err
+    assert f"aim-train: stopped by {name} in epoch {epoch} after step {step} of 3; " in err
     assert f"`aim-train --resume --out {out}` continues exactly" in err
     assert not (out / "model").exists()
     resume(flags, out)
-    assert "at epoch 1, step 1 of 3" in capfd.readouterr().out
+    assert f"at epoch {epoch}, step {step} of 3" in capfd.readouterr().out
     assert_same_run(out, reference)
 
 

@@ -789,8 +789,9 @@ def _restore(
             f"{path} was written by {len(rngs)} processes; resume it with as many, not {world.size}"
         )
     set_rng_state(rngs[world.rank])
-    position = state.get("position")
-    return state["epoch"] + 1, state["best"], position
+    # _plain kept a key of -inf (nothing selected yet) as the string "-inf".
+    best = {**state["best"], "key": float(state["best"]["key"])}
+    return state["epoch"] + 1, best, state.get("position")
 
 
 def _fixed_batch(val_set: Dataset, cfg: TrainConfig) -> Tensor | None:
