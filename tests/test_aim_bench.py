@@ -20,7 +20,10 @@ from aim_ext.models import InferenceMaskEstimator, create_model, save_pretrained
 
 @pytest.mark.slow
 def test_quick_cpu_run_writes_every_row_with_ratios(tmp_path, capsys):
-    assert bench_main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    # The quick preset's rows, at a smaller size and with fewer calls: what is checked is the rows.
+    small = ["--image-size", "64", "--num-classes", "10", "--train-batch", "2"]
+    small += ["--warmup", "1", "--rounds", "2", "--per-round", "1"]
+    assert bench_main(["--device", "cpu", "--quick", *small, "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     rows, env = results["rows"], results["env"]
     assert env["device"] == "cpu" and env["card"].startswith("CPU") and env["versions"]["torch"]
@@ -184,12 +187,12 @@ def test_parameters_and_macs_match_the_papers_table_6():
 def test_compiled_runtimes_run_the_evaluation_model(tmp_path):
     """torch.compile and AOTInductor rows on the CPU: each prepared call returns the evaluation
     graph's outputs (logits and masks) as the eager model computes them."""
-    model = create_model("resnet18", num_classes=4, stop_stage=3).eval()
+    model = create_model("test_resnet", num_classes=4, stop_stage=3).eval()  # timm's small ResNet
     s = Setting("cpu", torch.float32, 2, (64, 64), True, tmp_path)
     with torch.inference_mode():
-        expected = RUNTIMES["eager"](model, "resnet18+AIM[3]", s)()
+        expected = RUNTIMES["eager"](model, "test_resnet+AIM[3]", s)()
     for runtime in ("compile", "aoti"):
-        got = RUNTIMES[runtime](model, "resnet18+AIM[3]", s)()
+        got = RUNTIMES[runtime](model, "test_resnet+AIM[3]", s)()
         assert len(got) == len(expected) == 1 + len(model.stages), runtime
         for a, b in zip(got, expected, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=runtime)
@@ -201,10 +204,11 @@ def test_compiled_training_step_runs_and_learns(tmp_path):
     also when an earlier row compiled the same code at another size (ConvNeXt, whose symbolic
     spatial sizes inductor cannot compile with gradients: each row compiles static)."""
     torch.manual_seed(0)
+    # timm's test_convnext: ConvNeXt's code in a few small blocks, which compile faster.
     earlier = Setting("cpu", torch.float32, 2, (32, 32), False, tmp_path)
-    prepare_train_step(create_model("convnext_atto", num_classes=3, stop_stage=2), earlier, "compile")()
+    prepare_train_step(create_model("test_convnext", num_classes=3, stop_stage=2), earlier, "compile")()
     s = Setting("cpu", torch.float32, 4, (48, 48), False, tmp_path)
-    step = prepare_train_step(create_model("convnext_atto", num_classes=3, stop_stage=2), s, "compile")
+    step = prepare_train_step(create_model("test_convnext", num_classes=3, stop_stage=2), s, "compile")
     losses = [float(step()[3]) for _ in range(6)]  # the statistics' loss term
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
 

@@ -38,7 +38,7 @@ def _losses(run) -> list[float]:
 
 def test_two_gloo_processes_match_one_process(tmp_path):
     # ConvNeXt has no BatchNorm, whose batch statistics would differ per process; no dropout either.
-    common = dict(model="convnext_atto", stop_stage=None, drop_rate=0.0, epochs=2, batch_size=8)
+    common = dict(model="test_convnext", stop_stage=None, drop_rate=0.0, epochs=2, batch_size=8)
     single = tiny_config(tmp_path / "single", **common)
     torch.set_num_threads(1)
     fit(single, Blobs(32, 0), Blobs(16, 1), make_model(single), log=lambda *_: None)
@@ -62,7 +62,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 def test_aim_trains_under_ddp(tmp_path, step):
     """AIM's outputs and its global active area (a differentiable all_reduce) work across
     processes, with the eager and the compiled step."""
-    cfg = tiny_config(tmp_path, model="convnext_atto", stop_stage=2, epochs=1, batch_size=8, step=step)
+    # timm's test_convnext: ConvNeXt's code in a few small blocks, which compile faster.
+    cfg = tiny_config(tmp_path, model="test_convnext", stop_stage=2, epochs=1, batch_size=8, step=step)
     mp.spawn(_worker, args=(2, _free_port(), cfg.to_dict()), nprocs=2, join=True)
     (line,) = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     metrics = json.loads(line)

@@ -185,11 +185,13 @@ def test_resume_ends_with_the_same_weights(tmp_path, monkeypatch, stop_stage, st
     """Bit for bit, for the eager step and (on the CPU) the compiled one: its code is the same in
     the resumed process, and nothing in a step depends on what ran before but the saved state."""
     train, val = Blobs(32, 0), Blobs(16, 1)
-    whole = tiny_config(tmp_path / "whole", stop_stage=stop_stage, step=step)
+    # The compiled step on timm's test_resnet: ResNet's code in small blocks, which compile faster.
+    model = "test_resnet" if step == "compile" else "resnet18"
+    whole = tiny_config(tmp_path / "whole", model=model, stop_stage=stop_stage, step=step)
     reference = make_model(whole)
     fit(whole, train, val, reference, log=lambda *_: None)
 
-    cut = tiny_config(tmp_path / "cut", stop_stage=stop_stage, step=step)
+    cut = tiny_config(tmp_path / "cut", model=model, stop_stage=stop_stage, step=step)
     original = train_module.train_one_epoch
 
     def interrupted(*args, **kwargs):
@@ -377,8 +379,9 @@ def test_config_from_yaml_with_overrides(tmp_path):
 
 @pytest.mark.parametrize("step", ["eager", pytest.param("compile", marks=pytest.mark.slow)])
 def test_gradient_accumulation_matches_the_larger_batch(tmp_path, step):
-    # ConvNeXt (no BatchNorm) without dropout: two micro-batches of 4 make one step of 8.
-    common = dict(model="convnext_atto", stop_stage=None, drop_rate=0.0, epochs=2, warmup_epochs=1)
+    # ConvNeXt (no BatchNorm; timm's small test_convnext) without dropout: two micro-batches of 4
+    # make one step of 8.
+    common = dict(model="test_convnext", stop_stage=None, drop_rate=0.0, epochs=2, warmup_epochs=1)
     whole = tiny_config(tmp_path / "whole", batch_size=8, **common)
     split = tiny_config(tmp_path / "split", batch_size=4, accum_steps=2, step=step, **common)
     models = []

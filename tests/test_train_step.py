@@ -62,7 +62,10 @@ def test_compiled_step_gives_the_eager_weights_after_five_steps(tmp_path, stop_s
     the learning rate, so float32 trajectories part after a few steps whichever code is right. The
     tolerance is 1e-6 of a step of the learning rate (1e-3): biases followed by a BatchNorm have a
     gradient of rounding noise alone, which AdamW's eps turns into updates of about 1e-10."""
-    cfg = _exact_config(tmp_path, stop_stage=stop_stage, channels_last=stop_stage is not None)
+    # timm's test_resnet: ResNet's code (BatchNorm included) in small blocks, which compile faster.
+    cfg = _exact_config(
+        tmp_path, model="test_resnet", stop_stage=stop_stage, channels_last=stop_stage is not None
+    )
     eager, eager_stats = _five_steps(cfg, "eager")
     compiled, compiled_stats = _five_steps(cfg, "compile")
     initial = make_model(cfg).double().state_dict()
@@ -85,7 +88,8 @@ def test_a_compiled_step_follows_tau_and_the_learning_rate_without_recompiling(t
     (the area term follows tau; a zero learning rate leaves the weights), and nothing recompiles."""
     from torch._dynamo.utils import counters
 
-    cfg = _exact_config(tmp_path, step="compile", area_per_image=False)  # r_l over the batch: in stats
+    # r_l over the batch: in stats; timm's test_resnet compiles faster than resnet18
+    cfg = _exact_config(tmp_path, model="test_resnet", step="compile", area_per_image=False)
     model, optimizer, step = _trainer(cfg)
     (images, labels), *_ = _batches(1)
     first = step(images, labels)
