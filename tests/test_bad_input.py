@@ -406,10 +406,13 @@ def train_full_disk(w, capsys, disk):
 
 @pytest.fixture(scope="module")
 def trained(world) -> tuple[Result, Path]:
-    """One short run from a data folder and into a run folder whose names are not UTF-8; its data
-    holds a CMYK JPEG and a 16-bit PNG in every split."""
+    """One short run from a data folder and into a run folder whose names are not UTF-8, as are a
+    class's name and an image's; the data holds a CMYK JPEG and a 16-bit PNG in every split."""
     data = odd(world.root, "data")
     shutil.copytree(world.data, data)
+    for split in ("train", "val"):
+        (data / split / "dog").rename(odd(data / split, "dog"))
+        shutil.copy(world.root / "photo.jpg", odd(data / split / "cat", "photo.jpg"))
     out = odd(world.root, "run_out")
     capture = _Capture()
     with capture:
@@ -554,11 +557,9 @@ def eval_full_disk(w, capsys, disk):
 
 
 @pytest.fixture(scope="module")
-def evaluated(world) -> tuple[Result, Path]:
-    """The run copied into a folder whose name is not UTF-8, evaluated; the data holds a CMYK JPEG
-    and a 16-bit PNG in every split."""
-    folder = odd(world.root, "run_copy")
-    shutil.copytree(world.run, folder)
+def evaluated(trained) -> tuple[Result, Path]:
+    """`trained`'s run evaluated (its figures drawn with the class name that is not UTF-8)."""
+    folder = trained[1]
     capture = _Capture()
     with capture:
         code = aim_eval.main([str(folder), *EVAL])
@@ -569,14 +570,15 @@ def eval_non_utf8(w, capsys, disk, evaluated):
     result, folder = evaluated
     assert result.code == 0, result.err
     assert (folder / "eval_test" / "report.md").is_file()
-    assert "run_copy\\xff/eval_test/report.md" in result.out
+    assert "run_out\\xff/eval_test/report.md" in result.out
+    assert list((folder / "eval_test").glob("*.png"))
 
 
 def eval_cmyk(w, capsys, disk, evaluated):
     result, folder = evaluated
     assert result.code == 0, result.err
-    rows = (folder / "eval_test" / "per_image.csv").read_text()
-    assert "cmyk.jpg" in rows and "grey16.png" in rows
+    rows = (folder / "eval_test" / "per_image.csv").read_bytes()
+    assert b"cmyk.jpg" in rows and b"grey16.png" in rows and b"photo\xff.jpg" in rows
 
 
 def eval_bad_number(w, capsys, disk):
@@ -691,16 +693,16 @@ def _explain_tops(capsys, w, *images: Path) -> list[str]:
     ]
 
 
-def explain_non_utf8(w, capsys, disk):
+def explain_non_utf8(w, capsys, disk, trained):
     image = odd(w.root, "photo.png")
     shutil.copy(w.root / "photo.png", image)
     out = odd(w.root, "x_out")
     capture = _Capture()
     with capture:
-        code = explain.main([str(w.saved), str(image), "--device", "cpu", "--out", str(out)])
+        code = explain.main([str(trained[1]), str(image), "--device", "cpu", "--out", str(out)])
     printed = _Capture.text(capture.out)
     assert code == 0, _Capture.text(capture.err)
-    assert printed.splitlines()[0].endswith("photo\\xff.png")
+    assert printed.splitlines()[0].endswith("photo\\xff.png") and "% dog\\xff" in printed.replace("  ", " ")
     index = (out / "index.html").read_bytes().decode("utf-8")  # valid UTF-8
     assert "photo\\xff.png" in index and "000_photo\ufffd.png" in index
     assert (out / "000_photo\ufffd.png").is_file()

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from aim_ext.cache import write_atomic
-from aim_ext.cli.errors import one_line_errors, positive_int, say, shown, writable_folder
+from aim_ext.cli.errors import one_line_errors, positive_int, printable, say, shown, writable_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [*explanation.stage_names, "merged"] if explanation.masks else []
         print(shown(path))
         for label, probability in explanation.top[0]:
-            print(f"  {probability:6.1%}  {label}")
+            print(f"  {probability:6.1%}  {printable(label)}")
         if names:
             print("  active: " + ", ".join(f"{n} {f:.0%}" for n, f in zip(names, fractions, strict=True)))
         figure = args.out / f"{len(rows):03d}_{_utf8(path.stem)}.png"
@@ -92,7 +92,7 @@ def _write_index(out: Path, rows) -> Path:
     """A contact sheet: one row per image, its figure and its top classes."""
     cells = []
     for path, figure, top, fractions in rows:
-        classes = "<br>".join(f"{html.escape(label)} {p:.1%}" for label, p in top)
+        classes = "<br>".join(f"{html.escape(printable(label))} {p:.1%}" for label, p in top)
         active = ", ".join(f"{html.escape(n)} {f:.0%}" for n, f in fractions.items())
         cells.append(
             f"<tr><td><img src='{html.escape(figure.name)}' height='220'></td>"

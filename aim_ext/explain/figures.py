@@ -51,8 +51,14 @@ def _upsample_mask(mask: Tensor, size: tuple[int, int]) -> np.ndarray:
 
 def _show(ax: Axes, image: np.ndarray, title: str = "") -> None:
     ax.imshow(image)
-    ax.set_title(title, fontsize=8)
+    ax.set_title(_drawable(title), fontsize=8)
     ax.set_axis_off()
+
+
+def _drawable(text: str) -> str:
+    """Text matplotlib can draw: a non-UTF-8 name's bytes (lone surrogates, which its font code
+    refuses) as \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _masked(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -124,7 +130,7 @@ def _overlay(ax: Axes, image: np.ndarray, heat: np.ndarray, title: str, mask: np
     ax.imshow(heat / peak if peak > 0 else heat, cmap="jet", alpha=0.5, vmin=0, vmax=1)
     if mask is not None:
         ax.contour(mask.astype(float), levels=[0.5], colors="white", linewidths=0.8)
-    ax.set_title(title, fontsize=8)
+    ax.set_title(_drawable(title), fontsize=8)
     ax.set_axis_off()
 
 

@@ -214,12 +214,24 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
     if not path.is_file():
         raise ModelFileError(f"{path} is missing")
     try:
-        with safe_open(str(path), framework="pt") as file:
+        with path.open("rb") as handle, safe_open(_utf8_name(path, handle), framework="pt") as file:
             weights = {key: file.get_tensor(key) for key in file.keys()}
             weights_id = (file.metadata() or {}).get(WEIGHTS_ID)
     except (SafetensorError, OSError) as error:
         raise ModelFileError(f"{path} is not a readable safetensors file ({error})") from None
     return weights, weights_id
+
+
+def _utf8_name(path: Path, handle) -> str:
+    """``path`` as safetensors can open it: its own name, or where that is not UTF-8 (which
+    safetensors refuses) the name of the open file's descriptor (Linux)."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        fd_name = f"/proc/self/fd/{handle.fileno()}"
+        return fd_name if Path(fd_name).exists() else name
+    return name
 
 
 def _same_save(config: dict[str, Any], weights_id: str | None) -> bool:
