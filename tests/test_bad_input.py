@@ -1008,6 +1008,15 @@ def test_the_docs_table_lists_every_cell():
         assert text.startswith("n/a") == (not callable(cell)), (command, fault, text)
 
 
+def test_info_refuses_a_bad_argument(capsys):
+    from aim_ext.__main__ import main as info
+
+    with pytest.raises(SystemExit) as exit_:
+        info(["nope"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("python -m aim_ext: error: argument command")
+
+
 def test_an_error_line_shows_a_non_utf8_name_and_a_worker_error_names_the_file(capsys):
     from aim_ext.cli.errors import describe, say
 
