@@ -516,11 +516,11 @@ def _fit(
                         f"stopped by {stop.name} after epoch {epoch}; {_how_to_resume(out)}",
                         stop.signum or signal.SIGTERM,
                     )
+            if world.is_main and (out / "best.pt").is_file():  # a signal now lets it finish
+                _save_model(out, train_set, cfg, best)
     finally:
         if board is not None:
             board.close()
-    if world.is_main and (out / "best.pt").is_file():
-        _save_model(out, train_set, cfg, best)
     return best["metrics"] or {}
 
 
