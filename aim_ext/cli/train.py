@@ -119,6 +119,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from aim_ext.engine import ResumeError, StepError, TrainingError, fit
+    from aim_ext.engine.train import TrainingInterrupted
 
     try:
         cfg = config_from_args(args)
@@ -150,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as error:
         say("aim-train", error)
         return 1
+    except TrainingInterrupted as error:  # SIGTERM or Ctrl-C, at a safe point
+        say("aim-train", error)
+        return 128 + error.signum
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print(f"aim-train: stopped at once; `aim-train --resume --out {cfg.out}` continues", file=sys.stderr)
+        return 130
     summary = {k: v for k, v in best.items() if k.startswith("val_") or k == "epoch"}
     print(json.dumps(summary, indent=2))
     return 0
