@@ -134,7 +134,7 @@ def test_aoti_package_matches_pytorch_with_a_dynamic_batch(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name,stop_stage,sparse", [("resnet18", 3, "off"), ("convnext_atto", 1, "on"), ("resnet18", 2, "on")]
+    "name,stop_stage,sparse", [("resnet18", 3, "off"), ("test_convnext", 1, "on"), ("resnet18", 2, "on")]
 )
 def test_fused_model_exports_with_the_pooled_head(tmp_path, name, stop_stage, sparse):
     """fuse_for_inference's model in ONNX (no P_T: no Resize in the graph; the sparse branch in
