@@ -537,7 +537,12 @@ def _on_device(body: Callable, interpreted, x: Tensor, *args):
     them), on CPU tensors the opaque op that runs them under the interpreter."""
     if x.device.type == "cpu":
         return interpreted(x, *args)
-    return body(wrap_triton, x, *args)
+    if torch._library.triton.is_wrap_triton_enabled():
+        # Traced (the body is also the fake kernel): the compiled code sets the device itself.
+        return body(wrap_triton, x, *args)
+    # Run on real tensors: Triton launches on the thread's current device, not x's.
+    with torch.cuda.device(x.device):
+        return body(wrap_triton, x, *args)
 
 
 if HAVE_TRITON:
