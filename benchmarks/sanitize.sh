@@ -65,12 +65,14 @@ reports_in() {  # reports_in REPORTS LOG: the sanitizer reports in the folder's 
 # The working tree as it is (tracked files and untracked ones git does not ignore), no builds.
 git -C "$repo" ls-files -z --cached --others --exclude-standard |
   (cd "$repo" && tar --null --ignore-failed-read -T - -cf - 2>/dev/null) | tar -C "$scratch" -xf -
-echo "scratch tree $scratch, commit $(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD || echo ' (with uncommitted changes)')"
+commit="$(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD || echo ' with uncommitted changes')"
+echo "scratch tree $scratch, commit $commit"
 
 start=$SECONDS
 build "$OUT/build.log"
+built=$?
 so=$(ls "$scratch"/aim_ext/_C*.so 2>/dev/null | head -n 1)
-if [ -z "$so" ]; then
+if [ $built -ne 0 ] || [ -z "$so" ]; then
   record build 0 $((SECONDS - start)) "no extension built: see $OUT/build.log"
   tail -n 30 "$OUT/build.log"
   printf '%s\n' "${summary[@]}"
@@ -136,7 +138,7 @@ cp "$scratch/$VICTIM.orig" "$scratch/$VICTIM" && rm -f "$scratch/$VICTIM.orig"
 find "$scratch/build" -name "$(basename "$VICTIM" .cpp).o" -delete
 
 echo
-echo "Sanitizers ($SANITIZE) on the CPU kernels, commit $(git -C "$repo" rev-parse --short HEAD)"
+echo "Sanitizers ($SANITIZE) on the CPU kernels, commit $commit"
 echo "| step | result | time | detail |"
 echo "|---|---|---|---|"
 printf '%s\n' "${summary[@]}"
