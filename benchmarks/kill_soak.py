@@ -39,7 +39,7 @@ from fixtures_data import make_cub, make_waterbirds  # noqa: E402
 from test_faults import TRAINING, assert_same_run  # noqa: E402
 
 EPOCHS = 4
-MODES = ("random", "step", "last.pt", "records", "model", "sigterm", "random", "sigint")
+MODES = ("sigterm", "step", "random", "last.pt", "sigint", "records", "random", "model")
 # Which occurrence of each kill point to draw from: within the first epoch a try trains (3 steps),
 # of its first two epochs' checkpoints and records, of model/'s two files.
 OCCURRENCES = {"step": 3, "last.pt": 2, "records": 2, "model": 2}
