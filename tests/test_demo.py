@@ -143,3 +143,24 @@ def test_counterfactual_images_must_be_positive():
 
     with pytest.raises(EvalError, match="counterfactual_images must be at least 1, got 0"):
         EvalOptions(counterfactual_images=0)
+
+
+@pytest.mark.parametrize("second_ctrl_c", [False, True])
+def test_a_stopped_demo_says_where_in_one_line(cache, tmp_path, monkeypatch, capsys, second_ctrl_c):
+    """SIGTERM or Ctrl-C stops a training run at a safe point; a second Ctrl-C (or one during the
+    evaluation) stops at once. Either way: one line, no traceback, and the same command continues."""
+    from aim_ext.engine.train import TrainingInterrupted
+
+    def stopped(cfg):
+        if second_ctrl_c:
+            raise KeyboardInterrupt
+        raise TrainingInterrupted("stopped by SIGTERM in epoch 0 after step 1 of 2", 15, Path(cfg.out))
+
+    monkeypatch.setattr(demo, "train", stopped)
+    status = demo.main(["--out", str(tmp_path / "demo"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == (130 if second_ctrl_c else 128 + 15)
+    assert len(err) == 1 and err[0].startswith("aim-demo: ") and "Traceback" not in err[0], err
+    assert err[0].endswith("continues" if not second_ctrl_c else "continues where the runs stopped"), err
+    if not second_ctrl_c:
+        assert "stopped by SIGTERM in epoch 0 after step 1 of 2" in err[0] and "--resume" not in err[0]

@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     from aim_ext.data.tuxbirds import SourcesError, ensure_sources
     from aim_ext.engine import TrainingError
+    from aim_ext.engine.train import TrainingInterrupted
     from aim_ext.explain.reports import compare_runs
     from aim_ext.explain.run import EvalError, EvalOptions
     from aim_ext.models.offline_weights import WeightsError, mobilenet_v2_imagenet
@@ -262,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingError, EvalError, ValueError) as error:
         say("aim-demo", error)
         return 1
+    except TrainingInterrupted as error:  # SIGTERM or Ctrl-C, at a safe point of a training run
+        say("aim-demo", f"{error.where}; the same aim-demo command continues")
+        return 128 + error.signum
+    except KeyboardInterrupt:  # a second Ctrl-C, or one during the evaluation
+        say("aim-demo", "interrupted; the same aim-demo command continues where the runs stopped")
+        return 130
     results = {
         "vanilla": _summary(vanilla.metrics),
         "aim": _summary(aim.metrics),

@@ -68,10 +68,12 @@ class ResumeError(ValueError):
 
 class TrainingInterrupted(Exception):
     """SIGTERM or SIGINT (Ctrl-C) stopped training at a safe point; `last.pt` holds the state that
-    `--resume` continues from exactly. `signum` is the signal's number."""
+    `--resume` continues from exactly. `where`: where it stopped; `signum`: the signal's number."""
 
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
+    def __init__(self, where: str, signum: int, out: Path) -> None:
+        resume = f"{out / 'last.pt'} holds the state: `aim-train --resume --out {out}` continues exactly"
+        super().__init__(f"{where}; {resume}")
+        self.where = where
         self.signum = signum
 
 
@@ -513,8 +515,7 @@ def _fit(
                 world.barrier()  # the other processes wait for the checkpoint
                 if epoch + 1 < cfg.epochs and stop.requested(world, agree=True):
                     raise TrainingInterrupted(
-                        f"stopped by {stop.name} after epoch {epoch}; {_how_to_resume(out)}",
-                        stop.signum or signal.SIGTERM,
+                        f"stopped by {stop.name} after epoch {epoch}", stop.signum or signal.SIGTERM, out
                     )
             if world.is_main and (out / "best.pt").is_file():  # a signal now lets it finish
                 _save_model(out, train_set, cfg, best)
@@ -522,10 +523,6 @@ def _fit(
         if board is not None:
             board.close()
     return best["metrics"] or {}
-
-
-def _how_to_resume(out: Path) -> str:
-    return f"{out / 'last.pt'} holds the state: `aim-train --resume --out {out}` continues exactly"
 
 
 def _stop_mid_epoch(run: _RunState, position: dict, best: dict, world: World, stop: StopSignals) -> None:
@@ -537,9 +534,10 @@ def _stop_mid_epoch(run: _RunState, position: dict, best: dict, world: World, st
         save_atomic({**state, "position": position}, run.out / "last.pt")
     world.barrier()
     raise TrainingInterrupted(
-        f"stopped by {stop.name} in epoch {position['epoch']} after step {position['step']} of "
-        f"{position['steps']}; {_how_to_resume(run.out)}",
+        f"stopped by {stop.name} in epoch {position['epoch']} after step {position['step']} "
+        f"of {position['steps']}",
         stop.signum or signal.SIGTERM,
+        run.out,
     )
 
 
