@@ -40,6 +40,17 @@ def test_a_saved_model_loads_with_its_weights_labels_and_transform(tmp_path, sto
     assert len(cfg["mean"]) == len(cfg["std"]) == 3
     if stop_stage:
         assert loaded.width == 32 and (loaded.temperature, loaded.gumbel_noise) == (0.5, False)
+    # A save's name is its content's: the same model saved again gives the same bytes; other
+    # metrics, another name.
+    again = save_pretrained(
+        model, tmp_path / "again", labels=["heron", "gull", "duck"], metrics={"val_acc": 0.9}
+    )
+    other = save_pretrained(
+        model, tmp_path / "other", labels=["heron", "gull", "duck"], metrics={"val_acc": 0.8}
+    )
+    for name in ("config.json", "model.safetensors"):
+        assert (again / name).read_bytes() == (folder / name).read_bytes(), name
+    assert json.loads((other / "config.json").read_text())["weights_id"] != config["weights_id"]
 
 
 def test_a_run_folder_and_its_checkpoints_load_without_the_dataset(tmp_path):

@@ -436,7 +436,8 @@ def test_config_and_weights_of_different_saves_are_refused(tmp_path, monkeypatch
     """What an interrupted save leaves (the new weights beside the old config) is no model."""
     monkeypatch.setattr("aim_ext.models.saved.CONSISTENT_READ_S", 0.05)
     model = create_model("mobilenetv2_050", num_classes=2, stop_stage=3, width=32)
-    a, b = save_pretrained(model, tmp_path / "a"), save_pretrained(model, tmp_path / "b")
+    a = save_pretrained(model, tmp_path / "a")
+    b = save_pretrained(model, tmp_path / "b", metrics={"val_acc": 0.5})  # another save: another name
     (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())
     with pytest.raises(aim_ext.models.ModelFileError, match="from different saves"):
         load_model(a)

@@ -10,11 +10,11 @@ while another saves into the folder gets the old model or the new one, never a m
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import json
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,11 +99,13 @@ def save_pretrained(
         "aim_ext_version": _version(),
         "metrics": metrics,
         "training": training,
-        WEIGHTS_ID: uuid.uuid4().hex,
     }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    # The save's name comes from what it holds: saving the same model twice writes the same bytes.
+    content = safetensors.torch.save(weights) + json.dumps(config, default=float).encode()
+    config[WEIGHTS_ID] = hashlib.sha256(content).hexdigest()[:32]
     with _one_save_at_a_time(folder):
         # The weights first: a reader that finds the new config finds its weights.
         write_atomic(
