@@ -72,10 +72,12 @@ KERNELS = (
 
 # Instantiations allowed a stack frame, with its largest size in bytes; every other kernel must
 # have none. A defect, listed so that CI refuses any new or larger frame until it is fixed: these
-# kernels call ptxas' out-of-line slow path of IEEE division (float32: nearest_scale's in / out
+# kernels call ptxas' out-of-line slow paths of IEEE division (float32: nearest_scale's in / out
 # and the mask's (logits + noise) / temperature in device_utils.cuh; float64 also the epilogue's
-# divisions) and save live registers to the stack around the calls: 12 to 52 bytes of spill
-# stores each (ptxas -v agrees on masked_merge_kernels_float.cu: 32/44 and 12/16 bytes).
+# divisions) and of 64-bit integer division (backward_nchw's i / runs, the int64-index kernels'
+# index arithmetic), and save live registers to the stack around the calls: 12 to 52 bytes of
+# spill stores each (ptxas -v agrees on masked_merge_kernels_float.cu: 32/44 and 12/16 bytes).
+# Removing the float divisions alone moves the frames to other kernels (8 -> 14, RESULTS.md).
 FRAMES = {
     ("masked_merge_kernels_bfloat16.cu", "backward_nchw<__nv_bfloat16, 8>"): 40,
     ("masked_merge_kernels_double.cu", "backward_nchw<double, 4>"): 40,
