@@ -15,7 +15,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-$repo/.venv/bin/python}
 OUT=${OUT:-/tmp/aim-sanitize}
 OP_TESTS=(tests/test_masked_merge.py tests/test_epilogue.py tests/test_mask_estimator.py
-  tests/test_pooled_head.py tests/test_inference.py tests/test_concurrency.py)
+  tests/test_pooled_head.py tests/test_inference.py tests/test_concurrency.py tests/test_threads.py)
 # The kernel the self-test breaks, and the test that must then die.
 VICTIM=csrc/cpu/masked_merge_cpu.cpp
 VICTIM_TEST=(tests/test_masked_merge.py -k "test_forward_matches_reference_exactly and cpu")
