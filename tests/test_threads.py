@@ -396,6 +396,9 @@ _SAVER = textwrap.dedent(
     for seed in (0, 1):
         torch.manual_seed(seed)
         models.append(aim_ext.create_model("mobilenetv2_050", num_classes=3, stop_stage=3, width=32))
+    # The two models as they are saved, for the reader to compare with (no other save goes there).
+    for k, model in enumerate(models):
+        aim_ext.save_pretrained(model, f"{folder}_{'ab'[k]}")
     for k in range(first, first + saves):
         aim_ext.save_pretrained(models[k % 2], folder, labels=[f"{'ab'[k % 2]}{i}" for i in range(3)])
         print(k, flush=True)
@@ -407,15 +410,12 @@ def test_a_reader_sees_the_old_or_the_new_model_while_another_process_saves(tmp_
     """A process saves model A, then B, A, B, ... (the same architecture: a mix would load without
     an error) into one folder while this one loads it again and again; in a soak a second process
     saves B, A, B, ... into the same folder at the same time."""
-    states = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        model = create_model("mobilenetv2_050", num_classes=3, stop_stage=3, width=32)
-        states.append(model.state_dict())
     folder = tmp_path / "m"
     savers = [_child(_SAVER, folder, SAVES, first) for first in ((0, 1) if SOAK else (0,))]
     for saver in savers:
         assert saver.stdout.readline().strip().isdigit(), saver.stderr.read()
+    # A and B as the saving process made them.
+    states = [load_model(f"{folder}_{name}").state_dict() for name in "ab"]
     seen = {"a": 0, "b": 0}
     while True:
         done = all(saver.poll() is not None for saver in savers)
