@@ -727,6 +727,11 @@ def explain_bad_number(w, capsys, disk):
 # aim-export
 
 
+def _export_checkpoint_argv(checkpoint) -> list:
+    """aim-export of a test_resnet+AIM[3] checkpoint with two classes."""
+    return ["--model", "test_resnet", "--stop-stage", "3", "--num-classes", "2", "--checkpoint", checkpoint]
+
+
 def export_missing(w, capsys, disk):
     one_line(
         run(capsys, "aim-export", w.root / "none", "--onnx", w.root / "m.onnx"),
@@ -734,16 +739,7 @@ def export_missing(w, capsys, disk):
         1,
         "model not found",
     )
-    argv = [
-        "--model",
-        "test_resnet",
-        "--stop-stage",
-        "3",
-        "--num-classes",
-        "2",
-        "--checkpoint",
-        w.root / "none.pt",
-    ]
+    argv = _export_checkpoint_argv(w.root / "none.pt")
     one_line(
         run(capsys, "aim-export", *argv, "--onnx", w.root / "m.onnx"), "aim-export", 1, "checkpoint not found"
     )
@@ -759,16 +755,7 @@ def export_empty(w, capsys, disk):
 
 
 def export_truncated(w, capsys, disk):
-    argv = [
-        "--model",
-        "test_resnet",
-        "--stop-stage",
-        "3",
-        "--num-classes",
-        "2",
-        "--checkpoint",
-        w.root / "trunc.pt",
-    ]
+    argv = _export_checkpoint_argv(w.root / "trunc.pt")
     one_line(
         run(capsys, "aim-export", *argv, "--onnx", w.root / "m.onnx"), "aim-export", 1, "truncated or damaged"
     )
@@ -786,16 +773,7 @@ def export_wrong_kind(w, capsys, disk):
 
 
 def export_other_architecture(w, capsys, disk):
-    argv = [
-        "--model",
-        "test_resnet",
-        "--stop-stage",
-        "3",
-        "--num-classes",
-        "2",
-        "--checkpoint",
-        w.root / "other.pt",
-    ]
+    argv = _export_checkpoint_argv(w.root / "other.pt")
     result = run(capsys, "aim-export", *argv, "--onnx", w.root / "m.onnx")
     one_line(result, "aim-export", 1, "holds a mobilenetv2_050+AIM[3] model, not test_resnet+AIM[3]")
     assert not (w.root / "m.onnx").exists()
