@@ -33,30 +33,37 @@ def sha256_file(path: Path) -> str:
 
 
 @contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A binary handle on a temporary file beside ``path``, synced to disk and renamed onto ``path``
-    when the block ends without an error: ``path`` is the old file or the whole new one, never a
-    part, whatever interrupts the write (a SIGKILL leaves at most a ``.part`` file, see
-    `remove_partials`)."""
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` (an empty file, with the mode open() would give it),
+    renamed onto ``path`` when the block ends without an error: ``path`` is the old file or the
+    whole new one, never a part, whatever interrupts the write (a SIGKILL leaves at most a
+    ``.part`` file, see `remove_partials`). An OSError names ``path``, never the temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
-    except OSError as error:  # name the file asked for, not the temporary one
+    except OSError as error:
         error.filename = str(path)
         raise
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # as open() would make it: mkstemp's 0600 hides the file
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file
+        os.close(fd)
+        yield Path(partial)
         os.replace(partial, path)
     except BaseException as error:
         Path(partial).unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.filename is None:  # a full disk's names no file
+        if isinstance(error, OSError) and error.filename in (None, partial):  # a full disk's
             error.filename = str(path)
         raise
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary handle on `atomic_path`'s temporary file, synced to disk before the rename."""
+    with atomic_path(path) as partial, open(partial, "wb") as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _umask() -> int:

@@ -8,10 +8,6 @@ feature branch LayerNormalization and Erf-based GELU.
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +15,7 @@ import onnx
 import torch
 from torch import nn
 
+from aim_ext.cache import atomic_path
 from aim_ext.export.graph import INPUT_NAME, prepare_graph, trace_inputs
 
 DEFAULT_OPSET = 18
@@ -41,29 +38,9 @@ def export_onnx(
         raise ValueError(f"opset {opset} is too old: the export needs opset {DEFAULT_OPSET} or newer")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _replacing(path) as partial:
+    with atomic_path(path) as partial:  # a failed export leaves the old file
         _export_onnx(model, partial, image_size, batch_size, dynamic_batch, fp16, opset)
     return path
-
-
-@contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path``, renamed onto it when the block succeeds: a failed export
-    (a full disk, a graph the checker refuses) leaves the old file as it was."""
-    try:
-        fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    except OSError as error:  # name the file asked for, not the temporary one
-        error.filename = str(path)
-        raise
-    os.close(fd)
-    try:
-        yield Path(partial)
-        os.replace(partial, path)
-    except BaseException as error:
-        Path(partial).unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.filename in (None, partial):  # a full disk's
-            error.filename = str(path)
-        raise
 
 
 def _export_onnx(model, path: Path, image_size, batch_size, dynamic_batch, fp16, opset) -> None:
