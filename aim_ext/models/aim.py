@@ -12,7 +12,14 @@ from aim_ext.models.concurrency import can_run_concurrently, fork, join, tracing
 from aim_ext.models.fusion import fold_for_inference, is_inference_only, make_inference_only
 from aim_ext.models.heads import ClassifierHead, masked_avg_pool
 from aim_ext.models.mask_estimator import MaskEstimator
-from aim_ext.models.masking import AIMOutput, MaskingModel, feature_backbone, gumbel_sample
+from aim_ext.models.masking import (
+    AIMOutput,
+    MaskingModel,
+    as_nchw,
+    feature_backbone,
+    feature_layout,
+    gumbel_sample,
+)
 from aim_ext.models.sparsity import check_sparse_mode, prefer_sparse
 from aim_ext.models.topdown import TOPDOWN_WIDTH, FeatureBranch, StageOutput, TopDownStage
 from aim_ext.ops import pool_weights
@@ -60,6 +67,7 @@ class AIM(MaskingModel):
         )
         top = len(channels) - 1
         self.backbone_name = backbone
+        self.feature_layout = feature_layout(self.backbone)
         self.stop_stage = stop_stage
         self.num_classes = num_classes
         self.width = width
@@ -107,9 +115,13 @@ class AIM(MaskingModel):
         self.aux_heads.requires_grad_(self.aux_heads_on)
 
     def stage_inputs(self, x: Tensor) -> list[Tensor]:
-        """S_l of every top-down stage, top stage first: the backbone's feature maps."""
+        """S_l of every top-down stage, top stage first: the backbone's feature maps, (N, C, H, W)
+        whatever layout the backbone hands them over in."""
         feats = self.backbone(x)  # stages stop_stage..L
-        return [feats[index - self.stop_stage] for index in self.stage_indices]
+        return [
+            as_nchw(feats[index - self.stop_stage], self.feature_layout, self.backbone_name)
+            for index in self.stage_indices
+        ]
 
     def forward_topdown(self, x: Tensor) -> list[StageOutput]:
         """Run the backbone and the top-down pathway; the last stage's `merged` is P_T."""

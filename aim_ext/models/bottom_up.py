@@ -22,7 +22,15 @@ from torch import Tensor, nn
 from aim_ext.models.fusion import fold_for_inference, make_inference_only
 from aim_ext.models.heads import ClassifierHead
 from aim_ext.models.mask_estimator import MaskEstimator
-from aim_ext.models.masking import AIMOutput, MaskingModel, feature_backbone, gumbel_sample
+from aim_ext.models.masking import (
+    AIMOutput,
+    MaskingModel,
+    as_nchw,
+    feature_backbone,
+    feature_layout,
+    from_nchw,
+    gumbel_sample,
+)
 from aim_ext.ops import masked_merge
 
 
@@ -59,6 +67,7 @@ class BottomUpAIM(MaskingModel):
                 f"FeatureListNet; {backbone}'s features_only model is {type(self.backbone).__name__}"
             )
         self.backbone_name = backbone
+        self.feature_layout = feature_layout(self.backbone)
         self.stop_stage = stop_stage
         self.num_classes = num_classes
         self.stage_indices = list(range(top, stop_stage - 1, -1))  # top stage first
@@ -88,12 +97,14 @@ class BottomUpAIM(MaskingModel):
             estimator = estimators.get(name)
             if estimator is None:
                 continue
-            a = estimator(x)
+            s = as_nchw(x, self.feature_layout, self.backbone_name)
+            a = estimator(s)
             sample = gumbel_sample(a, training=self.training, noise=self.gumbel_noise)
-            x, b = masked_merge(x, a, None, noise=sample, temperature=self.temperature)
+            s, b = masked_merge(s, a, None, noise=sample, temperature=self.temperature)
+            x = from_nchw(s, self.feature_layout)
             masks.insert(0, b)
             logits.insert(0, a)
-        return x, masks, logits
+        return as_nchw(x, self.feature_layout, self.backbone_name), masks, logits
 
     def forward_head(self, top: Tensor) -> Tensor:
         """The classifier on the masked top level: global mean, dropout, linear."""

@@ -79,7 +79,7 @@ def feature_backbone(
     """timm's ``features_only`` backbone returning the levels stop_stage..top (the finer ones are
     not kept alive through the forward pass), and every level's channels. The levels come from a
     weightless copy; a stop stage that is not a level, or out_indices in ``kwargs``, is a clear
-    error."""
+    error, and so is a model timm cannot build as a feature extractor."""
     kwargs = dict(kwargs)
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate
@@ -98,10 +98,40 @@ def feature_info(backbone: str, kwargs: dict):
     """timm's feature_info of ``backbone``'s features_only model, from a weightless copy on the meta
     device (one on the CPU for a model that cannot be built there)."""
     try:
-        with torch.device("meta"):
+        try:
+            with torch.device("meta"):
+                return timm.create_model(backbone, features_only=True, **kwargs).feature_info
+        except (RuntimeError, NotImplementedError):
             return timm.create_model(backbone, features_only=True, **kwargs).feature_info
-    except (RuntimeError, NotImplementedError):
-        return timm.create_model(backbone, features_only=True, **kwargs).feature_info
+    except RuntimeError as error:
+        if "features_only" in str(error):  # timm: "features_only not implemented for ..."
+            raise ValueError(
+                f"{backbone} cannot be an AIM backbone: timm builds no features_only model of it"
+            ) from None
+        raise
+
+
+def feature_layout(backbone: nn.Module) -> str:
+    """How timm's features_only model hands over its feature maps: "NCHW", or "NHWC" (Swin,
+    MambaOut, Sequencer: timm's ``output_fmt``)."""
+    fmt = getattr(backbone, "output_fmt", "NCHW")
+    return str(getattr(fmt, "value", fmt))
+
+
+def as_nchw(feature: Tensor, layout: str, backbone: str) -> Tensor:
+    """A feature map (N, C, H, W) from the backbone's ``layout``: an NHWC map becomes a permuted
+    view (channels_last strides, no copy). A map that is not spatial is refused in one line."""
+    if feature.dim() != 4:
+        raise ValueError(
+            f"{backbone} cannot be an AIM backbone: its features are not spatial maps "
+            f"(a feature of shape {tuple(feature.shape)}, where AIM masks (N, C, H, W) maps)"
+        )
+    return feature.permute(0, 3, 1, 2) if layout == "NHWC" else feature
+
+
+def from_nchw(feature: Tensor, layout: str) -> Tensor:
+    """`as_nchw` undone: the map back in the backbone's layout, for its next module."""
+    return feature.permute(0, 2, 3, 1) if layout == "NHWC" else feature
 
 
 def check_stop_stage(backbone: str, stop_stage: object, channels: list[int]) -> None:
