@@ -16,6 +16,8 @@ from aim_ext.models.masking import (
     AIMOutput,
     MaskingModel,
     as_nchw,
+    backbone_architecture,
+    backbone_cfg,
     feature_backbone,
     feature_layout,
     gumbel_sample,
@@ -68,6 +70,7 @@ class AIM(MaskingModel):
         top = len(channels) - 1
         self.backbone_name = backbone
         self.feature_layout = feature_layout(self.backbone)
+        self.backbone_kwargs = backbone_architecture(backbone, backbone_kwargs)
         self.stop_stage = stop_stage
         self.num_classes = num_classes
         self.width = width
@@ -89,7 +92,7 @@ class AIM(MaskingModel):
         self.aux_heads_on = True  # set_aux_heads
         self._weights_cache: dict = {}  # the pooled head's w_l per (stage sizes, device, dtype)
         self.branches_used: list[str] = []
-        self.pretrained_cfg = dict(self.backbone.pretrained_cfg)
+        self.pretrained_cfg = backbone_cfg(self.backbone, backbone_kwargs)
         self.default_cfg = self.pretrained_cfg
 
     # In inference on CUDA, run the stages' mask estimators and feature branches concurrently on
@@ -102,7 +105,8 @@ class AIM(MaskingModel):
     pooled_head = True
 
     def architecture_options(self) -> dict:
-        return {} if self.mask_estimators == "every" else {"mask_estimators": self.mask_estimators}
+        options = {} if self.mask_estimators == "every" else {"mask_estimators": self.mask_estimators}
+        return options | ({"backbone_kwargs": self.backbone_kwargs} if self.backbone_kwargs else {})
 
     def mask_estimator_modules(self) -> list[nn.Module]:
         return [stage.mask_estimator for stage in self.stages if stage.mask_estimator is not None]
@@ -297,7 +301,7 @@ class AIM(MaskingModel):
         convolutions, each mask estimator and feature branch replaced by its inference form,
         `.train()` refused. `aim_ext.fuse_for_inference` does the same on a copy."""
         self.eval()
-        fold_for_inference(self.backbone)
+        fold_for_inference(self.backbone, self.backbone_name)
         for stage in self.stages:
             if isinstance(stage.mask_estimator, MaskEstimator):
                 stage.mask_estimator = stage.mask_estimator.fuse()

@@ -26,6 +26,8 @@ from aim_ext.models.masking import (
     AIMOutput,
     MaskingModel,
     as_nchw,
+    backbone_architecture,
+    backbone_cfg,
     feature_backbone,
     feature_layout,
     from_nchw,
@@ -68,6 +70,7 @@ class BottomUpAIM(MaskingModel):
             )
         self.backbone_name = backbone
         self.feature_layout = feature_layout(self.backbone)
+        self.backbone_kwargs = backbone_architecture(backbone, backbone_kwargs)
         self.stop_stage = stop_stage
         self.num_classes = num_classes
         self.stage_indices = list(range(top, stop_stage - 1, -1))  # top stage first
@@ -76,11 +79,12 @@ class BottomUpAIM(MaskingModel):
         self.merged_map = nn.Identity()  # the masked top level, the map the classifier pools
         self.temperature = temperature
         self.gumbel_noise = gumbel_noise
-        self.pretrained_cfg = dict(self.backbone.pretrained_cfg)
+        self.pretrained_cfg = backbone_cfg(self.backbone, backbone_kwargs)
         self.default_cfg = self.pretrained_cfg
 
     def architecture_options(self) -> dict:
-        return {"masking": "bottom-up"}
+        options = {"masking": "bottom-up"}
+        return options | ({"backbone_kwargs": self.backbone_kwargs} if self.backbone_kwargs else {})
 
     def mask_estimator_modules(self) -> list[nn.Module]:
         return list(self.estimators)
@@ -120,7 +124,7 @@ class BottomUpAIM(MaskingModel):
         into their convolutions, each mask estimator replaced by its inference form, `.train()`
         refused (as `AIM.fuse`)."""
         self.eval()
-        fold_for_inference(self.backbone)
+        fold_for_inference(self.backbone, self.backbone_name)
         self.estimators = nn.ModuleList(estimator.fuse() for estimator in self.estimators)
         return make_inference_only(self)
 

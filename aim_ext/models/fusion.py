@@ -77,18 +77,30 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def fold_batch_norms(model: nn.Module) -> int:
     """Fold, in place, every BatchNorm whose input is a Conv2d's output read by nothing else, the
-    two modules each called once (a module shared between call sites stays); return how many were
-    folded. The data flow comes from a torch.fx trace of ``model``; a model that does not trace is
-    left as it is, with a warning."""
+    two modules each called once (a module shared between call sites stays, and so does one a hook
+    watches); return how many were folded. The data flow comes from a torch.fx trace of ``model``;
+    where a module does not trace (control flow on tensors, timm's feature wrappers), each of its
+    children is traced and folded on its own, so only pairs of siblings in an untraceable module
+    stay unfolded."""
+    return _fold(model, [])
+
+
+def _fold(module: nn.Module, untraced: list[nn.Module]) -> int:
+    """`fold_batch_norms`, collecting the modules that do not trace in ``untraced``."""
     try:
-        graph = _BatchNormLeaves().trace(model)
-    except Exception as error:  # noqa: BLE001 - fx raises many kinds; the model stays correct unfolded
-        warnings.warn(
-            f"BatchNorm not folded: {type(model).__name__} does not trace with torch.fx ({error})",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return 0
+        graph = _BatchNormLeaves().trace(module)
+    except Exception:  # noqa: BLE001 - fx raises many kinds; fold what each child holds instead
+        untraced.append(module)
+        return sum(_fold(child, untraced) for child in module.children())
+    pairs = _conv_bn_pairs(module, graph)
+    for conv_name, bn_name, conv, bn in pairs:
+        _set_submodule(module, conv_name, fold_conv_bn(conv, bn))
+        _set_submodule(module, bn_name, _after_norm(bn))
+    return len(pairs)
+
+
+def _conv_bn_pairs(model: nn.Module, graph: torch.fx.Graph) -> list[tuple[str, str, nn.Conv2d, _BatchNorm]]:
+    """The (conv name, BatchNorm name, conv, BatchNorm) pairs of a traced ``model`` that fold."""
     called = [n for n in graph.nodes if n.op == "call_module"]
     calls = Counter(id(model.get_submodule(n.target)) for n in called)
     pairs = []
@@ -107,20 +119,39 @@ def fold_batch_norms(model: nn.Module) -> int:
             and len(source.users) == 1
             and calls[id(conv)] == calls[id(bn)] == 1
             and bn.running_mean is not None
+            and not _hooked(conv)
+            and not _hooked(bn)
         ):
             pairs.append((source.target, node.target, conv, bn))
-    for conv_name, bn_name, conv, bn in pairs:
-        _set_submodule(model, conv_name, fold_conv_bn(conv, bn))
-        _set_submodule(model, bn_name, _after_norm(bn))
-    return len(pairs)
+    return pairs
 
 
-def fold_for_inference(module: nn.Module) -> nn.Module:
+def _hooked(module: nn.Module) -> bool:
+    """Whether a hook watches ``module`` (timm's FeatureHookNet collects features so): replacing
+    it would lose the hook."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+
+
+def fold_for_inference(module: nn.Module, name: str | None = None) -> nn.Module:
     """timm's own re-parameterisations (``reparameterize_model``), then `fold_batch_norms`, in
-    place; returns ``module`` in evaluation mode."""
+    place; returns ``module`` in evaluation mode. BatchNorms left unfolded because torch.fx cannot
+    trace the module holding them are reported once, in one line naming ``name`` (the model)."""
     module.eval()
     reparameterize_model(module, inplace=True)
-    fold_batch_norms(module)
+    untraced: list[nn.Module] = []
+    _fold(module, untraced)
+    # A BatchNorm child of a module that did not trace stays: its pair was never seen.
+    holders = [m for m in untraced if any(isinstance(c, _BatchNorm) for c in m.children())]
+    count = sum(isinstance(c, _BatchNorm) for m in holders for c in m.children())
+    if count:
+        classes = ", ".join(sorted({type(m).__name__ for m in holders}))
+        warnings.warn(
+            f"fuse_for_inference: {count} BatchNorm(s) of {name or type(module).__name__} stay unfolded "
+            f"(torch.fx cannot trace {classes}): each costs one more pass over its feature map; "
+            "the outputs are the same",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return module
 
 

@@ -111,6 +111,66 @@ def feature_info(backbone: str, kwargs: dict):
         raise
 
 
+# timm keywords that say where weights come from or how training regularises, not what the
+# architecture is: a saved model does not record them.
+NOT_ARCHITECTURE = (
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+    "pretrained_strict",
+    "checkpoint_path",
+    "cache_dir",
+    "drop_rate",
+    "drop_path_rate",
+    "drop_block_rate",
+    "attn_drop_rate",
+    "proj_drop_rate",
+)
+
+
+def backbone_architecture(backbone: str, kwargs: dict) -> dict:
+    """The timm keywords of ``kwargs`` that shape the backbone (``img_size``, ``depths``, ...),
+    which a saved model records to be built again; tuples become lists, as JSON keeps them. A
+    value JSON cannot hold is refused in one line."""
+
+    def plain(key: str, value):
+        if isinstance(value, (tuple, list)):
+            return [plain(key, v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(key, v) for k, v in value.items()}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise ValueError(
+            f"{backbone}: the timm keyword {key}={value!r} cannot be saved with the model "
+            "(numbers, strings, lists and dicts of them can)"
+        )
+
+    return {k: plain(k, v) for k, v in sorted(kwargs.items()) if k not in NOT_ARCHITECTURE}
+
+
+def backbone_cfg(backbone: nn.Module, kwargs: dict) -> dict:
+    """The backbone's timm ``pretrained_cfg``, with the input size ``img_size`` in ``kwargs`` sets
+    (timm keeps the pretrained weights' size there)."""
+    cfg = dict(backbone.pretrained_cfg)
+    size = kwargs.get("img_size")
+    if size is not None:
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        cfg["input_size"] = (3, int(height), int(width))
+    return cfg
+
+
+def timm_keywords(saved: dict) -> dict:
+    """`backbone_architecture` read back: lists become tuples, as timm's own configs write them."""
+
+    def tupled(value):
+        if isinstance(value, list):
+            return tuple(tupled(v) for v in value)
+        if isinstance(value, dict):
+            return {k: tupled(v) for k, v in value.items()}
+        return value
+
+    return {k: tupled(v) for k, v in saved.items()}
+
+
 def feature_layout(backbone: nn.Module) -> str:
     """How timm's features_only model hands over its feature maps: "NCHW", or "NHWC" (Swin,
     MambaOut, Sequencer: timm's ``output_fmt``)."""

@@ -22,6 +22,7 @@ from typing import Any
 import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
+from timm.data import resolve_model_data_config
 from torch import nn
 
 try:
@@ -33,7 +34,7 @@ from aim_ext.cache import write_atomic
 from aim_ext.models.checkpoint import architecture, load_checkpoint, load_model_state
 from aim_ext.models.factory import create_model, model_data_config
 from aim_ext.models.fusion import is_inference_only
-from aim_ext.models.masking import MaskingModel
+from aim_ext.models.masking import MaskingModel, timm_keywords
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -76,7 +77,7 @@ def save_pretrained(
     name = model.backbone_name if isinstance(model, MaskingModel) else model.pretrained_cfg["architecture"]
     options = model.architecture_options() if isinstance(model, MaskingModel) else {}
     stop = getattr(model, "stop_stage", None)
-    data = model_data_config(name, stop)
+    data = resolve_model_data_config(model)
     size = image_size or data["input_size"][-1]
     config: dict[str, Any] = {
         "format": FORMAT,
@@ -272,7 +273,10 @@ def _load_checkpoint_file(path: Path) -> tuple[nn.Module, dict[str, Any]]:
 
 def _build(name: str, stop: int | None, num_classes: int, width: int | None, options: dict) -> nn.Module:
     extra = {"width": width} if stop is not None and width else {}
-    extra.update(options if stop is not None else {})
+    if stop is not None:
+        options = dict(options)
+        extra.update(timm_keywords(options.pop("backbone_kwargs", None) or {}))
+        extra.update(options)
     try:
         return create_model(name, num_classes=num_classes, stop_stage=stop, **extra)
     except (RuntimeError, ValueError, TypeError) as error:  # an unknown model, stop stage or option
