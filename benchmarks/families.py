@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from timm.models import FeatureListNet
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -44,12 +45,14 @@ FULL_SIZE = {
 
 
 def masked_levels(reductions: list[int]) -> int:
-    """The stop stage of the table: the lowest level at stride 16 or coarser (at least the top
-    two levels), so that AIM masks the strides 32 and 16 as the paper's ConvNeXt AIM[2] and
-    ResNet AIM[3] do; a single-scale backbone's last two levels."""
+    """The stop stage of the table: the lowest level at stride 16 or coarser, so that AIM masks the
+    strides 32 and 16 as the paper's ConvNeXt AIM[2] and ResNet AIM[3] do (at least the top two
+    levels); on a single-scale backbone, its last two levels."""
     top = len(reductions) - 1
+    if len(set(reductions)) == 1:
+        return max(top - 1, 0)
     coarse = [i for i, r in enumerate(reductions) if r >= 16]
-    return min(max(coarse[0] if coarse else top - 1, 0), max(top - 1, 0))
+    return min(coarse[0] if coarse else 0, max(top - 1, 0))
 
 
 def macs(model: torch.nn.Module, size: tuple[int, int]) -> float:
@@ -80,14 +83,17 @@ def row(family: Family) -> str:
     layout = feature_layout(model.backbone)
     return (
         f"| {family.family} | `{name}` | {levels} | {layout} | {stop} | "
-        f"{p0 / 1e6:.1f}M / {(p1 / p0 - 1) * 100:+.0f}% | {mac} | {limit(family, reductions)} |"
+        f"{p0 / 1e6:.1f}M / {(p1 / p0 - 1) * 100:+.0f}% | {mac} | {status(family, model, reductions)} |"
     )
 
 
-def limit(family: Family, reductions: list[int]) -> str:
+def status(family: Family, model: torch.nn.Module, reductions: list[int]) -> str:
+    """works, or works with its limits: one resolution, no bottom-up masking, no ONNX."""
     notes = []
     if len(set(reductions)) == 1:
         notes.append("single scale")
+    if not isinstance(model.backbone, FeatureListNet):
+        notes.append("no bottom-up masking")
     if family.onnx:
         notes.append(f"no ONNX: {family.onnx}")
     return "works" if not notes else "works; " + "; ".join(notes)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import timm
@@ -202,3 +203,13 @@ def test_unfolded_batch_norms_are_reported_once_in_one_line():
     assert norms(fused.backbone) == kept  # every other BatchNorm of the backbone was folded
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_docs_table_has_a_row_for_every_family():
+    """docs/models.md's table (benchmarks/families.py) names every tested family, and says "no
+    ONNX" exactly where the family's export is expected to fail."""
+    text = (Path(__file__).parents[1] / "docs" / "models.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    for family in FAMILIES:
+        assert family.family in rows, f"docs/models.md has no row for {family.family}"
+        assert ("no ONNX" in rows[family.family]) == bool(family.onnx), family.family

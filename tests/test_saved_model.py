@@ -144,3 +144,19 @@ def test_the_saved_transform_frames_images_as_the_evaluation_did(tmp_path, datas
     got = transform(Image.fromarray(photo.permute(1, 2, 0).numpy()))
     assert got.shape == expected.shape == (3, 64, 64)
     assert (got - expected).abs().max() < tolerance
+
+
+def test_a_tensor_shared_between_modules_is_saved_once_and_given_back_to_each():
+    """safetensors stores a tensor once: a model that shares a module between places (timm's CoaT
+    shares its position encodings) is saved under the first name and loaded into every one."""
+    from aim_ext.models.saved import _tied, _untied
+
+    shared = torch.nn.Linear(3, 3)
+    model = torch.nn.ModuleDict({"b": shared, "a": shared, "c": torch.nn.Linear(3, 3)})
+    state = model.state_dict()
+    saved = _untied(state)
+    assert sorted(saved) == ["a.bias", "a.weight", "c.bias", "c.weight"]
+    fresh = torch.nn.ModuleDict({"b": (s := torch.nn.Linear(3, 3)), "a": s, "c": torch.nn.Linear(3, 3)})
+    fresh.load_state_dict(_tied(fresh, saved), strict=True)
+    for name, tensor in state.items():
+        torch.testing.assert_close(fresh.state_dict()[name], tensor, rtol=0, atol=0)

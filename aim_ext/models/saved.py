@@ -103,7 +103,7 @@ def save_pretrained(
     }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in _untied(model.state_dict()).items()}
     # The save's name comes from what it holds: saving the same model twice writes the same bytes.
     content = safetensors.torch.save(weights) + json.dumps(config, default=float).encode()
     config[WEIGHTS_ID] = hashlib.sha256(content).hexdigest()[:32]
@@ -171,6 +171,7 @@ def _load_saved(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     if gumbel and isinstance(model, MaskingModel):
         model.set_gumbel(temperature=gumbel["temperature"], noise=gumbel["noise"])
     weights_path = folder / WEIGHTS_FILE
+    weights = _tied(model, weights)
     _load_weights(model, {"architecture": config.get("architecture"), "model": weights}, str(weights_path))
     if not _same_save(config, weights_id):
         raise ModelFileError(
@@ -269,6 +270,31 @@ def _load_checkpoint_file(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         **{k: v for k, v in model_data_config(name, stop).items() if k in ("mean", "std", "interpolation")},
     }
     return model, config
+
+
+def _aliases(state: dict[str, torch.Tensor]) -> list[list[str]]:
+    """The names of each tensor that appears under several names (a module or parameter a model
+    shares between places, as CoaT's relative position encodings), first name first."""
+    groups: dict[tuple, list[str]] = {}
+    for name, tensor in state.items():
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+        groups.setdefault(key, []).append(name)
+    return [sorted(names) for names in groups.values() if len(names) > 1]
+
+
+def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each shared tensor under its first name only (safetensors stores a tensor once)."""
+    dropped = {name for names in _aliases(state) for name in names[1:]}
+    return {k: v for k, v in state.items() if k not in dropped}
+
+
+def _tied(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`_untied` undone for ``model``: each name of a tensor it shares gets the saved one."""
+    weights = dict(weights)
+    for names in _aliases(model.state_dict()):
+        if names[0] in weights:
+            weights.update({name: weights[names[0]] for name in names[1:] if name not in weights})
+    return weights
 
 
 def _build(name: str, stop: int | None, num_classes: int, width: int | None, options: dict) -> nn.Module:
