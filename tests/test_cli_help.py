@@ -16,7 +16,15 @@ def _parser(command: str) -> argparse.ArgumentParser:
 
 
 def test_every_command_is_installed():
-    assert sorted(SCRIPTS) == ["aim-bench", "aim-demo", "aim-eval", "aim-explain", "aim-export", "aim-train"]
+    assert sorted(SCRIPTS) == [
+        "aim-app",
+        "aim-bench",
+        "aim-demo",
+        "aim-eval",
+        "aim-explain",
+        "aim-export",
+        "aim-train",
+    ]
 
 
 @pytest.mark.parametrize("command", sorted(SCRIPTS))

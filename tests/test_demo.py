@@ -61,6 +61,9 @@ def test_demo_writes_results_and_resumes(cache, tmp_path, monkeypatch, capsys):
     assert len(results["aim"]["mask_sparsity"]) == 2 and "mask_sparsity" not in results["vanilla"]
     report = (out / "report.md").read_text()
     assert "test worst-group accuracy" in report and "compare/report.md" in report
+    app = f"aim-app {out / 'aim' / 'model'} {out / 'vanilla' / 'model'}"
+    assert report.splitlines()[-1].endswith(f"`{app}`")  # the two models it saves, side by side
+    assert capsys.readouterr().out.splitlines()[-1].endswith(app)
     precision = results["aim"]["mask_precision"]
     assert list(precision) == ["stage_4", "stage_3", "merged"]
     row = next(line for line in report.splitlines() if "AIM mask precision on the bird" in line)

@@ -177,9 +177,16 @@ def write_results(out: Path, results: dict[str, Any], comparison: Path, command:
         "",
         f"EPG chance level (a uniform map) is the mean object-mask fraction of the test images: "
         f"{results['test_epg_chance_level']:.3f}.",
+        "",
+        f"Explain your own photos with both models in a browser: `{app_command(out)}`",
     ]
     report = write_atomic(out / "report.md", printable("\n".join(lines) + "\n").encode())
     return report
+
+
+def app_command(out: Path) -> str:
+    """The aim-app command that opens the demo's two saved models side by side."""
+    return f"aim-app {shown(out / 'aim' / 'model')} {shown(out / 'vanilla' / 'model')}"
 
 
 def _at_least_two(text: str) -> int:
@@ -283,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     report = write_results(out, results, comparison, command.strip())
     print("\n".join(_table(results)))
     print(f"aim-demo: {shown(out / 'results.json')}, report {shown(report)} ({results['wall_time_s']:.0f} s)")
+    print(f"aim-demo: explain your own photos in a browser: {app_command(out)}")
     return 0
 
 
