@@ -119,7 +119,8 @@ def build_page(
         with gr.Row():
             for k, model in enumerate(models):
                 with gr.Column():
-                    gr.Markdown(f"## {model.name}" + ("" if model.is_aim else " · vanilla backbone"))
+                    vanilla = "\nA vanilla model: no masks; GradCAM on its last feature map."
+                    gr.Markdown(f"## {model.name}" + ("" if model.is_aim else vanilla))
                     classes = gr.Label(num_top_classes=top_k, label="Top classes", elem_id=f"classes-{k}")
                     active = gr.Markdown("", elem_id=f"active-{k}")
                     masks = gr.Gallery(label="Masks", columns=4, height=280, visible=model.is_aim)

@@ -28,6 +28,7 @@ from aim_ext.models import MaskingModel
 # Images with more pixels than this are refused before they are decoded (a 12000 x 8000 photo is
 # 96 M pixels); smaller ones are resized by the model's own transform.
 MAX_PIXELS = 50_000_000
+SHOWN_SIDE = 224  # the panels are enlarged to at least this many pixels on their shorter side
 
 
 @dataclass
@@ -110,4 +111,8 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
 
 def _uint8(image: np.ndarray) -> np.ndarray:
-    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    """A [0, 1] image as uint8, enlarged by a whole factor (nearest) to at least `SHOWN_SIDE` pixels
+    on its shorter side, so that a small model input is not shown as a thumbnail."""
+    factor = max(1, -(-SHOWN_SIDE // min(image.shape[:2])))
+    pixels = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    return pixels.repeat(factor, axis=0).repeat(factor, axis=1)
