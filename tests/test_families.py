@@ -132,6 +132,20 @@ def test_channels_last_features_are_views(family: Family):
         torch.testing.assert_close(v, f.permute(0, 3, 1, 2).contiguous(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", NHWC)
+def test_channels_last_backbone_runs_the_sparse_branches(family: Family):
+    """The sparse feature branches on NHWC-viewed maps, unfused and fused: the dense logits."""
+    model, x = _build(family, stop_stage=1)
+    model.eval()
+    fused = aim_ext.fuse_for_inference(model)
+    with torch.no_grad():
+        dense = model(x)
+        for m in (model, fused):
+            m.sparse_inference = "on"
+            torch.testing.assert_close(m(x), dense, rtol=1e-4, atol=1e-5)
+            assert m.branches_used == ["sparse"] * len(m.stages)
+
+
 def test_channels_last_backbone_masks_bottom_up():
     """Bottom-up masking on Swin: each masked level goes back to timm's NHWC for the next stage."""
     family = next(f for f in FAMILIES if f.family == "Swin")
