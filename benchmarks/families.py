@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from families import FAMILIES, Family  # noqa: E402
 
 import aim_ext  # noqa: E402
-from aim_ext.models.masking import feature_info, feature_layout  # noqa: E402
+from aim_ext.bench.cost import parameters_m  # noqa: E402
+from aim_ext.models import AIM  # noqa: E402
+from aim_ext.models.masking import feature_info  # noqa: E402
 
 # The paper's Table 6: ConvNeXt-T+AIM[2] and +AIM[1], ResNet-50+AIM[3] and +AIM[2].
 PAPER_PARAMS = (29.9 / 28.0 - 1, 27.6 / 23.9 - 1)  # +6.8% .. +15.5%
@@ -56,10 +58,12 @@ def masked_levels(reductions: list[int]) -> int:
 
 
 def macs(model: torch.nn.Module, size: tuple[int, int]) -> float:
+    """Giga multiply-adds of one image, as `aim_ext.bench.cost.gmacs` counts them but with autograd
+    on: under no_grad, torch's flop counter fails on meta tensors for PiT and CaiT."""
     image = torch.zeros(1, 3, *size)
     with FlopCounterMode(display=False) as counter:
-        model.predict(image, merged_map=True) if hasattr(model, "predict") else model(image)
-    return counter.get_total_flops() / 2
+        model.predict(image, merged_map=True) if isinstance(model, AIM) else model(image)
+    return counter.get_total_flops() / 2 / 1e9
 
 
 def row(family: Family) -> str:
@@ -72,18 +76,17 @@ def row(family: Family) -> str:
         vanilla = aim_ext.create_model(name, num_classes=200).eval()
         model = aim_ext.create_model(name, num_classes=200, stop_stage=stop).eval()
         size = tuple(model.pretrained_cfg["input_size"][-2:])
-        p0 = sum(p.numel() for p in vanilla.parameters())
-        p1 = sum(p.numel() for p in model.parameters())
+        p0, p1 = parameters_m(vanilla), parameters_m(model)
         try:
             m0, m1 = macs(vanilla, size), macs(model, size)
-            mac = f"{m0 / 1e9:.2f} / {(m1 / m0 - 1) * 100:+.0f}%"
+            mac = f"{m0:.2f} / {(m1 / m0 - 1) * 100:+.0f}%"
         except Exception:  # noqa: BLE001 - a backbone whose forward does not run on meta tensors
             mac = "n/a"
     levels = ", ".join(f"{r}:{c}" for r, c in zip(reductions, channels, strict=True))
-    layout = feature_layout(model.backbone)
+    layout = model.feature_layout
     return (
         f"| {family.family} | `{name}` | {levels} | {layout} | {stop} | "
-        f"{p0 / 1e6:.1f}M / {(p1 / p0 - 1) * 100:+.0f}% | {mac} | {status(family, model, reductions)} |"
+        f"{p0:.1f}M / {(p1 / p0 - 1) * 100:+.0f}% | {mac} | {status(family, model, reductions)} |"
     )
 
 

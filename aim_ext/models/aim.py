@@ -12,16 +12,7 @@ from aim_ext.models.concurrency import can_run_concurrently, fork, join, tracing
 from aim_ext.models.fusion import fold_for_inference, is_inference_only, make_inference_only
 from aim_ext.models.heads import ClassifierHead, masked_avg_pool
 from aim_ext.models.mask_estimator import MaskEstimator
-from aim_ext.models.masking import (
-    AIMOutput,
-    MaskingModel,
-    as_nchw,
-    backbone_architecture,
-    backbone_cfg,
-    feature_backbone,
-    feature_layout,
-    gumbel_sample,
-)
+from aim_ext.models.masking import AIMOutput, MaskingModel, gumbel_sample
 from aim_ext.models.sparsity import check_sparse_mode, prefer_sparse
 from aim_ext.models.topdown import TOPDOWN_WIDTH, FeatureBranch, StageOutput, TopDownStage
 from aim_ext.ops import pool_weights
@@ -64,13 +55,10 @@ class AIM(MaskingModel):
         super().__init__()
         if mask_estimators not in MASK_ESTIMATORS:
             raise ValueError(f"mask_estimators must be one of {MASK_ESTIMATORS}, got {mask_estimators!r}")
-        self.backbone, channels = feature_backbone(
+        channels = self.attach_backbone(
             backbone, stop_stage, pretrained=pretrained, drop_path_rate=drop_path_rate, kwargs=backbone_kwargs
         )
         top = len(channels) - 1
-        self.backbone_name = backbone
-        self.feature_layout = feature_layout(self.backbone)
-        self.backbone_kwargs = backbone_architecture(backbone, backbone_kwargs)
         self.stop_stage = stop_stage
         self.num_classes = num_classes
         self.width = width
@@ -92,8 +80,6 @@ class AIM(MaskingModel):
         self.aux_heads_on = True  # set_aux_heads
         self._weights_cache: dict = {}  # the pooled head's w_l per (stage sizes, device, dtype)
         self.branches_used: list[str] = []
-        self.pretrained_cfg = backbone_cfg(self.backbone, backbone_kwargs)
-        self.default_cfg = self.pretrained_cfg
 
     # In inference on CUDA, run the stages' mask estimators and feature branches concurrently on
     # side streams (same results; see aim_ext.models.concurrency). Set False for one stream.
@@ -106,7 +92,7 @@ class AIM(MaskingModel):
 
     def architecture_options(self) -> dict:
         options = {} if self.mask_estimators == "every" else {"mask_estimators": self.mask_estimators}
-        return options | ({"backbone_kwargs": self.backbone_kwargs} if self.backbone_kwargs else {})
+        return options | self.backbone_options()
 
     def mask_estimator_modules(self) -> list[nn.Module]:
         return [stage.mask_estimator for stage in self.stages if stage.mask_estimator is not None]
@@ -122,10 +108,7 @@ class AIM(MaskingModel):
         """S_l of every top-down stage, top stage first: the backbone's feature maps, (N, C, H, W)
         whatever layout the backbone hands them over in."""
         feats = self.backbone(x)  # stages stop_stage..L
-        return [
-            as_nchw(feats[index - self.stop_stage], self.feature_layout, self.backbone_name)
-            for index in self.stage_indices
-        ]
+        return [self.nchw(feats[index - self.stop_stage]) for index in self.stage_indices]
 
     def forward_topdown(self, x: Tensor) -> list[StageOutput]:
         """Run the backbone and the top-down pathway; the last stage's `merged` is P_T."""

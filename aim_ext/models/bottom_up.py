@@ -22,17 +22,7 @@ from torch import Tensor, nn
 from aim_ext.models.fusion import fold_for_inference, make_inference_only
 from aim_ext.models.heads import ClassifierHead
 from aim_ext.models.mask_estimator import MaskEstimator
-from aim_ext.models.masking import (
-    AIMOutput,
-    MaskingModel,
-    as_nchw,
-    backbone_architecture,
-    backbone_cfg,
-    feature_backbone,
-    feature_layout,
-    from_nchw,
-    gumbel_sample,
-)
+from aim_ext.models.masking import AIMOutput, MaskingModel, from_nchw, gumbel_sample
 from aim_ext.ops import masked_merge
 
 
@@ -59,7 +49,7 @@ class BottomUpAIM(MaskingModel):
         **backbone_kwargs,
     ) -> None:
         super().__init__()
-        self.backbone, channels = feature_backbone(
+        channels = self.attach_backbone(
             backbone, stop_stage, pretrained=pretrained, drop_path_rate=drop_path_rate, kwargs=backbone_kwargs
         )
         top = len(channels) - 1
@@ -68,9 +58,6 @@ class BottomUpAIM(MaskingModel):
                 f"bottom-up masking drives the backbone module by module, which needs timm's "
                 f"FeatureListNet; {backbone}'s features_only model is {type(self.backbone).__name__}"
             )
-        self.backbone_name = backbone
-        self.feature_layout = feature_layout(self.backbone)
-        self.backbone_kwargs = backbone_architecture(backbone, backbone_kwargs)
         self.stop_stage = stop_stage
         self.num_classes = num_classes
         self.stage_indices = list(range(top, stop_stage - 1, -1))  # top stage first
@@ -79,12 +66,9 @@ class BottomUpAIM(MaskingModel):
         self.merged_map = nn.Identity()  # the masked top level, the map the classifier pools
         self.temperature = temperature
         self.gumbel_noise = gumbel_noise
-        self.pretrained_cfg = backbone_cfg(self.backbone, backbone_kwargs)
-        self.default_cfg = self.pretrained_cfg
 
     def architecture_options(self) -> dict:
-        options = {"masking": "bottom-up"}
-        return options | ({"backbone_kwargs": self.backbone_kwargs} if self.backbone_kwargs else {})
+        return {"masking": "bottom-up"} | self.backbone_options()
 
     def mask_estimator_modules(self) -> list[nn.Module]:
         return list(self.estimators)
@@ -101,14 +85,14 @@ class BottomUpAIM(MaskingModel):
             estimator = estimators.get(name)
             if estimator is None:
                 continue
-            s = as_nchw(x, self.feature_layout, self.backbone_name)
+            s = self.nchw(x)
             a = estimator(s)
             sample = gumbel_sample(a, training=self.training, noise=self.gumbel_noise)
             s, b = masked_merge(s, a, None, noise=sample, temperature=self.temperature)
             x = from_nchw(s, self.feature_layout)
             masks.insert(0, b)
             logits.insert(0, a)
-        return as_nchw(x, self.feature_layout, self.backbone_name), masks, logits
+        return self.nchw(x), masks, logits
 
     def forward_head(self, top: Tensor) -> Tensor:
         """The classifier on the masked top level: global mean, dropout, linear."""

@@ -37,7 +37,7 @@ class AIMOutput(NamedTuple):
 
 
 class MaskingModel(nn.Module):
-    """The base of AIM and BottomUpAIM: the Gumbel settings and the interface above."""
+    """The base of AIM and BottomUpAIM: the timm backbone, the Gumbel settings and the interface above."""
 
     temperature: float = 1.0
     gumbel_noise: bool = True
@@ -50,6 +50,37 @@ class MaskingModel(nn.Module):
             self.temperature = float(temperature)
         if noise is not None:
             self.gumbel_noise = bool(noise)
+
+    def attach_backbone(
+        self,
+        backbone: str,
+        stop_stage: object,
+        *,
+        pretrained: bool,
+        drop_path_rate: float | None,
+        kwargs: dict,
+    ) -> list[int]:
+        """Build timm's ``features_only`` model of ``backbone`` (`feature_backbone`) as
+        ``self.backbone`` and record what the model needs of it: its name, the layout of its maps,
+        the timm keywords that shape it (a saved model records them) and its ``pretrained_cfg``.
+        Returns every level's channels."""
+        self.backbone, channels = feature_backbone(
+            backbone, stop_stage, pretrained=pretrained, drop_path_rate=drop_path_rate, kwargs=kwargs
+        )
+        self.backbone_name = backbone
+        self.feature_layout = feature_layout(self.backbone)
+        self.backbone_kwargs = backbone_architecture(backbone, kwargs)
+        self.pretrained_cfg = backbone_cfg(self.backbone, kwargs)
+        self.default_cfg = self.pretrained_cfg
+        return channels
+
+    def backbone_options(self) -> dict:
+        """The timm keywords of the backbone, as `architecture_options` reports them (none: {})."""
+        return {"backbone_kwargs": self.backbone_kwargs} if self.backbone_kwargs else {}
+
+    def nchw(self, feature: Tensor) -> Tensor:
+        """A map the backbone handed over, as (N, C, H, W) (`as_nchw`)."""
+        return as_nchw(feature, self.feature_layout, self.backbone_name)
 
     def set_aux_heads(self, on: bool) -> None:
         """Whether training computes the auxiliary heads f_l (a model without them ignores this)."""
